@@ -1,0 +1,4 @@
+from xbmd_batch.cli import app
+
+if __name__ == "__main__":
+    app()

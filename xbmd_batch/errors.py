@@ -1,0 +1,15 @@
+"""Exception types. The CLI maps InputError (bad user input, config) to exit code 2."""
+
+from __future__ import annotations
+
+
+class XbmdError(Exception):
+    """Base class for errors this package raises on purpose."""
+
+
+class InputError(XbmdError):
+    """Bad user input (a file, a row, an option): the message names where and what."""
+
+
+class ModelFileError(InputError):
+    """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
