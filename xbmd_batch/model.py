@@ -1,0 +1,372 @@
+"""XAttn-BMD (arXiv 2511.14604) and its concatenation baseline, all modules in one file.
+
+The paper gives the blocks (ResNet34 image encoder, MLP metadata encoder, 3 layers x 4 heads of bidirectional
+cross-attention with a layer-wise fusion weight and a key-value updater, late concatenation, regression head)
+but no equations. The equations below are our choices; ``ModelConfig`` holds every size. Notation: B batch,
+D = d_model, H = n_heads, Dh = D / H, F = number of metadata fields, N = g * g image tokens.
+
+Image tokens
+    resnet34 trunk (torchvision, ``weights=None``) with a ``in_chans``-channel stem, up to layer4:
+    feature map [B, 512, g, g], g = image_size / 32 (ceil per stride-2 stage; 2, 4, 7 at 64, 128, 224).
+    I_0 = flatten(map) W_img + P,  W_img in R^{512 x D},  P in R^{N x D} a learned positional embedding.
+
+Metadata tokens (one per field f, schema order)
+    numeric f:      e_f = x_f * w_f + b_f                         (w_f, b_f in R^D learned)
+    categorical f:  e_f = E_f[clamp(round(x_f), 0, K_f - 1)]      (E_f in R^{K_f x D}; out of range: clamped)
+    missing:        e_f = u_f if mask_f == 0                      (u_f in R^D, a learned "missing" token)
+    t_f = e_f + c_f                                               (c_f in R^D, field-identity embedding)
+    M_0 = t + MLP(LN(t))        (per-token residual MLP, D -> meta_hidden -> D)
+    Missing fields are *not* removed from attention: their learned token carries "this field is missing", so a
+    subject with every field missing still gets a finite prediction and well-defined attention.
+
+Attention (one module, used in both directions, lucidrains style)
+    Attn(X, C) = softmax(Q K^T / sqrt(Dh)) V W_o,  Q = X W_q, K = C W_k, V = C W_v, split into H heads.
+    It returns its attention weights A in [B, H, N_query, N_context] (before dropout); every row sums to 1.
+
+Layer l = 1..L (pre-LayerNorm, residual written at the call site, both directions read the layer's inputs)
+    I_l' = I_{l-1} + sigmoid(alpha_l) * Attn_l^{i<-m}(LN(I_{l-1}), LN(C^m_{l-1}))   image attends to metadata
+    M_l' = M_{l-1} + sigmoid(beta_l)  * Attn_l^{m<-i}(LN(M_{l-1}), LN(C^i_{l-1}))   metadata attends to image
+    I_l  = I_l' + FFN_l^i(LN(I_l')),  M_l = M_l' + FFN_l^m(LN(M_l'))                FFN: D -> 4D -> D, GELU
+    Layer-wise fusion weight: alpha_l, beta_l are learned scalars (init 0, so each gate starts at 0.5);
+    they set how much of the other modality enters each stream at each depth.
+
+Key-value updater (between layers; L - 1 updaters per direction)
+    The context tokens start as the streams themselves: C^m_0 = M_0, C^i_0 = I_0. After layer l < L:
+    G   = sigmoid([C^m_{l-1}, M_l] W_g + b_g)                      (per token and channel, W_g in R^{2D x D})
+    C^m_l = (1 - G) * C^m_{l-1} + G * (M_l W_u)                    (W_u in R^{D x D})
+    and the same for C^i with the image stream. The keys/values an image query sees are thus a gated blend of
+    the field tokens seen so far and the freshly image-informed metadata tokens, so field identity survives
+    (field-level attention stays interpretable) while the context is refined layer by layer.
+
+Head (late concatenation)
+    z = [mean_n LN(I_L)_n, mean_f LN(M_L)_f] in R^{2D}
+    bmd = bmd_mean + bmd_std * (W_2 GELU(W_1 z + b_1) + b_2)   (W_1: 2D -> head_hidden, W_2: head_hidden -> 1)
+
+Field attention (output ``field_attention``, [B, F])
+    The image->metadata weights A_l^{i<-m}, averaged over heads, image query tokens and layers:
+    a_f = 1/(L H N) sum_{l,h,n} A_l[h, n, f]. Each A row sums to 1, so every a row sums to 1.
+    ConcatBaseline has no attention: it returns the uniform 1/F and ``has_attention = False``.
+
+Export: no Python branching on batch size or data, reshapes via ``unflatten``/``flatten`` (no baked batch),
+fp32 throughout, no nn.MultiheadAttention. ``ExportWrapper`` always returns ``(bmd, field_attention)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from xbmd_batch.config import ModelConfig
+
+RESNET_OUT_CHANNELS = 512  # resnet34 layer4 width
+
+
+def grid_size(image_size: int) -> int:
+    """Side of the layer4 grid: five stride-2 stages of ceil(n / 2) (image_size // 32 for multiples of 32)."""
+    g = image_size
+    for _ in range(5):
+        g = (g + 1) // 2
+    return g
+
+
+def _check_config(cfg: ModelConfig) -> None:
+    """Fail at construction with a clear message rather than with a shape error mid-forward."""
+    if cfg.d_model % cfg.n_heads != 0:
+        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+    n = len(cfg.field_names)
+    if n == 0:
+        raise ValueError("the model needs at least one metadata field")
+    if len(cfg.field_kinds) != n or len(cfg.field_cardinalities) != n:
+        raise ValueError("field_names, field_kinds and field_cardinalities must have the same length")
+    for name, kind, card in zip(cfg.field_names, cfg.field_kinds, cfg.field_cardinalities, strict=True):
+        if kind not in ("numeric", "categorical"):
+            raise ValueError(f"field {name!r}: unknown kind {kind!r}")
+        if kind == "categorical" and card < 1:
+            raise ValueError(f"categorical field {name!r} needs at least one category")
+    if cfg.image_size < 32:
+        raise ValueError(f"image_size must be >= 32 (got {cfg.image_size})")
+
+
+class ImageEncoder(nn.Module):
+    """resnet34 trunk -> layer4 grid tokens projected to d_model, plus a learned positional embedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from torchvision.models import resnet34
+
+        trunk = resnet34(weights=None)
+        trunk.conv1 = nn.Conv2d(cfg.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+        self.layers = nn.Sequential(trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+        self.n_tokens = grid_size(cfg.image_size) ** 2
+        self.proj = nn.Linear(RESNET_OUT_CHANNELS, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(1, self.n_tokens, cfg.d_model) * 0.02)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(image))  # (B, 512, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, 512), N = g * g
+        return self.proj(x) + self.pos  # (B, N, D)
+
+
+class MetadataEncoder(nn.Module):
+    """One token per field (numeric/categorical/missing + field identity), then a per-token residual MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        kinds = cfg.field_kinds
+        num_idx = [i for i, k in enumerate(kinds) if k == "numeric"]
+        cat_idx = [i for i, k in enumerate(kinds) if k == "categorical"]
+        cards = [cfg.field_cardinalities[i] for i in cat_idx]
+        self.n_num, self.n_cat = len(num_idx), len(cat_idx)
+        self.register_buffer("num_idx", torch.tensor(num_idx, dtype=torch.long), persistent=False)
+        self.register_buffer("cat_idx", torch.tensor(cat_idx, dtype=torch.long), persistent=False)
+        # concatenated [numeric tokens, categorical tokens] -> schema order
+        order = num_idx + cat_idx
+        self.register_buffer(
+            "to_schema", torch.tensor([order.index(i) for i in range(len(kinds))]), persistent=False
+        )
+        if self.n_num:
+            self.num_w = nn.Parameter(torch.randn(self.n_num, d) * 0.02)
+            self.num_b = nn.Parameter(torch.randn(self.n_num, d) * 0.02)
+        if self.n_cat:
+            # one table for all categorical fields; field j's rows start at cat_offset[j]
+            self.cat_emb = nn.Embedding(sum(cards), d)
+            nn.init.normal_(self.cat_emb.weight, std=0.02)
+            offsets = [sum(cards[:j]) for j in range(len(cards))]
+            self.register_buffer("cat_offset", torch.tensor(offsets, dtype=torch.long), persistent=False)
+            self.register_buffer(
+                "cat_max", torch.tensor([c - 1 for c in cards], dtype=torch.float32), persistent=False
+            )
+        self.missing = nn.Parameter(torch.randn(len(kinds), d) * 0.02)
+        self.field_emb = nn.Parameter(torch.randn(len(kinds), d) * 0.02)
+        self.ln = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.meta_hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.meta_hidden, d)
+        )
+
+    def forward(self, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
+        present = (meta_mask > 0.5).unsqueeze(-1)  # (B, F, 1)
+        meta = torch.where(present.squeeze(-1), meta, torch.zeros_like(meta))  # missing/NaN -> 0
+        parts = []
+        if self.n_num:
+            x = meta.index_select(1, self.num_idx).unsqueeze(-1)  # (B, Fn, 1)
+            parts.append(x * self.num_w + self.num_b)  # (B, Fn, D)
+        if self.n_cat:
+            x = meta.index_select(1, self.cat_idx)  # (B, Fc)
+            x = torch.minimum(torch.clamp(torch.round(x), min=0.0), self.cat_max)  # valid index per field
+            parts.append(self.cat_emb(x.long() + self.cat_offset))  # (B, Fc, D)
+        tok = torch.cat(parts, dim=1).index_select(1, self.to_schema)  # (B, F, D) in schema order
+        tok = torch.where(present, tok, self.missing) + self.field_emb  # (B, F, D)
+        return tok + self.mlp(self.ln(tok))  # (B, F, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries ``x`` over ``context``; returns (output, weights [B, H, Nq, Nc])."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.scale = 1.0 / math.sqrt(d // cfg.n_heads)
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(d, d, bias=False)
+        self.to_v = nn.Linear(d, d, bias=False)
+        self.to_out = nn.Linear(d, d)
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.out_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.n_heads
+        q = self.to_q(x).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, Nq, Dh)
+        k = self.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, Nc, Dh)
+        v = self.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, H, Nc, Dh)
+        attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, H, Nq, Nc)
+        out = torch.matmul(self.attn_drop(attn), v)  # (B, H, Nq, Dh)
+        out = out.transpose(1, 2).flatten(2)  # (B, Nq, D)
+        return self.out_drop(self.to_out(out)), attn
+
+
+class FeedForward(nn.Module):
+    """Pre-LN position-wise MLP; the residual is added by the caller."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.net = nn.Sequential(
+            nn.LayerNorm(d),
+            nn.Linear(d, 4 * d),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(4 * d, d),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossLayer(nn.Module):
+    """One bidirectional cross-attention layer with a learned fusion weight per direction."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.ln_img_q, self.ln_meta_kv = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ln_meta_q, self.ln_img_kv = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.img_from_meta = Attention(cfg)
+        self.meta_from_img = Attention(cfg)
+        # layer-wise fusion weights: sigmoid(0) = 0.5 at init
+        self.alpha = nn.Parameter(torch.zeros(1))  # image <- metadata
+        self.beta = nn.Parameter(torch.zeros(1))  # metadata <- image
+        self.ffn_img = FeedForward(cfg)
+        self.ffn_meta = FeedForward(cfg)
+
+    def forward(
+        self, img: torch.Tensor, meta: torch.Tensor, ctx_meta: torch.Tensor, ctx_img: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a_img, attn = self.img_from_meta(self.ln_img_q(img), self.ln_meta_kv(ctx_meta))  # (B, N, D)
+        a_meta, _ = self.meta_from_img(self.ln_meta_q(meta), self.ln_img_kv(ctx_img))  # (B, F, D)
+        img = img + torch.sigmoid(self.alpha) * a_img
+        meta = meta + torch.sigmoid(self.beta) * a_meta
+        img = img + self.ffn_img(img)
+        meta = meta + self.ffn_meta(meta)
+        return img, meta, attn  # attn: (B, H, N, F)
+
+
+class KVUpdater(nn.Module):
+    """Gated refinement of one stream's context tokens from that stream's freshly updated tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.gate = nn.Linear(2 * d, d)
+        self.update = nn.Linear(d, d)
+
+    def forward(self, ctx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(torch.cat([ctx, fresh], dim=-1)))  # (B, T, D)
+        return (1.0 - g) * ctx + g * self.update(fresh)  # (B, T, D)
+
+
+class RegressionHead(nn.Module):
+    """Late concatenation [pooled image, pooled metadata] -> BMD in g/cm^2."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * cfg.d_model, cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, 1),
+        )
+        nn.init.normal_(self.net[-1].weight, std=0.02)  # start near bmd_mean, not at it (gradients flow)
+        nn.init.zeros_(self.net[-1].bias)
+        self.bmd_mean = cfg.bmd_mean
+        self.bmd_std = cfg.bmd_std
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.bmd_mean + self.bmd_std * self.net(z).squeeze(-1)  # (B,)
+
+
+class XAttnBMD(nn.Module):
+    """ResNet34 + metadata tokens fused by bidirectional cross-attention (see the module docstring)."""
+
+    has_attention: bool = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.meta_encoder = MetadataEncoder(cfg)
+        self.layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.n_layers))
+        self.kv_meta = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
+        self.kv_img = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
+        self.ln_img = nn.LayerNorm(cfg.d_model)
+        self.ln_meta = nn.LayerNorm(cfg.d_model)
+        self.head = RegressionHead(cfg)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        meta: torch.Tensor,
+        meta_mask: torch.Tensor,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        img = self.image_encoder(image)  # (B, N, D)
+        met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
+        ctx_meta, ctx_img = met, img
+        attn_sum = torch.zeros_like(meta)  # (B, F)
+        for i, layer in enumerate(self.layers):
+            img, met, attn = layer(img, met, ctx_meta, ctx_img)
+            attn_sum = attn_sum + attn.mean(dim=(1, 2))  # (B, H, N, F) -> (B, F)
+            if i < len(self.kv_meta):
+                ctx_meta = self.kv_meta[i](ctx_meta, met)
+                ctx_img = self.kv_img[i](ctx_img, img)
+        z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
+        bmd = self.head(z)  # (B,)
+        if return_attention:
+            return bmd, attn_sum / len(self.layers)
+        return bmd
+
+
+class ConcatBaseline(nn.Module):
+    """The paper's baseline: the same two encoders, pooled features concatenated, no cross-attention."""
+
+    has_attention: bool = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg)
+        self.meta_encoder = MetadataEncoder(cfg)
+        self.ln_img = nn.LayerNorm(cfg.d_model)
+        self.ln_meta = nn.LayerNorm(cfg.d_model)
+        self.head = RegressionHead(cfg)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        meta: torch.Tensor,
+        meta_mask: torch.Tensor,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        img = self.image_encoder(image)  # (B, N, D)
+        met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
+        z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
+        bmd = self.head(z)  # (B,)
+        if return_attention:
+            return bmd, torch.ones_like(meta) / meta.shape[-1]  # (B, F) uniform: no attention to report
+        return bmd
+
+
+class ExportWrapper(nn.Module):
+    """Always returns ``(bmd [B], field_attention [B, F])``, in ``config.OUTPUT_NAMES`` order, for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bmd, field_attention = self.model(image, meta, meta_mask, return_attention=True)
+        return bmd, field_attention
+
+
+def build_model(cfg: ModelConfig) -> XAttnBMD | ConcatBaseline:
+    """The model ``cfg.fusion`` names: "xattn" -> XAttnBMD, "concat" -> ConcatBaseline."""
+    if cfg.fusion == "xattn":
+        return XAttnBMD(cfg)
+    if cfg.fusion == "concat":
+        return ConcatBaseline(cfg)
+    raise ValueError(f"unknown fusion {cfg.fusion!r}; expected 'xattn' or 'concat'")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameter count (for the model card and benchmarks)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
