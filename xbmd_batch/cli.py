@@ -32,3 +32,16 @@ def version() -> None:
     Example: xbmd-batch version
     """
     typer.echo(f"xbmd-batch {__version__}")
+
+
+@app.command()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON instead of tables."),
+) -> None:
+    """Report torch/CUDA, onnxruntime providers, TensorRT and decodable DICOM transfer syntaxes.
+
+    Example: xbmd-batch doctor
+    """
+    from xbmd_batch.doctor import run_doctor
+
+    run_doctor(as_json=as_json)
