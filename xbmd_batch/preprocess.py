@@ -1,0 +1,140 @@
+"""Image preprocessing shared by training and scoring: pure array functions (MONAI style), no torch.
+
+One code path for both, so they cannot drift: ``load_and_preprocess`` = ``dicom_io.read_image`` (DICOM
+grayscale order, resolution-aware JPEG 2000) + ``preprocess_image``. Exact steps: docs/dicom.md.
+
+Resize uses Pillow's 'F' (float32) mode with the BILINEAR filter. Pillow widens the filter support by the
+downscale factor, so this is a true antialiased (triangle) resample. Measured on this 2-core box, one thread:
+2000x2000 -> 224: Pillow 6.7 ms vs torch ``interpolate(antialias=True)`` 10.5 ms, and decode workers need not
+import torch (~1 s and ~200 MB per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.dicom_io import DecodeInfo, read_image
+
+__all__ = ["preprocess_image", "load_and_preprocess", "preprocess_fingerprint", "pad_to_square", "resize"]
+
+
+def pad_to_square(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Centre ``img`` on a square canvas filled with its edge value; returns (canvas, (top, left, h, w)).
+
+    The fill is the median of the outermost rows and columns: the background (collimation / air) of the
+    radiograph, so the padding looks like more background rather than a hard black or white band, and keeps
+    the aspect ratio of the anatomy.
+    """
+    h, w = img.shape
+    if h == w:
+        return img, (0, 0, h, w)
+    m = max(h, w)
+    out = np.full((m, m), _edge_value(img), dtype=np.float32)
+    top, left = (m - h) // 2, (m - w) // 2
+    out[top : top + h, left : left + w] = img
+    return out, (top, left, h, w)
+
+
+def resize(img: np.ndarray, size: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Antialiased resize of a float32 2-D array (or its ``box`` region, Pillow area coords) to size x size.
+
+    Pillow's BILINEAR filter in 'F' mode: the triangle support widens with the downscale factor (antialiased).
+    """
+    if box is None and img.shape == (size, size):
+        return img.astype(np.float32, copy=True)
+    im = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+
+
+def _edge_value(img: np.ndarray) -> np.float32:
+    """Median of the outermost rows and columns: the radiograph's background (air / collimation)."""
+    border = np.concatenate([img[0, :], img[-1, :], img[:, 0], img[:, -1]])
+    return np.float32(np.median(border))
+
+
+def preprocess_image(
+    img2d: np.ndarray,
+    cfg: PreprocessConfig,
+    *,
+    subsample: int = 1,
+    full_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Grayscale image (bone bright, any size) -> model input float32 [1, S, S], deterministically.
+
+    Steps (cfg = PreprocessConfig): pad to square with the edge value (if cfg.pad_to_square) -> antialiased
+    resize to cfg.image_size -> percentiles cfg.clip_percentiles computed over the image area (padding
+    excluded) -> clip and map to [0, 1] -> (x - cfg.norm_mean) / cfg.norm_std. A constant image maps to 0.
+
+    ``subsample`` / ``full_shape`` describe a reduced-resolution decode (JPEG 2000 wavelet level r:
+    subsample = 2**r, sample k of the decoded image sits at full-resolution pixel ``subsample * k``;
+    full_shape = the stored Rows, Columns). The output grid is then defined on the full-resolution geometry,
+    so a reduced decode lands on the same pixels as full decode + resize (no half-pixel drift per level and
+    no error from the rounded-up reduced size). Defaults = the image is at full resolution.
+    """
+    x = np.asarray(img2d, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"preprocess_image expects a non-empty 2-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    s = int(cfg.image_size)
+    f = int(subsample)
+    h, w = x.shape
+    fh, fw = full_shape if full_shape is not None else (h * f, w * f)
+    if cfg.pad_to_square:
+        mh = mw = max(fh, fw)
+        top, left = (mh - fh) // 2, (mw - fw) // 2
+    else:
+        mh, mw, top, left = fh, fw, 0, 0
+    if f == 1 and (fh, fw) == (h, w):
+        # Full resolution: pad with the edge value, then resize the whole canvas.
+        if (mh, mw) != (h, w):
+            canvas = np.full((mh, mw), _edge_value(x), dtype=np.float32)
+            canvas[top : top + h, left : left + w] = x
+            x = canvas
+        y = resize(x, s)
+    else:
+        # Output pixel j's centre is at full-res coordinate (j + 0.5) * m / S - 0.5 - offset; decoded sample k
+        # at full-res f * k, i.e. Pillow area coordinate c / f + 0.5. Hence the box below, on a canvas padded
+        # with the edge value far enough to contain it.
+        y0, x0 = (-0.5 - top) / f + 0.5, (-0.5 - left) / f + 0.5
+        y1, x1 = y0 + mh / f, x0 + mw / f
+        pt, pl = max(0, int(np.ceil(-y0))), max(0, int(np.ceil(-x0)))
+        pb, pr = max(0, int(np.ceil(y1 - h))), max(0, int(np.ceil(x1 - w)))
+        if pt or pl or pb or pr:
+            canvas = np.full((h + pt + pb, w + pl + pr), _edge_value(x), dtype=np.float32)
+            canvas[pt : pt + h, pl : pl + w] = x
+            x = canvas
+        box = (x0 + pl, y0 + pt, min(x1 + pl, x.shape[1]), min(y1 + pt, x.shape[0]))
+        y = resize(x, s, box=box)
+    # Image area in output pixels (the padding must not shift the percentiles).
+    r0, r1 = int(round(top * s / mh)), int(round((top + fh) * s / mh))
+    c0, c1 = int(round(left * s / mw)), int(round((left + fw) * s / mw))
+    r1, c1 = max(r1, r0 + 1), max(c1, c0 + 1)
+    lo, hi = np.percentile(y[r0:r1, c0:c1], cfg.clip_percentiles)
+    if hi > lo:
+        y = np.clip((y - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    else:
+        y = np.zeros_like(y)
+    y = (y - np.float32(cfg.norm_mean)) / np.float32(cfg.norm_std)
+    return y.astype(np.float32, copy=False)[None, :, :]  # (1, S, S)
+
+
+def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig) -> tuple[np.ndarray, DecodeInfo]:
+    """The one path from a DICOM file to a model input, used by both training and scoring."""
+    img, info = read_image(path, target_size=cfg.image_size, apply_voi=cfg.apply_voi)
+    arr = preprocess_image(
+        img, cfg, subsample=2**info.reduce_level, full_shape=(info.original_rows, info.original_cols)
+    )
+    return arr, info
+
+
+def preprocess_fingerprint(cfg: PreprocessConfig) -> str:
+    """sha256 of the config's canonical JSON: the cache key part that changes whenever preprocessing does."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
