@@ -1,0 +1,228 @@
+"""Stage 5: decode + preprocess in a process pool with a bounded number of tasks in flight.
+
+Decode (not the model) is the bottleneck, and it is CPU-bound Python/C, so processes, one per core by
+default. The file list reaches each worker once, at start-up, as an arrow string array (two buffers, no
+per-path Python objects to copy or refcount); tasks are just index arrays. At most ``max_inflight`` tasks
+are queued or running, so memory stays flat however large the cohort. Each worker calls exactly
+``preprocess.load_and_preprocess`` with the model card's PreprocessConfig (what training did); any error
+becomes a failure row for that file, never a crash. Workers are started by ``forkserver`` so they never
+inherit the parent's torch/onnxruntime thread pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from xbmd_batch.config import PreprocessConfig
+
+
+@dataclass
+class DecodedTask:
+    """One finished task: item indices, their images (zeros where failed), failures and worker-side timing."""
+
+    idx: np.ndarray  # int64 [k] indices into the plan
+    images: np.ndarray  # float32 [k, 1, S, S]
+    ok: np.ndarray  # bool [k]
+    failures: list[tuple[int, str, str]]  # (plan index, reason, message)
+    seconds: float  # worker wall time for the task (decode + preprocess)
+    info: list[dict[str, Any]]  # compact DecodeInfo per ok item (transfer syntax, reduce level, ...)
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any]) -> None:
+    """Runs once per worker: keep the shared file list and config; one thread per worker process."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _STATE["root"] = Path(root)
+    _STATE["paths"] = paths
+    _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
+    import sys
+
+    if "torch" in sys.modules:  # preprocess may use torch for resizing; never oversubscribe the cores
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    if info is None:
+        return {}
+    if dataclasses.is_dataclass(info):
+        d = dataclasses.asdict(info)
+    elif isinstance(info, dict):
+        d = dict(info)
+    else:
+        d = (
+            {k: v for k, v in vars(info).items() if not k.startswith("_")}
+            if hasattr(info, "__dict__")
+            else {}
+        )
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _reason(e: BaseException) -> str:
+    from xbmd_batch.errors import InputError
+
+    name = type(e).__name__
+    text = str(e).lower()
+    if isinstance(e, MemoryError):
+        return "out_of_memory"
+    if "transfer syntax" in text or "no pixel data handler" in text or "unable to decode" in text:
+        return "unsupported_transfer_syntax"
+    if isinstance(e, FileNotFoundError):
+        return "file_missing"
+    if isinstance(e, InputError):
+        return "invalid_image"
+    return f"decode_error:{name}"
+
+
+def scrub(message: str, root: Path, rel: str) -> str:
+    """Drop the file's path from an error message: the failure row names the file in its own (possibly
+    pseudonymised) column, and folder names often carry subject IDs."""
+    for s in (str(root / rel), str((root / rel).resolve()), rel):
+        message = message.replace(s, "<file>")
+    return message[:500]
+
+
+def decode_task(idx: np.ndarray) -> DecodedTask:
+    """Decode and preprocess the given plan indices (runs inside a worker, or inline with workers=0)."""
+    from xbmd_batch.preprocess import load_and_preprocess
+
+    t0 = time.perf_counter()
+    cfg: PreprocessConfig = _STATE["cfg"]
+    s = cfg.image_size
+    k = len(idx)
+    images = np.zeros((k, 1, s, s), dtype=np.float32)
+    ok = np.zeros(k, dtype=bool)
+    failures: list[tuple[int, str, str]] = []
+    infos: list[dict[str, Any]] = []
+    paths: pa.Array = _STATE["paths"]
+    for n, i in enumerate(idx):
+        rel = paths[int(i)].as_py()
+        try:
+            arr, info = load_and_preprocess(_STATE["root"] / rel, cfg)
+            arr = np.asarray(arr, dtype=np.float32).reshape(1, s, s)
+            if not np.isfinite(arr).all():
+                raise ValueError("preprocessed image holds NaN/inf values")
+            images[n] = arr
+            ok[n] = True
+            infos.append(_info_dict(info))
+        except Exception as e:  # noqa: BLE001 - one bad file must never stop the cohort
+            msg = scrub(
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _STATE["root"], rel
+            )
+            failures.append((int(i), _reason(e), msg))
+    return DecodedTask(np.asarray(idx, dtype=np.int64), images, ok, failures, time.perf_counter() - t0, infos)
+
+
+class DecodePool:
+    """Iterate decoded tasks over ``order`` (plan indices) with at most ``max_inflight`` tasks outstanding."""
+
+    def __init__(
+        self,
+        root: Path,
+        paths: pa.Array,
+        cfg: PreprocessConfig,
+        workers: int,
+        task_size: int = 4,
+        max_inflight: int | None = None,
+    ) -> None:
+        self.root, self.paths, self.cfg = Path(root), paths, cfg
+        self.workers = max(0, int(workers))
+        self.task_size = max(1, int(task_size))
+        self.max_inflight = max_inflight or max(2, 4 * max(1, self.workers))
+        self._ex: ProcessPoolExecutor | None = None
+        self.wait_seconds = 0.0  # main-thread time spent waiting for decode (decode not hidden)
+
+    def __enter__(self) -> DecodePool:
+        if self.workers == 0:
+            _init_worker(str(self.root), self.paths, self.cfg.to_dict())
+        else:
+            self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    def close(self, cancel: bool = False) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=not cancel, cancel_futures=True)
+            self._ex = None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["xbmd_batch.preprocess", "xbmd_batch.score.decode"])
+        args = (str(self.root), self.paths, self.cfg.to_dict())
+        self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args)
+
+    def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
+        """Yield tasks as they finish. A worker killed by a decoder crash breaks the pool: the pool is
+        restarted and the affected tasks retried one file at a time; a file that crashes a worker twice
+        becomes a ``worker_crashed`` failure."""
+        order = np.asarray(order, dtype=np.int64)
+        step = self.task_size
+        tasks: Iterator[np.ndarray] = (order[i : i + step] for i in range(0, len(order), step))
+        if self.workers == 0:
+            for t in tasks:
+                yield decode_task(t)
+            return
+        retry: list[tuple[np.ndarray, bool]] = []  # (task, is a single-file retry)
+        pending: dict[Future[DecodedTask], tuple[np.ndarray, bool]] = {}
+        exhausted = False
+        while pending or retry or not exhausted:
+            if self._ex is None:
+                self._start()
+            while len(pending) < self.max_inflight and (retry or not exhausted):
+                if retry:
+                    t, single = retry.pop()
+                else:
+                    t, single = next(tasks, None), False
+                    if t is None:
+                        exhausted = True
+                        continue
+                pending[self._ex.submit(decode_task, t)] = (t, single)  # type: ignore[union-attr]
+            if not pending:
+                continue
+            t0 = time.perf_counter()
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            self.wait_seconds += time.perf_counter() - t0
+            broken = False
+            for f in done:
+                t, single = pending.pop(f)
+                try:
+                    yield f.result()
+                except BrokenProcessPool:
+                    broken = True
+                    if single:
+                        yield _crashed(t)
+                    else:
+                        retry.extend((t[j : j + 1], True) for j in range(len(t)))
+            if broken:
+                for t, single in pending.values():  # all of them die with the pool
+                    retry.extend([(t, True)] if single else [(t[j : j + 1], True) for j in range(len(t))])
+                pending.clear()
+                self.close(cancel=True)
+
+
+def _crashed(t: np.ndarray) -> DecodedTask:
+    k = len(t)
+    msg = "the decoder crashed the worker process twice (segfault or out of memory)"
+    return DecodedTask(
+        np.asarray(t, dtype=np.int64),
+        np.zeros((k, 1, 1, 1), dtype=np.float32),
+        np.zeros(k, dtype=bool),
+        [(int(i), "worker_crashed", msg) for i in t],
+        0.0,
+        [],
+    )

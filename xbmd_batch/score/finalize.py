@@ -1,0 +1,122 @@
+"""Stage 8: parts + plan -> OUT/scores.parquet and OUT/failures.parquet (each written atomically).
+
+The clinical columns (T-score, WHO class, screening flags) are derived here from ``bmd_pred`` and the chosen
+reference, so a resumed run may change ``--reference`` without rescoring. Only rows of the current plan are
+kept (a file deleted between sessions drops out), in plan order (relative path), each exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference, who_class
+from xbmd_batch.score.reconcile import FAILURE_SCHEMA
+from xbmd_batch.score.writer import atomic_write_parquet, list_parts
+
+ID_COLUMNS = ("subject_key", "relative_path", "sop_instance_uid", "study_instance_uid")
+
+
+def screen_column(t: float) -> str:
+    """Column name of the screening flag T <= t, e.g. -1.0 -> screen_t_le_m1, -2.5 -> screen_t_le_m2_5."""
+    s = f"{abs(t):g}".replace(".", "_")
+    return f"screen_t_le_{'m' if t < 0 else ''}{s}"
+
+
+def scores_schema(field_names: tuple[str, ...]) -> dict[str, pl.DataType]:
+    """The scores.parquet columns and types, in order (docs/outputs.md)."""
+    return {
+        **{c: pl.String for c in ID_COLUMNS},
+        "image_index_for_subject": pl.Int32,
+        "n_images_for_subject": pl.Int32,
+        "bmd_pred": pl.Float32,
+        "t_score": pl.Float64,
+        "who_class": pl.String,
+        **{screen_column(t): pl.Boolean for t in SCREEN_THRESHOLDS},
+        "t_score_reference": pl.String,
+        **{f"attn_{f}": pl.Float32 for f in field_names},
+        **{f"missing_{f}": pl.Boolean for f in field_names},
+        **{f"derived_{f}": pl.Boolean for f in field_names},
+        "model_sha256": pl.String,
+        "backend": pl.String,
+        "precision": pl.String,
+        "run_id": pl.String,
+    }
+
+
+FAILURE_COLUMNS = [*FAILURE_SCHEMA.keys(), "run_id"]
+
+
+def read_parts(out_dir: Path) -> pl.DataFrame | None:
+    parts = list_parts(out_dir)
+    if not parts:
+        return None
+    return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
+
+
+def finalize(
+    out_dir: Path,
+    plan_keys: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    field_names: tuple[str, ...],
+    reference: str,
+    model_sha256: str,
+    run_id: str,
+) -> dict[str, int]:
+    """Write the two final tables. ``plan_keys``: relative_path, sop_instance_uid (output form) in plan order.
+
+    Returns counts: scored, failed_in_scoring, not_processed, duplicate_rows_dropped.
+    """
+    ref = get_reference(reference)
+    order = plan_keys.select("relative_path", "sop_instance_uid").with_row_index("_order")
+    parts = read_parts(out_dir)
+    if parts is None:
+        parts = pl.DataFrame(
+            schema={"status": pl.String, "relative_path": pl.String, "sop_instance_uid": pl.String}
+        )
+    n_before = parts.height
+    parts = parts.join(order, on=["relative_path", "sop_instance_uid"], how="inner")
+    parts = parts.unique(subset=["relative_path", "sop_instance_uid"], keep="first", maintain_order=True)
+    dropped = n_before - parts.height  # rows of files no longer planned, or (never expected) repeats
+    parts = parts.sort("_order")
+
+    scored = parts.filter(pl.col("status") == "scored")
+    bmd = scored.get_column("bmd_pred").to_numpy().astype(np.float64) if scored.height else np.zeros(0)
+    t = np.asarray(ref.t_score(bmd), dtype=np.float64)
+    extra = {
+        "t_score": pl.Series("t_score", t, dtype=pl.Float64),
+        "who_class": pl.Series("who_class", who_class(t).tolist() if len(t) else [], dtype=pl.String),
+        **{
+            screen_column(th): pl.Series(screen_column(th), t <= th, dtype=pl.Boolean)
+            for th in SCREEN_THRESHOLDS
+        },
+    }
+    scored = scored.with_columns(
+        *extra.values(),
+        pl.lit(reference, pl.String).alias("t_score_reference"),
+        pl.lit(model_sha256, pl.String).alias("model_sha256"),
+        pl.lit(run_id, pl.String).alias("run_id"),
+    )
+    schema = scores_schema(field_names)
+    for c, dt in schema.items():  # an empty run still gets the full schema
+        if c not in scored.columns:
+            scored = scored.with_columns(pl.lit(None, dt).alias(c))
+    scored = scored.select(pl.col(c).cast(dt) for c, dt in schema.items())
+    atomic_write_parquet(Path(out_dir) / "scores.parquet", scored.to_arrow())
+
+    failed = parts.filter(pl.col("status") == "failed")
+    if failed.height:
+        failed = failed.select(*FAILURE_SCHEMA.keys())
+    else:
+        failed = pl.DataFrame(schema=FAILURE_SCHEMA)
+    failures = pl.concat([quarantine.cast(FAILURE_SCHEMA), failed.cast(FAILURE_SCHEMA)], how="vertical")
+    failures = failures.with_columns(pl.lit(run_id, pl.String).alias("run_id")).select(FAILURE_COLUMNS)
+    atomic_write_parquet(Path(out_dir) / "failures.parquet", failures.to_arrow())
+    return {
+        "scored": scored.height,
+        "failed_in_scoring": failed.height,
+        "not_processed": plan_keys.height - parts.height,
+        "rows_dropped_from_parts": dropped,
+    }
