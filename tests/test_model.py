@@ -1,0 +1,233 @@
+"""XAttnBMD / ConcatBaseline: shapes, gradients, masking, attention, determinism, export (tiny configs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig
+from xbmd_batch.model import (
+    Attention,
+    ConcatBaseline,
+    CrossLayer,
+    ExportWrapper,
+    KVUpdater,
+    XAttnBMD,
+    build_model,
+    grid_size,
+)
+
+F = len(DEFAULT_SCHEMA.fields)
+CAT_COLS = [i for i, k in enumerate(DEFAULT_SCHEMA.kinds) if k == "categorical"]
+FUSIONS = ("xattn", "concat")
+
+
+def tiny_cfg(fusion: str = "xattn", **kw: object) -> ModelConfig:
+    base = dict(image_size=64, d_model=32, meta_hidden=16, head_hidden=16)
+    base.update(kw)
+    return ModelConfig.for_schema(DEFAULT_SCHEMA, fusion=fusion, **base)
+
+
+def sensitive(model: nn.Module) -> nn.Module:
+    """An untrained head is deliberately near-constant; widen its last layer so input effects are visible."""
+    torch.manual_seed(123)
+    nn.init.normal_(model.head.net[-1].weight, std=1.0)
+    return model
+
+
+def make_inputs(b: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(b, 1, size, size, generator=g)
+    meta = torch.randn(b, F, generator=g)
+    for j in CAT_COLS:
+        card = DEFAULT_SCHEMA.cardinalities[j]
+        meta[:, j] = torch.randint(0, card, (b,), generator=g).float()
+    mask = torch.ones(b, F)
+    return image, meta, mask
+
+
+@pytest.fixture(params=FUSIONS)
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    torch.manual_seed(0)
+    return sensitive(build_model(tiny_cfg(request.param))).eval()
+
+
+def test_build_model_dispatch() -> None:
+    assert isinstance(build_model(tiny_cfg("xattn")), XAttnBMD)
+    assert isinstance(build_model(tiny_cfg("concat")), ConcatBaseline)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        build_model(tiny_cfg("sum"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="divisible"):
+        build_model(tiny_cfg(d_model=30))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_output_shapes(model: nn.Module, b: int) -> None:
+    image, meta, mask = make_inputs(b)
+    with torch.no_grad():
+        bmd = model(image, meta, mask)
+        bmd2, att = model(image, meta, mask, return_attention=True)
+    assert bmd.shape == (b,) and bmd.dtype == torch.float32
+    assert att.shape == (b, F) and att.dtype == torch.float32
+    assert torch.equal(bmd, bmd2)
+
+
+@pytest.mark.parametrize("size", [64, 128, 224])
+def test_image_sizes(size: int) -> None:
+    m = build_model(tiny_cfg(image_size=size)).eval()
+    assert m.image_encoder.n_tokens == (size // 32) ** 2 == grid_size(size) ** 2
+    with torch.no_grad():
+        bmd, att = m(*make_inputs(2, size=size), return_attention=True)
+    assert bmd.shape == (2,) and att.shape == (2, F)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_parameter_gets_a_gradient(fusion: str) -> None:
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg(fusion)).train()
+    image, meta, mask = make_inputs(4)
+    mask[0, :] = 0.0  # every field missing in one row (missing tokens), present in the others
+    bmd = m(image, meta, mask)
+    bmd.sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def test_masking_changes_output_and_never_nan(model: nn.Module) -> None:
+    image, meta, mask = make_inputs(3)
+    with torch.no_grad():
+        ref = model(image, meta, mask)
+        for j in range(F):
+            m = mask.clone()
+            m[:, j] = 0.0
+            out = model(image, meta, m)
+            assert torch.isfinite(out).all()
+            assert not torch.allclose(out, ref, rtol=0, atol=1e-6), f"masking field {j} did not change bmd"
+        none = torch.zeros_like(mask)
+        out, att = model(image, torch.zeros_like(meta), none, return_attention=True)
+        assert torch.isfinite(out).all() and torch.isfinite(att).all()
+        # a masked value is ignored, even a NaN that slipped through
+        poisoned = meta.clone()
+        poisoned[:, 1] = float("nan")
+        m = mask.clone()
+        m[:, 1] = 0.0
+        clean = meta.clone()
+        clean[:, 1] = 0.0
+        assert torch.equal(model(image, poisoned, m), model(image, clean, m))
+
+
+def test_categorical_index_is_rounded_and_clamped() -> None:
+    torch.manual_seed(0)
+    m = sensitive(build_model(tiny_cfg())).eval()
+    j = DEFAULT_SCHEMA.names.index("smoking")  # 3 categories
+    image, meta, mask = make_inputs(1)
+
+    def run(v: float) -> torch.Tensor:
+        x = meta.clone()
+        x[0, j] = v
+        with torch.no_grad():
+            return m(image, x, mask)
+
+    assert torch.equal(run(7.0), run(2.0))
+    assert torch.equal(run(-3.0), run(0.0))
+    assert torch.equal(run(0.6), run(1.0))
+    assert not torch.equal(run(0.0), run(2.0))
+
+
+def test_attention_rows_sum_to_one_and_depend_on_input() -> None:
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg("xattn")).eval()
+    image, meta, mask = make_inputs(3)
+    mask[1, 2] = 0.0
+    with torch.no_grad():
+        _, att = m(image, meta, mask, return_attention=True)
+    assert torch.allclose(att.sum(-1), torch.ones(3), atol=1e-5)
+    assert (att >= 0).all()
+    assert not torch.allclose(att[0], att[1])  # per-subject, not a constant
+
+
+def test_baseline_attention_is_uniform() -> None:
+    m = build_model(tiny_cfg("concat")).eval()
+    with torch.no_grad():
+        _, att = m(*make_inputs(2), return_attention=True)
+    assert torch.allclose(att, torch.full((2, F), 1.0 / F))
+
+
+def test_baseline_has_no_attention_parameters() -> None:
+    base, xattn = build_model(tiny_cfg("concat")), build_model(tiny_cfg("xattn"))
+    attn_types = (Attention, CrossLayer, KVUpdater)
+    assert base.has_attention is False and xattn.has_attention is True
+    assert not any(isinstance(mod, attn_types) for mod in base.modules())
+    assert sum(isinstance(mod, Attention) for mod in xattn.modules()) == 2 * xattn.cfg.n_layers
+    assert sum(isinstance(mod, KVUpdater) for mod in xattn.modules()) == 2 * (xattn.cfg.n_layers - 1)
+    # the two share encoders and head: the baseline's parameters are a subset of XAttnBMD's
+    base_names = {n for n, _ in base.named_parameters()}
+    assert base_names < {n for n, _ in xattn.named_parameters()}
+
+
+def test_eval_mode_is_deterministic(model: nn.Module) -> None:
+    image, meta, mask = make_inputs(3)
+    with torch.no_grad():
+        a, att_a = model(image, meta, mask, return_attention=True)
+        b, att_b = model(image, meta, mask, return_attention=True)
+    assert torch.equal(a, b) and torch.equal(att_a, att_b)
+
+
+def test_rows_are_independent_of_batch(model: nn.Module) -> None:
+    """Dynamic batching must not change a subject's score (eval: BatchNorm uses running stats)."""
+    image, meta, mask = make_inputs(3)
+    with torch.no_grad():
+        full = model(image, meta, mask)
+        one = torch.cat([model(image[i : i + 1], meta[i : i + 1], mask[i : i + 1]) for i in range(3)])
+    assert torch.allclose(full, one, atol=1e-5)
+
+
+def test_export_wrapper_returns_both_outputs(model: nn.Module) -> None:
+    image, meta, mask = make_inputs(2)
+    with torch.no_grad():
+        bmd, att = ExportWrapper(model)(image, meta, mask)
+        ref_bmd, ref_att = model(image, meta, mask, return_attention=True)
+    assert torch.equal(bmd, ref_bmd) and torch.equal(att, ref_att)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_dynamo_onnx_export_matches_torch(fusion: str, tmp_path: Path) -> None:
+    """Sanity check only (export/ owns the real exporter): dynamic batch, parity at batch 1 and 3."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from xbmd_batch.config import INPUT_NAMES, OUTPUT_NAMES
+
+    torch.manual_seed(0)
+    w = ExportWrapper(sensitive(build_model(tiny_cfg(fusion))).eval()).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    prog = torch.onnx.export(
+        w,
+        make_inputs(2),
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={name: {0: batch} for name in INPUT_NAMES},
+        dynamo=True,
+        opset_version=18,
+        verbose=False,
+    )
+    path = tmp_path / "m.onnx"
+    prog.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        image, meta, mask = make_inputs(b, seed=b)
+        mask[0, 3] = 0.0
+        meta[0, 3] = 0.0
+        with torch.no_grad():
+            ref = [t.numpy() for t in w(image, meta, mask)]
+        got = sess.run(
+            list(OUTPUT_NAMES), {"image": image.numpy(), "meta": meta.numpy(), "meta_mask": mask.numpy()}
+        )
+        for r, g in zip(ref, got, strict=True):
+            assert g.shape == r.shape
+            assert abs(g - r).max() < 1e-4
