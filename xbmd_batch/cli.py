@@ -7,6 +7,8 @@ so `xbmd-batch --help` stays fast on any machine. Exit codes: 0 success, 2 usage
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from xbmd_batch import __version__
@@ -32,6 +34,76 @@ def version() -> None:
     Example: xbmd-batch version
     """
     typer.echo(f"xbmd-batch {__version__}")
+
+
+@app.command(no_args_is_help=True)
+def score(
+    dicom_dir: Path = typer.Argument(..., help="Cohort folder, walked recursively; DICOMs found by content."),
+    meta: Path = typer.Argument(..., help="Metadata table (CSV, TSV or parquet), one row per subject."),
+    model: Path = typer.Option(..., "--model", "-m", help="model.onnx (card embedded) or checkpoint .pt."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: new/empty, or a previous run to resume."
+    ),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 (backend permitting)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per model call."),
+    workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
+    chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
+    reference: str = typer.Option("nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar."),
+    key_column: str | None = typer.Option(None, help="META column matched to PatientID [subject_id]."),
+    path_column: str | None = typer.Option(
+        None, help="META column holding each row's file (path relative to DIR, or a unique file name)."
+    ),
+    pseudonymize: Path | None = typer.Option(
+        None, metavar="KEYFILE", help="HMAC-SHA256 subject keys, paths and UIDs with the key in KEYFILE."
+    ),
+    strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+) -> None:
+    """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
+
+    Example: xbmd-batch score cohort/dicom cohort/meta.csv --model model.onnx --out results/
+
+    Re-running the same command after Ctrl-C or a crash resumes (a different model file is refused).
+    Outputs are documented in docs/outputs.md.
+
+    Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
+    (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
+    config or input error | 130 interrupted (finished rows kept; rerun to resume).
+    """
+    from xbmd_batch.errors import InputError
+    from xbmd_batch.score import ScoreOptions, score_cohort
+
+    opts = ScoreOptions(
+        backend=backend,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        chunk_size=chunk_size,
+        reference=reference,
+        key_column=key_column,
+        path_column=path_column,
+        pseudonymize=pseudonymize,
+        strict=strict,
+        quiet=quiet,
+    )
+    try:
+        res = score_cohort(dicom_dir, meta, model, out, opts)
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume", err=True
+        )
+        raise typer.Exit(130) from None
+    if not quiet:
+        typer.echo(
+            f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"
+        )
+    raise typer.Exit(res.exit_code)
 
 
 @app.command()
