@@ -1,0 +1,497 @@
+"""`python -m train`: cross-validated training of XAttn-BMD / the concat baseline, with report and plots.
+
+Examples (from the repo root):
+
+    # README demo: quick preset, one 90/10 split, plus a final model ready for `python -m export`
+    python -m train --cohort demo_out/cohort --preset quick --single-split --final --out runs/demo
+
+    # the paper's comparison (XAttn vs concat, four losses) on the same folds, paired Wilcoxon tests
+    python -m train --cohort data/cohort --preset quick --compare --out runs/compare
+
+    # the paper's protocol (10-fold, 224^2), on a GPU
+    python -m train --cohort data/cohort --preset paper --final --out runs/paper
+
+torchvision-references style: `get_args_parser()` + `main(args)`, so tests call `main` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+LOSSES: tuple[str, ...] = ("mse", "l1", "smoothl1", "wsmoothl1")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from train.presets import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Cross-validated training of XAttn-BMD (and the concat baseline) on a DICOM cohort.",
+        epilog="example: python -m train --cohort demo_out/cohort --preset quick --single-split --final "
+        "--out runs/demo",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--cohort", required=True, help="cohort folder (DICOMs anywhere below it)")
+    p.add_argument("--meta", default=None, help="metadata table (default: <cohort>/meta.csv)")
+    p.add_argument("--labels", default=None, help="label table with subject_id (default: <cohort>/truth.csv)")
+    p.add_argument("--label-col", default="bmd_dxa", help="BMD column of the label table (g/cm²)")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--fusion", default="xattn", choices=["xattn", "concat"])
+    p.add_argument("--loss", default="wsmoothl1", choices=list(LOSSES))
+    p.add_argument("--compare", action="store_true", help="XAttn vs concat and the four losses, same folds")
+    p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
+    p.add_argument(
+        "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
+    )
+    p.add_argument("--final", action="store_true", help="also train on all data -> <out>/final.pt")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's max epochs")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--d-model", type=int, default=None, help="override the preset's embedding width")
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reference", default="nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar"
+    )
+    p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
+    p.add_argument("--cache-dir", default=None, help="image cache folder (default: <cohort>/.xbmd_cache)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return p
+
+
+def _nan_to_none(d: dict[str, Any]) -> dict[str, Any]:
+    """Strict-JSON friendly copy (the checkpoint summary ends up in the ONNX model card)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(fusion, loss) pairs; the primary (the one asked for) first."""
+    primary = (args.fusion, args.loss)
+    if not args.compare:
+        return [primary]
+    want = [("xattn", args.loss), ("concat", args.loss), *[("xattn", loss) for loss in LOSSES]]
+    out = [primary]
+    for v in want:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def vname(fusion: str, loss: str) -> str:
+    return f"{fusion}-{loss}"
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The equivalent command line: the argv when run from a shell, else rebuilt from the non-default args."""
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = []
+        for act in get_args_parser()._actions:
+            if not act.option_strings or act.dest == "help":
+                continue
+            val = getattr(args, act.dest, act.default)
+            if val == act.default:
+                continue
+            if isinstance(act, argparse._StoreTrueAction):
+                argv.append(act.option_strings[-1])
+            else:
+                argv += [act.option_strings[-1], str(val)]
+    return "python -m train " + " ".join(shlex.quote(a) for a in argv)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole protocol; returns a summary dict (paths, per-variant mean metrics, wall time)."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from train import plots
+    from train.data import ArrayDataBuilder, build_image_cache, default_cache_dir, load_cohort
+    from train.engine import evaluate, fit, pick_device
+    from train.folds import holdout_split, make_folds, split_inside
+    from train.metrics import all_metrics, mean_sd, paired_wilcoxon
+    from train.presets import get_preset
+    from train.report import write_report
+    from xbmd_batch.checkpoint import save_checkpoint
+    from xbmd_batch.clinical import get_reference
+    from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
+    from xbmd_batch.errors import InputError
+    from xbmd_batch.loss import make_loss
+    from xbmd_batch.model import build_model
+
+    t_start = time.perf_counter()
+    console = Console(stderr=True, quiet=False)
+    get_reference(args.reference)  # validate early
+    hp = get_preset(args.preset).replace(
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        d_model=args.d_model,
+        patience=args.patience,
+        folds=args.folds,
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = command_line(args)
+    (out / "run.json").write_text(
+        json.dumps({"command": command, "args": vars(args), "preset": hp.to_dict()}, indent=2, default=str)
+    )
+    log_f = (out / "log.jsonl").open("w")
+
+    # ---- data
+    schema = DEFAULT_SCHEMA
+    cohort = load_cohort(args.cohort, args.meta, args.labels, args.label_col, schema)
+    pp = PreprocessConfig(image_size=hp.image_size)
+    cache_dir = default_cache_dir(cohort.root, args.cache_dir)
+    console.log(
+        f"cohort: {cohort.n} images, {cohort.n_subjects} subjects ({cohort.mapping}); cache {cache_dir}"
+    )
+    cache = build_image_cache(
+        cohort.paths, pp, cache_dir, workers=args.workers, progress=not args.no_progress
+    )
+    console.log(f"image cache {'reused' if cache.reused else 'built'}: {cache.path.name}")
+    builder = ArrayDataBuilder(cohort, cache, pp)
+    notes = list(cohort.notes)
+    if not cache.ok.all():
+        notes.append(f"{int((~cache.ok).sum())} image(s) failed to decode and were excluded")
+    rows = np.flatnonzero(cache.ok)  # rows of the cohort that take part
+    y, groups = cohort.y[rows], cohort.subject_ids[rows]
+    if len(np.unique(groups)) < 4:
+        raise InputError(f"{cohort.root}: only {len(np.unique(groups))} usable subjects; need at least 4")
+
+    if args.single_split:
+        splits = [holdout_split(y, groups, 0.1, args.seed, hp.n_bins)]
+        protocol = f"single stratified, subject-grouped 90/10 split (seed {args.seed})"
+    else:
+        splits = make_folds(y, groups, hp.folds, args.seed, hp.n_bins)
+        protocol = (
+            f"{hp.folds}-fold CV stratified by {hp.n_bins} BMD quantile bins, grouped by subject "
+            f"(seed {args.seed})"
+        )
+    protocol += (
+        f"; inner validation {hp.val_frac:.0%} of each training part for early stopping; device {device}"
+    )
+    # map positions within `rows` back to cohort rows
+    splits = [(rows[tr], rows[te]) for tr, te in splits]
+    k_total = len(splits)
+    variants = _variants(args)
+    synthetic = cohort.is_synthetic
+    tag = "synthetic cohort" if synthetic else ""
+
+    # ---- cross-validation
+    oof_parts: list[pl.DataFrame] = []
+    metric_rows: list[dict[str, Any]] = []
+    hist_rows: list[dict[str, Any]] = []
+    best_epochs: dict[str, list[int]] = {}
+    enc_cache: dict[int, Any] = {}
+    field_cols = [f"attn_{f}" for f in schema.names]
+    prog = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.no_progress,
+    )
+    with prog:
+        runs_task = prog.add_task("runs", total=len(variants) * k_total + (1 if args.final else 0))
+        for fusion, loss_name in variants:
+            v = vname(fusion, loss_name)
+            vdir = out if (fusion, loss_name) == variants[0] else out / v
+            for k, (tr, te) in enumerate(splits):
+                inner_tr, inner_val = split_inside(
+                    tr, cohort.y, cohort.subject_ids, hp.val_frac, args.seed + k
+                )
+                if k not in enc_cache:
+                    enc_cache[k] = builder.encode(tr)
+                enc = enc_cache[k]
+                data = builder.arrays(enc)
+                mcfg = ModelConfig.for_schema(
+                    enc.schema,
+                    fusion=fusion,
+                    image_size=hp.image_size,
+                    d_model=hp.d_model,
+                    n_layers=hp.n_layers,
+                    n_heads=hp.n_heads,
+                    dropout=hp.dropout,
+                    meta_hidden=hp.meta_hidden,
+                    head_hidden=hp.head_hidden,
+                    bmd_mean=float(cohort.y[tr].mean()),
+                    bmd_std=float(cohort.y[tr].std()) or 0.14,
+                )
+                torch.manual_seed(args.seed * 1000 + k)
+                model = build_model(mcfg)
+                loss_fn = make_loss(loss_name)
+                steps = prog.add_task(f"{v} fold {k + 1}/{k_total}", total=None)
+
+                def on_epoch(rec: dict[str, float], v: str = v, k: int = k, steps: Any = steps) -> None:
+                    row = {"variant": v, "fold": k, **rec}
+                    hist_rows.append(row)
+                    log_f.write(json.dumps(_nan_to_none(row)) + "\n")
+                    log_f.flush()
+                    prog.console.log(
+                        f"{v} fold {k} ep {int(rec['epoch']) + 1}: train {rec['train_loss']:.4g} "
+                        f"val {rec['val_loss']:.4g} val MAE {rec['val_mae']:.4f} lr {rec['lr']:.2e} "
+                        f"({rec['seconds']:.1f}s)"
+                    )
+
+                res = fit(
+                    model,
+                    loss_fn,
+                    data,
+                    inner_tr,
+                    inner_val,
+                    hp,
+                    device,
+                    seed=args.seed * 1000 + k,
+                    on_epoch=on_epoch,
+                    on_step=lambda steps=steps: prog.advance(steps),
+                )
+                prog.remove_task(steps)
+                best_epochs.setdefault(v, []).append(res.best_epoch + 1)
+                ev = evaluate(model, loss_fn, data, te, hp.batch_size, device)
+                m = all_metrics(ev.y, ev.pred, args.reference)
+                metric_rows.append(
+                    {"variant": v, "fusion": fusion, "loss": loss_name, "fold": k, "scope": "fold", **m}
+                )
+                oof_parts.append(
+                    pl.DataFrame(
+                        {
+                            "variant": [v] * len(ev.idx),
+                            "fusion": [fusion] * len(ev.idx),
+                            "loss": [loss_name] * len(ev.idx),
+                            "subject_id": cohort.subject_ids[ev.idx].tolist(),
+                            "fold": np.full(len(ev.idx), k, dtype=np.int32),
+                            "y_true": ev.y,
+                            "y_pred": ev.pred,
+                            **{c: ev.attention[:, j] for j, c in enumerate(field_cols)},
+                        }
+                    )
+                )
+                summary = {
+                    "run": out.name,
+                    "variant": v,
+                    "fold": k,
+                    "n_folds": k_total,
+                    "protocol": protocol,
+                    "preset": hp.to_dict(),
+                    "loss": loss_name,
+                    "label_col": args.label_col,
+                    "synthetic_cohort": synthetic,
+                    "n_train": len(inner_tr),
+                    "n_val": len(inner_val),
+                    "n_test": len(te),
+                    "best_epoch": res.best_epoch + 1,
+                    "epochs_run": res.epochs_run,
+                    "train_seconds": round(res.seconds, 1),
+                    "reference": args.reference,
+                    "seed": args.seed,
+                    "test_metrics": _nan_to_none(m),
+                }
+                save_checkpoint(vdir / f"fold_{k}.pt", model, mcfg, enc.schema, pp, summary)
+                console.log(
+                    f"{v} fold {k}: test MAE {m['mae']:.4f} R² {m['r2']:.3f} "
+                    f"(best epoch {res.best_epoch + 1})"
+                )
+                prog.advance(runs_task)
+
+        oof = pl.concat(oof_parts)
+        for fusion, loss_name in variants:
+            v = vname(fusion, loss_name)
+            d = oof.filter(pl.col("variant") == v)
+            m = all_metrics(d["y_true"].to_numpy(), d["y_pred"].to_numpy(), args.reference)
+            metric_rows.append(
+                {"variant": v, "fusion": fusion, "loss": loss_name, "fold": -1, "scope": "pooled", **m}
+            )
+        metrics = pl.DataFrame(metric_rows)
+
+        # ---- final model on all data
+        final_info: dict[str, Any] | None = None
+        if args.final:
+            fusion, loss_name = variants[0]
+            v = vname(fusion, loss_name)
+            n_ep = int(max(1, round(float(np.median(best_epochs[v])))))
+            enc = builder.encode(rows)
+            data = builder.arrays(enc)
+            mcfg = ModelConfig.for_schema(
+                enc.schema,
+                fusion=fusion,
+                image_size=hp.image_size,
+                d_model=hp.d_model,
+                n_layers=hp.n_layers,
+                n_heads=hp.n_heads,
+                dropout=hp.dropout,
+                meta_hidden=hp.meta_hidden,
+                head_hidden=hp.head_hidden,
+                bmd_mean=float(cohort.y[rows].mean()),
+                bmd_std=float(cohort.y[rows].std()) or 0.14,
+            )
+            torch.manual_seed(args.seed * 1000 + 999)
+            model = build_model(mcfg)
+            steps = prog.add_task(f"{v} final ({n_ep} epochs)", total=None)
+
+            def on_final(rec: dict[str, float], v: str = v) -> None:
+                row = {"variant": v, "fold": -1, **rec}
+                hist_rows.append(row)
+                log_f.write(json.dumps(_nan_to_none(row)) + "\n")
+                log_f.flush()
+
+            res = fit(
+                model,
+                make_loss(loss_name),
+                data,
+                rows,
+                None,
+                hp,
+                device,
+                seed=args.seed * 1000 + 999,
+                epochs=n_ep,
+                on_epoch=on_final,
+                on_step=lambda: prog.advance(steps),
+            )
+            prog.remove_task(steps)
+            cv = metrics.filter((pl.col("variant") == v) & (pl.col("scope") == "fold"))
+            cv_summary = {
+                f"cv_{key}_mean_sd": list(mean_sd(cv[key].to_list())[:2])
+                for key in ("mse", "mae", "r2", "pearson_r")
+            }
+            final_info = {
+                "run": out.name,
+                "variant": v,
+                "fold": "all",
+                "protocol": protocol,
+                "preset": hp.to_dict(),
+                "loss": loss_name,
+                "label_col": args.label_col,
+                "synthetic_cohort": synthetic,
+                "n_train": len(rows),
+                "epochs": n_ep,
+                "train_seconds": round(res.seconds, 1),
+                "reference": args.reference,
+                "seed": args.seed,
+                **{k2: [None if not math.isfinite(x) else x for x in val] for k2, val in cv_summary.items()},
+            }
+            save_checkpoint(out / "final.pt", model, mcfg, enc.schema, pp, final_info)
+            prog.advance(runs_task)
+    log_f.close()
+
+    # ---- paired tests
+    paired_rows: list[dict[str, Any]] = []
+    fold_m = metrics.filter(pl.col("scope") == "fold")
+
+    def per_fold(v: str, key: str) -> list[float]:
+        return fold_m.filter(pl.col("variant") == v).sort("fold")[key].to_list()
+
+    if args.compare:
+        pairs = [(vname("xattn", args.loss), vname("concat", args.loss))]
+        pairs += [
+            (vname("xattn", "wsmoothl1"), vname("xattn", loss)) for loss in LOSSES if loss != "wsmoothl1"
+        ]
+        for a, b in pairs:
+            for key in ("mse", "mae", "r2"):
+                r = paired_wilcoxon(per_fold(a, key), per_fold(b, key), key)
+                paired_rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, **r})
+    paired = pl.DataFrame(paired_rows) if paired_rows else None
+
+    # ---- files
+    oof.write_parquet(out / "oof.parquet")
+    metrics.write_parquet(out / "metrics.parquet")
+    history = pl.DataFrame(hist_rows)
+    history.write_parquet(out / "history.parquet")
+    if paired is not None:
+        paired.write_parquet(out / "paired_tests.parquet")
+    primary = vname(*variants[0])
+    prim_oof = oof.filter(pl.col("variant") == primary)
+    plots.scatter_by_fold(prim_oof, out / "scatter_folds.png", tag, f"({primary})")
+    plots.scatter_pooled(prim_oof, out / "scatter_pooled.png", tag, f"({primary})")
+    roc_variants = [primary] + (
+        [vname("concat", args.loss)] if args.compare and primary.startswith("xattn") else []
+    )
+    plots.roc_curves(oof.filter(pl.col("variant").is_in(roc_variants)), args.reference, out / "roc.png", tag)
+    att_v = primary if primary.startswith("xattn") else None
+    if att_v is None and args.compare:
+        att_v = vname("xattn", args.loss)
+    if att_v is not None:
+        plots.field_attention(
+            oof.filter(pl.col("variant") == att_v),
+            schema.names,
+            args.reference,
+            out / "attention.png",
+            tag,
+            f"({att_v})",
+        )
+    else:
+        notes.append("attention.png not drawn: the concat baseline has no cross-attention (uniform 1/F)")
+    plots.training_curves(
+        history.filter(pl.col("variant") == primary), out / "training_curves.png", tag, f"({primary})"
+    )
+    if args.compare:
+        plots.loss_comparison(fold_m, LOSSES, out / "loss_comparison.png", tag)
+        plots.fusion_comparison(fold_m, args.loss, out / "fusion_comparison.png", tag)
+    if args.compare and k_total < 6:
+        notes.append(
+            f"{k_total} folds: the Wilcoxon test cannot reach p < 0.05 (smallest p = {2 / 2**k_total:.4f})"
+        )
+
+    wall = time.perf_counter() - t_start
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) + ["report.md"]
+    write_report(
+        out / "report.md",
+        run_name=out.name,
+        command=command,
+        synthetic=synthetic,
+        cohort={
+            "n_images": len(rows),
+            "n_subjects": int(len(np.unique(cohort.subject_ids[rows]))),
+            "label_col": args.label_col,
+            "mapping": cohort.mapping,
+            "y_mean": float(cohort.y[rows].mean()),
+            "y_sd": float(cohort.y[rows].std(ddof=1)),
+        },
+        cohort_info=cohort.cohort_info,
+        preset=hp.to_dict(),
+        protocol=protocol,
+        reference=args.reference,
+        variants=[vname(*x) for x in variants],
+        primary=primary,
+        metrics=metrics,
+        paired=paired,
+        files=sorted(set(files)),
+        wall_seconds=wall,
+        notes=notes,
+        final=final_info,
+    )
+    means = {
+        vname(*x): {
+            key: mean_sd(fold_m.filter(pl.col("variant") == vname(*x))[key].to_list())[:2]
+            for key in ("mse", "mae", "r2")
+        }
+        for x in variants
+    }
+    console.log(f"done in {wall:.0f} s -> {out}/report.md")
+    return {"out": str(out), "wall_seconds": wall, "means": means, "synthetic": synthetic}
+
+
+if __name__ == "__main__":
+    _args = get_args_parser().parse_args()
+    _args.argv = sys.argv[1:]
+    main(_args)
