@@ -26,9 +26,15 @@ def hip_phantom(rows: int = 256, cols: int = 256, bits_stored: int = 12, seed: i
     head = np.exp(-(((yy - 0.3) ** 2 + (xx - 0.45) ** 2) / (2 * 0.07**2)))
     shaft = np.exp(-((xx - 0.6 - 0.25 * (yy - 0.5)) ** 2) / (2 * 0.05**2)) * (yy > 0.35)
     bone = np.clip(head + 0.8 * shaft, 0, 1)
-    # Trabecular texture: band-limited noise (box-blurred white noise) modulating the bone.
-    tex = rng.normal(0, 1, (rows // 4 + 1, cols // 4 + 1)).astype(np.float32)
-    tex = np.kron(tex, np.ones((4, 4), np.float32))[:rows, :cols]
+    # Trabecular texture: white noise low-passed in the Fourier domain (correlation length ~1 % of size),
+    # as the detector's MTF would; hard-edged block textures would be unrealistically sharp.
+    white = rng.normal(0, 1, (rows, cols))
+    fy = np.fft.fftfreq(rows)[:, None]
+    fx = np.fft.rfftfreq(cols)[None, :]
+    sigma_f = 1.0 / (0.01 * min(rows, cols) * 2 * np.pi)
+    lp = np.exp(-(fy**2 + fx**2) / (2 * sigma_f**2))
+    tex = np.fft.irfft2(np.fft.rfft2(white) * lp, s=(rows, cols))
+    tex = (tex / (tex.std() + 1e-12)).astype(np.float32)
     img = soft + 0.5 * bone * (1 + 0.15 * tex)
     img += rng.normal(0, 0.01, (rows, cols)).astype(np.float32)
     img = np.clip(img, 0, 1) * (2**bits_stored - 1) * 0.9

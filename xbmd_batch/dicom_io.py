@@ -18,6 +18,7 @@ import math
 import os
 import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,12 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     if not _looks_like_dataset_start(head):
         return False
     try:
-        ds = pydicom.dcmread(p, force=True, stop_before_pixels=True, specific_tags=list(_PLAUSIBLE_TAGS))
+        with warnings.catch_warnings():  # junk parsed as a dataset makes pydicom warn about every value
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True, specific_tags=list(_PLAUSIBLE_TAGS))
+            return _plausible(ds)
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
         return False
-    return _plausible(ds)
 
 
 def _open_dataset(path: str | os.PathLike[str], *, stop_before_pixels: bool) -> Dataset:

@@ -35,7 +35,7 @@ def pad_to_square(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int
     if h == w:
         return img, (0, 0, h, w)
     m = max(h, w)
-    out = np.full((m, m), _edge_value(img), dtype=np.float32)
+    out = np.full((m, m), _edge_value(img, _band(img.shape, 1)), dtype=np.float32)
     top, left = (m - h) // 2, (m - w) // 2
     out[top : top + h, left : left + w] = img
     return out, (top, left, h, w)
@@ -52,10 +52,21 @@ def resize(img: np.ndarray, size: int, box: tuple[float, float, float, float] | 
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
-def _edge_value(img: np.ndarray) -> np.float32:
-    """Median of the outermost rows and columns: the radiograph's background (air / collimation)."""
-    border = np.concatenate([img[0, :], img[-1, :], img[:, 0], img[:, -1]])
-    return np.float32(np.median(border))
+def _edge_value(img: np.ndarray, band: int = 1) -> np.float32:
+    """Median of the outer ``band`` rows and columns: the radiograph's background (air / collimation).
+
+    A band of ~1 % of the short side (not the single outermost line) so that a full-resolution and a
+    wavelet-reduced decode of the same image give nearly the same value.
+    """
+    b = max(1, min(band, img.shape[0] // 2, img.shape[1] // 2))
+    parts = [img[:b, :].ravel(), img[-b:, :].ravel(), img[:, :b].ravel(), img[:, -b:].ravel()]
+    border = np.concatenate(parts)
+    step = max(1, border.size // 20000)  # cap the median's cost on 4-Mpixel images
+    return np.float32(np.median(border[::step]))
+
+
+def _band(full_shape: tuple[int, int], subsample: int) -> int:
+    return max(1, round(0.01 * min(full_shape) / subsample))
 
 
 def preprocess_image(
@@ -91,10 +102,11 @@ def preprocess_image(
         top, left = (mh - fh) // 2, (mw - fw) // 2
     else:
         mh, mw, top, left = fh, fw, 0, 0
+    fill = _edge_value(x, _band((fh, fw), f))
     if f == 1 and (fh, fw) == (h, w):
         # Full resolution: pad with the edge value, then resize the whole canvas.
         if (mh, mw) != (h, w):
-            canvas = np.full((mh, mw), _edge_value(x), dtype=np.float32)
+            canvas = np.full((mh, mw), fill, dtype=np.float32)
             canvas[top : top + h, left : left + w] = x
             x = canvas
         y = resize(x, s)
@@ -104,10 +116,17 @@ def preprocess_image(
         # with the edge value far enough to contain it.
         y0, x0 = (-0.5 - top) / f + 0.5, (-0.5 - left) / f + 0.5
         y1, x1 = y0 + mh / f, x0 + mw / f
+        # The last decoded row/column stands for up to f full-res pixels: the image ends at area coordinate
+        # (n - 0.5) / f + 0.5, which can lie beyond the decoded array; replicate the edge there (as image).
+        oy = max(0, int(np.ceil((fh - 0.5) / f + 0.5 - h)))
+        ox = max(0, int(np.ceil((fw - 0.5) / f + 0.5 - w)))
+        if oy or ox:
+            x = np.pad(x, ((0, oy), (0, ox)), mode="edge")
+            h, w = x.shape
         pt, pl = max(0, int(np.ceil(-y0))), max(0, int(np.ceil(-x0)))
         pb, pr = max(0, int(np.ceil(y1 - h))), max(0, int(np.ceil(x1 - w)))
         if pt or pl or pb or pr:
-            canvas = np.full((h + pt + pb, w + pl + pr), _edge_value(x), dtype=np.float32)
+            canvas = np.full((h + pt + pb, w + pl + pr), fill, dtype=np.float32)
             canvas[pt : pt + h, pl : pl + w] = x
             x = canvas
         box = (x0 + pl, y0 + pt, min(x1 + pl, x.shape[1]), min(y1 + pt, x.shape[0]))
