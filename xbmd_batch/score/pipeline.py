@@ -104,20 +104,10 @@ def _check_options(o: ScoreOptions) -> None:
 
 
 def read_card(model_path: Path) -> Any:
-    """The model card, read without building the model (cheap: reconciliation needs only the schema)."""
-    p = Path(model_path)
-    if not p.is_file():
-        raise ModelFileError(f"{p}: model file not found")
-    if p.suffix.lower() == ".onnx":
-        from xbmd_batch.onnx_card import read_onnx_card
+    """The model card, read without building the model (reconciliation needs only schema + preprocessing)."""
+    from xbmd_batch.runners import load_card
 
-        return read_onnx_card(p)
-    if p.suffix.lower() in (".pt", ".pth"):
-        from xbmd_batch.checkpoint import load_checkpoint, sha256_file
-        from xbmd_batch.modelcard import card_from_checkpoint
-
-        return card_from_checkpoint(load_checkpoint(p), sha256_file(p))
-    raise ModelFileError(f"{p}: unknown model file type {p.suffix!r}; expected .onnx or .pt")
+    return load_card(model_path)
 
 
 def _plain_issue(x: Any) -> dict[str, Any]:
@@ -368,7 +358,9 @@ def score_cohort(
             getattr(runner, "reason", None) or getattr(runner, "backend_reason", None)
             or getattr(runner, "choice_reason", None) or ""
         )  # fmt: skip
-        base_manifest["model"]["engine_sha256"] = getattr(runner, "engine_sha256", None)
+        prov = runner.provenance() if hasattr(runner, "provenance") else {}
+        base_manifest["runner"] = prov
+        base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
         has_attn = bool(getattr(runner, "has_attention", card.has_attention))
         console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
         t = lap("model_load", t)
