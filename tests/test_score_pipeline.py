@@ -1,4 +1,4 @@
-"""End-to-end `score`: torch vs onnxruntime parity, output schema, exit codes, privacy, write-only-under-out."""
+"""End-to-end `score`: torch vs onnxruntime parity, schema, exit codes, privacy, write-only-under-out."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_score_fixtures import cohort, cohort_session, tiny_model, tiny_onnx  # noqa: F401
+from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference
 from xbmd_batch.config import DEFAULT_SCHEMA

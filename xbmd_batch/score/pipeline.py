@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
-from xbmd_batch.errors import InputError, ModelFileError
+from xbmd_batch.errors import InputError
 from xbmd_batch.score import manifest
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.decode import DecodePool
