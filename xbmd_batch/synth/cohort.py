@@ -197,7 +197,7 @@ def _make_subject(args: tuple[dict[str, Any], str, bool]) -> dict[str, Any]:
 
 def _preview_indices(cov: pl.DataFrame, k: int = 8) -> list[int]:
     """k subjects spread over the BMD range (deterministic)."""
-    order = np.argsort(cov["bmd_true"].to_numpy(), kind="stable")
+    order = np.argsort(cov["bmd_true"].to_numpy(), kind="stable")  # low to high BMD
     if len(order) <= k:
         return sorted(order.tolist())
     picks = order[np.linspace(0, len(order) - 1, k).round().astype(int)]
@@ -302,8 +302,9 @@ def generate_cohort(
     if preview:
         from xbmd_batch.synth.preview import contact_sheet
 
-        sel = [(r["record"], r["thumb"]) for r in results if r["thumb"] is not None]
         cov_by_id = {row["subject_id"]: row for row in cov.to_dicts()}
+        sel = [(r["record"], r["thumb"]) for r in results if r["thumb"] is not None]
+        sel.sort(key=lambda rt: cov_by_id[rt[0]["subject_id"]]["bmd_true"])  # low to high BMD
         labels = []
         for rec, _ in sel:
             c = cov_by_id[rec["subject_id"]]

@@ -16,9 +16,10 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Window on the body (percentiles of the brighter 70 %), as a radiology viewer's auto-window would."""
-    body = img[img > np.percentile(img, 30)]
-    lo, hi = np.percentile(body if body.size else img, [1.0, 99.7])
+    """Window on the body (soft tissue and bone, not air), as a radiology viewer's auto-window would."""
+    top = np.percentile(img, 99.5)
+    body = img[img > 0.5 * top]
+    lo, hi = np.percentile(body if body.size else img, [15.0, 99.8])
     return (np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
 
 

@@ -19,13 +19,13 @@ acetabular roof arc around the head, ilium plate, ischio-pubic plate with the ob
 
 Bone from the image-visible BMD B (`bmd_image`, incl. the latent bone-quality term), r = B / 0.75::
 
-    cortical thickness  c_neck = 1.9 mm * (a / 22.5) * r^0.9,  c_shaft = 0.26 R_shaft * r^0.8
-    trabecular fraction f = f_region * r^1.3 * (1 + k_tex(r) * T(u, v)),  k_tex = 0.45 r^-0.7
+    cortical thickness  c_neck = 1.9 mm * (a / 22.5) * r^1.1,  c_shaft = 0.26 R_shaft * r^0.8
+    trabecular fraction f = f_region * r^1.6 * (1 + k_tex(r) * T(u, v)),  k_tex = 0.45 r^-0.7
     T = unit-variance oriented band-pass noise (compressive + tensile trabecular groups), sampled in the
         canonical frame so it rotates and scales with the pose
 
 Soft tissue (BMI): body cross-section an ellipse, half-width A = 95 a / 22.5 + W_lat,
-W_lat = (a / 22.5) (70 + 3.2 (BMI - 25)) + N(0, 6) mm, AP depth D = 170 + 8.5 (BMI - 27) + N(0, 12) mm;
+W_lat = (a / 22.5) (70 + 3.2 (BMI - 25)) + N(0, 6) mm, AP depth D = 170 + 6 (BMI - 27) + N(0, 10) mm;
 path T_s(u) = D sqrt(1 - ((u - u_c) / A)²).
 Some air always remains at the lateral (left) image edge.
 
@@ -34,7 +34,7 @@ dmu = mu_bone - mu_s = 0.040 (75/kVp)^0.8 /mm)::
 
     A   = mu_s T_s + dmu (cortical + f * trabecular + pelvis)          line integral
     P   = exp(-A)                                                      primary (unattenuated = 1)
-    S   = SPR(T_s) * G_30mm * P,  SPR = grid * 1.2 (T_s / 200 mm)^1.2  scatter haze (contrast falls with BMI)
+    S   = SPR(T_s) * G_30mm * P,  SPR = grid * T_s / 200 mm  scatter haze (contrast falls with BMI)
     E   = G_mtf * (P + S)                                              detector blur (scanner MTF)
     E_n = E + sqrt(E / (Phi * a_px)) * z                               quantum noise; Phi set by mAs (AEC)
     l   = ln(E_n * mAs / 20)                                           log detector signal
@@ -114,12 +114,12 @@ def make_scanners(n_scanners: int, seed: int) -> list[Scanner]:
                 row_factor=float(rng.uniform(0.9, 1.1)) if n_scanners > 1 else 1.0,
                 bits_stored=bits[i % len(bits)],
                 rescale=rescales[i % len(rescales)],
-                gamma=float(rng.uniform(0.85, 1.15)),
+                gamma=float(rng.uniform(0.92, 1.08)),
                 offset_frac=float(rng.uniform(0.02, 0.10)),
                 gain_frac=float(rng.uniform(0.95, 1.15)),
                 white_noise=float(rng.uniform(0.002, 0.006)),
                 mtf_sigma_mm=float(rng.uniform(0.15, 0.45)),
-                grid=float(rng.uniform(0.35, 0.8)),
+                grid=float(rng.uniform(0.2, 0.5)),
                 quanta=float(rng.uniform(0.6, 1.4)),
                 kvp=float(rng.choice([70.0, 75.0, 77.0, 81.0, 85.0])),
             )
@@ -240,7 +240,7 @@ def render_subject(
     v = (-st * xx + ct * yy) / mag
 
     r = bmd_image / 0.75
-    c_neck = 1.9 * (a / 22.5) * r**0.9
+    c_neck = 1.9 * (a / 22.5) * r**1.1
     r_s = 0.68 * r_h
     c_shaft = 0.26 * r_s * r**0.8
     c_thin = 0.9 * r**0.9
@@ -281,7 +281,7 @@ def render_subject(
     cortical = np.maximum(t_out - t_in, 0.0)
 
     # trabecular fraction: head > neck/trochanters > shaft (marrow cavity)
-    f0 = 0.24 * r**1.3
+    f0 = 0.24 * r**1.6
     shaft_w = 1.0 / (1.0 + np.exp((along - 2.4 * r_h) / (0.25 * r_h)))
     f_reg = f0 * (0.2 + 0.8 * shaft_w) * (1.0 + 0.35 * (head_o > 0))
     tile = _texture_tile(rng, beta)
@@ -298,25 +298,27 @@ def render_subject(
         sdf = (q - 1.0) * min(ea, eb)
         return 1.0 / (1.0 + np.exp(np.clip(sdf / 1.2, -30, 30))), sdf
 
-    il_m, il_sdf = plate(40 * a / 22.5, -95 * a / 22.5, 85 * a / 22.5, 80 * a / 22.5)
-    ip_m, ip_sdf = plate(45 * a / 22.5, 55 * a / 22.5, 40 * a / 22.5, 50 * a / 22.5)
-    ob_m, ob_sdf = plate(52 * a / 22.5, 62 * a / 22.5, 18 * a / 22.5, 26 * a / 22.5)
-    plates = np.clip(il_m + ip_m * (1.0 - ob_m), 0.0, 1.0)
-    edges = 3.0 * (
+    sa = a / 22.5
+    il_m, il_sdf = plate(15 * sa, -118 * sa, 100 * sa, 92 * sa)  # iliac wing, lower edge at the roof
+    ac_m, ac_sdf = plate(14 * sa, 2 * sa, r_h + 13 * sa, r_h + 16 * sa)  # acetabular walls behind the head
+    ip_m, ip_sdf = plate(58 * sa, 58 * sa, 46 * sa, 52 * sa)  # pubic / ischial ring
+    ob_m, ob_sdf = plate(62 * sa, 60 * sa, 27 * sa, 34 * sa)  # obturator foramen
+    plates = np.clip(il_m + 0.8 * ac_m + ip_m * (1.0 - ob_m), 0.0, 1.4)
+    edges = 2.5 * (
         np.exp(-((il_sdf / 1.5) ** 2)) + np.exp(-((ip_sdf / 1.5) ** 2)) + np.exp(-((ob_sdf / 1.5) ** 2))
     )
     ang = np.arctan2(v, u)
     rr = np.sqrt(rho2)
-    arc = (ang > math.radians(-160)) & (ang < math.radians(40))
-    roof = arc * 7.0 * np.exp(-(((rr - (r_h + 6.0)) / 2.5) ** 2)) * r**0.5
-    pelvis_cort = plates * 3.5 * r**0.9 + edges * r**0.9 + roof
-    pelvis_trab = plates * 10.0 * f0
+    arc = (ang > math.radians(-155)) & (ang < math.radians(50))
+    roof = arc * 7.0 * np.exp(-(((rr - (r_h + 5.0)) / 2.2) ** 2)) * r**0.5
+    pelvis_cort = plates * 2.5 * r**0.9 + edges * r**0.9 + roof
+    pelvis_trab = plates * 8.0 * f0 * np.clip(1.0 + 0.5 * k_tex * tex, 0.0, None)
 
     # soft tissue (BMI)
     w_lat = max(40.0, (a / 22.5) * (70.0 + 3.2 * (bmi - 25.0)) + rng.normal(0.0, 6.0))
     u_c = 95.0 * a / 22.5
     half_w = u_c + w_lat
-    depth = float(np.clip(170.0 + 8.5 * (bmi - 27.0) + rng.normal(0.0, 12.0), 110.0, 330.0))
+    depth = float(np.clip(170.0 + 6.0 * (bmi - 27.0) + rng.normal(0.0, 10.0), 110.0, 330.0))
     soft = depth * np.sqrt(np.maximum(0.0, 1.0 - ((u - u_c) / half_w) ** 2))
     soft = np.broadcast_to(soft, (wr, wc))
 
@@ -334,7 +336,7 @@ def render_subject(
     coarse = _gauss_blur_fft(coarse, 30.0 / (b * wpx))
     sc = np.repeat(np.repeat(coarse, b, axis=0), b, axis=1)
     sc = np.pad(sc, ((0, wr - sc.shape[0]), (0, wc - sc.shape[1])), mode="edge")
-    spr = scanner.grid * 1.2 * (soft / 200.0) ** 1.2
+    spr = scanner.grid * (soft / 200.0)
     expo = primary + spr * sc
     expo = _gauss_blur_fft(expo, scanner.mtf_sigma_mm / wpx)
 
