@@ -172,3 +172,15 @@ def test_cli_synth_and_preview(tmp_path: Path) -> None:
     png = tmp_path / "p.png"
     s = generate_cohort(tmp_path / "pv", SynthConfig(n=3, size=96, workers=1), progress=False, preview=png)
     assert s.preview == png and png.stat().st_size > 1000
+
+
+def test_bmd_is_learnable_from_preprocessed_image(tmp_path: Path) -> None:
+    """The mid-neck level on the project's preprocessed 224-px input tracks BMD (fixed seed)."""
+    pytest.importorskip("xbmd_batch.preprocess", reason="xbmd_batch.preprocess not available")
+    from xbmd_batch.synth.checks import feature_correlation
+
+    out = tmp_path / "learn"
+    generate_cohort(out, SynthConfig(n=40, size=256, seed=11, j2k_fraction=0.0, workers=1), progress=False)
+    res = feature_correlation(out)
+    assert res["r_neck_level_bmd_true"] > 0.3, res
+    assert res["r_neck_minus_soft_plus_bmi_bmd_image"] > res["r_bmi_bmd_image"], res

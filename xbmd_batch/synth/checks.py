@@ -1,9 +1,10 @@
 """Learnability check for a SYNTHETIC cohort: does a hand-crafted, affine-invariant feature track BMD?
 
 Why: the preprocessing maps each image affinely to [0, 1], so the generator is only useful if BMD survives
-that map. The feature is the femoral-neck contrast ratio (neck - adjacent soft tissue) / (soft tissue - air),
-read from the project's own preprocessed model input (read_image -> preprocess_image), with the neck located
-from the landmarks in truth.csv (a trained model has to find it itself).
+that map. The features are mid-neck intensity, neck minus adjacent soft tissue, and the contrast ratio
+(neck - soft tissue) / (soft tissue - air), read from the project's own preprocessed model input
+(read_image -> preprocess_image), with the neck located from the landmarks in truth.csv (a trained model
+has to find it itself).
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ def _disk_mean(img: np.ndarray, r: float, c: float, rad: float) -> float:
     return float(img[m].mean()) if m.any() else math.nan
 
 
-def neck_contrast_ratio(img01: np.ndarray, row: dict[str, Any], size: int) -> float:
-    """(neck - soft tissue) / (soft tissue - air) on a [0, 1] square model input of `size` pixels."""
+def neck_features(img01: np.ndarray, row: dict[str, Any], size: int) -> dict[str, float]:
+    """Mid-neck features on a [0, 1] square model input of `size` pixels (affine-invariant by construction).
+
+    neck_level: mid-neck intensity on the preprocessed scale (air -> brightest bone = 0 -> 1);
+    neck_minus_soft: neck minus adjacent soft tissue; contrast_ratio: (neck - soft) / (soft - air).
+    """
     rows, cols = int(row["rows"]), int(row["cols"])
     m = max(rows, cols)
     top, left = (m - rows) // 2, (m - cols) // 2
@@ -46,13 +51,17 @@ def neck_contrast_ratio(img01: np.ndarray, row: dict[str, Any], size: int) -> fl
     neck = _disk_mean(img01, *px(nr, nc), 0.3 * rad * s)
     soft = _disk_mean(img01, *px(sr, sc), 0.3 * rad * s)
     air = float(np.percentile(img01, 1.0))  # the lateral air gap (padding may hold the edge median)
-    return (neck - soft) / max(soft - air, 1e-6)
+    return {
+        "neck_level": neck,
+        "neck_minus_soft": neck - soft,
+        "contrast_ratio": (neck - soft) / max(soft - air, 1e-6),
+    }
 
 
 def feature_correlation(
     out_dir: str | Path, image_size: int = 224, limit: int | None = None
 ) -> dict[str, Any]:
-    """Pearson r of the neck contrast ratio with bmd_image / bmd_true / bmd_dxa, raw and BMI-adjusted."""
+    """Pearson r of each neck feature with bmd_image / bmd_true / bmd_dxa, alone and together with BMI."""
     from xbmd_batch.config import PreprocessConfig
     from xbmd_batch.preprocess import load_and_preprocess
 
@@ -62,21 +71,23 @@ def feature_correlation(
     if limit:
         truth = truth.head(limit)
     cfg = PreprocessConfig(image_size=image_size)
-    feats = []
+    feats: dict[str, list[float]] = {}
     for row in truth.iter_rows(named=True):
         arr, _ = load_and_preprocess(out / row["file"], cfg)
         img01 = arr[0] * cfg.norm_std + cfg.norm_mean
-        feats.append(neck_contrast_ratio(img01, row, image_size))
-    f = np.asarray(feats)
-    ok = np.isfinite(f)
-    res: dict[str, Any] = {"n": int(ok.sum()), "image_size": image_size}
-    for col in ("bmd_image", "bmd_true", "bmd_dxa"):
-        res[f"r_{col}"] = float(np.corrcoef(f[ok], truth[col].to_numpy()[ok])[0, 1])
-    # BMI-adjusted: residual of the feature after regressing on BMI (metadata undoing soft tissue)
+        for k, v in neck_features(img01, row, image_size).items():
+            feats.setdefault(k, []).append(v)
     bmi = meta.join(truth.select("subject_id"), on="subject_id", how="right")["bmi"].to_numpy().astype(float)
-    k = ok & np.isfinite(bmi)
-    x = np.column_stack([np.ones(k.sum()), f[k], bmi[k]])
-    y = truth["bmd_image"].to_numpy()[k]
-    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
-    res["r_bmd_image_feature_plus_bmi"] = float(np.corrcoef(x @ beta, y)[0, 1])
+    y = truth["bmd_image"].to_numpy()
+    res: dict[str, Any] = {"n": truth.height, "image_size": image_size}
+    for name, vals in feats.items():
+        f = np.asarray(vals)
+        for col in ("bmd_image", "bmd_true", "bmd_dxa"):
+            res[f"r_{name}_{col}"] = float(np.corrcoef(f, truth[col].to_numpy())[0, 1])
+        # with BMI (metadata undoing soft tissue): r of the least-squares fit [1, feature, BMI] -> bmd_image
+        k = np.isfinite(bmi)
+        x = np.column_stack([np.ones(k.sum()), f[k], bmi[k]])
+        beta, *_ = np.linalg.lstsq(x, y[k], rcond=None)
+        res[f"r_{name}_plus_bmi_bmd_image"] = float(np.corrcoef(x @ beta, y[k])[0, 1])
+    res["r_bmi_bmd_image"] = float(np.corrcoef(bmi[np.isfinite(bmi)], y[np.isfinite(bmi)])[0, 1])
     return res

@@ -148,7 +148,9 @@ def _gauss_blur_fft(a: np.ndarray, sigma_px: float) -> np.ndarray:
     fx = np.fft.rfftfreq(ap.shape[1]).astype(np.float32)
     g = np.exp(-2 * (math.pi * sigma_px) ** 2 * (fy[:, None] ** 2 + fx[None, :] ** 2))
     out = np.fft.irfft2(np.fft.rfft2(ap) * g, s=ap.shape)
-    return out[pad:-pad, pad:-pad].astype(np.float32)
+    # a sampled frequency-domain Gaussian rings slightly when sigma is large for the grid; a blur stays
+    # within the input's range, so clip (keeps exposure positive)
+    return np.clip(out[pad:-pad, pad:-pad], a.min(), a.max()).astype(np.float32)
 
 
 def upsample_bilinear(a: np.ndarray, k: int) -> np.ndarray:
@@ -343,6 +345,7 @@ def render_subject(
     # exposure (AEC keeps the detector dose roughly constant behind the soft tissue) and quantum noise
     mas = 20.0 * math.exp(mu_s * (depth - 170.0)) * rng.uniform(0.8, 1.25)
     phi = 2.5e5 * (mas / 20.0) * scanner.quanta  # quanta / mm² unattenuated
+    expo = np.maximum(expo, 1e-7)
     expo_n = expo + np.sqrt(expo / (phi * wpx * wpx)) * rng.standard_normal((wr, wc), dtype=np.float32)
     logsig = np.log(np.maximum(expo_n, 1e-6) * (mas / 20.0))
 
