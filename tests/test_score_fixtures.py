@@ -13,6 +13,16 @@ from pathlib import Path
 import pytest
 
 IMAGE_SIZE = 64
+__all__ = [
+    "IMAGE_SIZE",
+    "cohort",
+    "cohort_session",
+    "export_onnx",
+    "make_cohort",
+    "make_model",
+    "tiny_model",
+    "tiny_onnx",
+]
 
 
 def make_model(path: Path, seed: int = 0) -> Path:

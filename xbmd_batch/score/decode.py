@@ -43,9 +43,41 @@ class DecodedTask:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any]) -> None:
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (killed, not yet reaped by its own parent) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _watch_parent(main_pid: int, period_s: float = 0.5) -> None:
+    """Exit when the scoring process is gone (kill -9 leaves no one to shut the pool down; an orphaned
+    worker would otherwise block forever on the task queue and keep the caller's stdout pipe open)."""
+    import threading
+
+    def loop() -> None:
+        while True:
+            time.sleep(period_s)
+            if not _alive(main_pid):
+                os._exit(0)
+
+    threading.Thread(target=loop, name="xbmd-parent-watch", daemon=True).start()
+
+
+def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int | None = None) -> None:
     """Runs once per worker: keep the shared file list and config; one thread per worker process."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if main_pid is not None and main_pid != os.getpid():
+        _watch_parent(main_pid)
     _STATE["root"] = Path(root)
     _STATE["paths"] = paths
     _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
@@ -163,7 +195,7 @@ class DecodePool:
     def _start(self) -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["xbmd_batch.preprocess", "xbmd_batch.score.decode"])
-        args = (str(self.root), self.paths, self.cfg.to_dict())
+        args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid())
         self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args)
 
     def run(self, order: np.ndarray) -> Iterator[DecodedTask]:

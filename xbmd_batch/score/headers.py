@@ -18,6 +18,7 @@ HEADER_FIELDS: tuple[str, ...] = (
     "sop_instance_uid",
     "study_instance_uid",
     "series_instance_uid",
+    "sop_class_uid",
     "modality",
     "body_part",
     "view_position",

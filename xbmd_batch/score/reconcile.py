@@ -90,6 +90,9 @@ def build_plan(
     study = headers.get_column("study_instance_uid").to_list()
     ts = headers.get_column("transfer_syntax_uid").to_list()
     phot = headers.get_column("photometric").to_list()
+    sop_class = headers.get_column("sop_class_uid").to_list()
+    modality = headers.get_column("modality").to_list()
+    n_bad_header = sum(e is not None for e in herr)
 
     non_image: list[str] = []
     keep: list[int] = []
@@ -103,7 +106,21 @@ def build_plan(
             fails.append(_fail(rel[j], None, None, None, "header", "header_unreadable", herr[j]))
             continue
         if not rows[j] or not cols[j]:
-            non_image.append(rel[j])  # DICOMDIR, structured reports, ...: listed, not scored
+            if sop_class[j] or sop[j] or modality[j] or rel[j].rsplit("/", 1)[-1].upper() == "DICOMDIR":
+                non_image.append(rel[j])  # DICOMDIR, structured reports, ...: listed, not scored
+            else:  # parsed, but nothing DICOM-like inside: a damaged file
+                fails.append(
+                    _fail(
+                        rel[j],
+                        None,
+                        None,
+                        None,
+                        "header",
+                        "header_unreadable",
+                        "no image attributes, SOP Class/Instance UID or Modality in the header",
+                    )
+                )
+                n_bad_header += 1
             continue
         if sop[j] is None:
             fails.append(
@@ -181,7 +198,7 @@ def build_plan(
         "non_dicom_files": len(disc.non_dicom),
         "unreadable_files": len(disc.unreadable),
         "dicom_files": len(rel),
-        "header_errors": sum(e is not None for e in herr),
+        "header_errors": n_bad_header,
         "non_image_dicoms": len(non_image),
         "duplicate_sop_instance_uids": n_dup,
         "images_without_metadata": reasons_count.get("no_metadata", 0),
