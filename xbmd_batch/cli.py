@@ -106,6 +106,49 @@ def score(
     raise typer.Exit(res.exit_code)
 
 
+@app.command(no_args_is_help=True)
+def bench(
+    dicom_dir: Path = typer.Argument(..., help="Cohort folder (as for score)."),
+    meta: Path = typer.Argument(..., help="Metadata table (as for score)."),
+    model: Path = typer.Option(..., "--model", "-m", help="model.onnx or checkpoint .pt."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.parquet, bench.json (+ e2e runs)."),
+    backend: list[str] = typer.Option(["auto"], help="Repeat to compare backends."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per model call."),
+    workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
+    plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
+    no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end score runs."),
+) -> None:
+    """Per-stage throughput: header read, decode per transfer syntax, model-only, end-to-end, ratio.
+
+    Example: xbmd-batch bench cohort/dicom cohort/meta.csv -m model.onnx -o bench/ --backend onnxruntime
+
+    Exit codes: 0 done | 2 usage, config or input error.
+    """
+    from rich.console import Console
+
+    from xbmd_batch.bench import BenchOptions, bench_table, is_synthetic, run_bench
+    from xbmd_batch.errors import InputError
+
+    opts = BenchOptions(
+        backends=tuple(backend),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        end_to_end=not no_e2e,
+        plot=plot,
+    )
+    try:
+        df = run_bench(dicom_dir, meta, model, out, opts)
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    Console().print(bench_table(df, is_synthetic(dicom_dir)))
+    typer.echo(f"results: {out}/bench.parquet, {out}/bench.json")
+
+
 @app.command()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON instead of tables."),

@@ -1,0 +1,257 @@
+"""`xbmd-batch bench`: per-stage throughput of the score pipeline on one cohort + model, comparable across
+machines and backends (one flat row per measurement, machine info alongside).
+
+Stages: header read (thread pool, all files), decode + preprocess per transfer syntax (one process, a sample
+per syntax), model-only images/s per backend at the chosen batch size (warm-up, then timed calls on real
+preprocessed images), end-to-end images/s of `score` with that backend, and the ratio end-to-end / model-only
+(1.0 = decode fully hidden behind inference). Results: OUT/bench.parquet, OUT/bench.json, a printed table,
+and optionally a PNG labelled SYNTHETIC when the cohort came from `xbmd-batch synth`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+BENCH_SCHEMA: dict[str, pl.DataType] = {
+    "stage": pl.String,
+    "backend": pl.String,
+    "precision": pl.String,
+    "transfer_syntax": pl.String,
+    "batch_size": pl.Int64,
+    "workers": pl.Int64,
+    "n": pl.Int64,
+    "seconds": pl.Float64,
+    "items_per_s": pl.Float64,
+    "ratio_to_model_only": pl.Float64,
+    "note": pl.String,
+}
+
+_TS_NAMES = {
+    "1.2.840.10008.1.2": "implicit-le",
+    "1.2.840.10008.1.2.1": "explicit-le",
+    "1.2.840.10008.1.2.4.90": "j2k-lossless",
+    "1.2.840.10008.1.2.4.91": "j2k",
+    "1.2.840.10008.1.2.5": "rle",
+    "1.2.840.10008.1.2.4.70": "jpeg-lossless",
+    "1.2.840.10008.1.2.4.80": "jpeg-ls",
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backends: tuple[str, ...] = ("auto",)
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    decode_sample: int = 24  # files per transfer syntax for the decode stage
+    model_iters: int = 10
+    end_to_end: bool = True
+    plot: Path | None = None
+
+
+def is_synthetic(dicom_dir: Path) -> bool:
+    """A cohort made by `xbmd-batch synth` has cohort.json (with its disclaimer) next to the dicom folder."""
+    for p in (Path(dicom_dir) / "cohort.json", Path(dicom_dir).parent / "cohort.json"):
+        if p.is_file():
+            try:
+                return "SYNTHETIC" in p.read_text().upper()
+            except OSError:
+                return False
+    return False
+
+
+def _row(**kw: Any) -> dict[str, Any]:
+    return {k: kw.get(k) for k in BENCH_SCHEMA}
+
+
+def bench_headers(dicom_dir: Path) -> tuple[dict[str, Any], pl.DataFrame]:
+    from xbmd_batch.score.discover import discover
+    from xbmd_batch.score.headers import read_headers
+
+    disc = discover(dicom_dir)
+    t0 = time.perf_counter()
+    h = read_headers(dicom_dir, disc.dicom)
+    dt = time.perf_counter() - t0
+    return _row(stage="header_read", n=h.height, seconds=dt, items_per_s=h.height / dt if dt else None), h
+
+
+def bench_decode(
+    dicom_dir: Path, headers: pl.DataFrame, card: Any, sample: int
+) -> tuple[list[dict], np.ndarray]:
+    """One process, per transfer syntax; returns rows and a few preprocessed images for the model stage."""
+    from xbmd_batch.preprocess import load_and_preprocess
+
+    rows: list[dict[str, Any]] = []
+    images: list[np.ndarray] = []
+    ok = headers.filter(pl.col("header_error").is_null() & pl.col("rows").is_not_null())
+    for ts, grp in ok.group_by("transfer_syntax_uid", maintain_order=True):
+        uid = ts[0] if isinstance(ts, tuple) else ts
+        paths = grp.get_column("relative_path").to_list()[:sample]
+        t0 = time.perf_counter()
+        levels = []
+        for rel in paths:
+            arr, info = load_and_preprocess(Path(dicom_dir) / rel, card.preprocess)
+            levels.append(getattr(info, "reduce_level", 0))
+            if len(images) < 256:
+                images.append(arr)
+        dt = time.perf_counter() - t0
+        rows.append(
+            _row(
+                stage="decode_preprocess",
+                transfer_syntax=_TS_NAMES.get(str(uid), str(uid)),
+                workers=1,
+                n=len(paths),
+                seconds=dt,
+                items_per_s=len(paths) / dt if dt else None,
+                note=f"one process; mean J2K reduce level {np.mean(levels):.1f}" if levels else None,
+            )
+        )
+    return rows, np.stack(images) if images else np.zeros((0,))
+
+
+def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndarray, n_fields: int) -> dict:
+    from xbmd_batch.runners import open_runner
+
+    b = o.batch_size
+    reps = int(np.ceil(b / max(1, len(images))))
+    batch = np.concatenate([images] * reps)[:b].astype(np.float32)
+    feeds = {
+        "image": batch,
+        "meta": np.zeros((b, n_fields), np.float32),
+        "meta_mask": np.ones((b, n_fields), np.float32),
+    }
+    with open_runner(model_path, backend=backend, device=o.device, precision=o.precision, batch_size=b) as r:
+        for _ in range(3):
+            r.infer(feeds)  # warm-up (and, for TensorRT/CUDA, synchronised by returning host arrays)
+        t0 = time.perf_counter()
+        for _ in range(o.model_iters):
+            r.infer(feeds)
+        dt = time.perf_counter() - t0
+        n = b * o.model_iters
+        return _row(
+            stage="model_only", backend=r.backend, precision=r.precision, batch_size=b, n=n, seconds=dt,
+            items_per_s=n / dt, note=getattr(r, "reason", None),
+        )  # fmt: skip
+
+
+def bench_end_to_end(
+    dicom_dir: Path, meta: Path, model_path: Path, out: Path, backend: str, o: BenchOptions
+) -> dict:
+    from xbmd_batch.score import ScoreOptions, score_cohort
+
+    res = score_cohort(
+        dicom_dir,
+        meta,
+        model_path,
+        out,
+        ScoreOptions(
+            backend=backend,
+            device=o.device,
+            precision=o.precision,
+            batch_size=o.batch_size,
+            workers=o.workers,
+            quiet=True,
+        ),  # fmt: skip
+    )
+    tp = res.throughput
+    return _row(
+        stage="end_to_end", backend=res.backend, precision=res.precision, batch_size=o.batch_size,
+        workers=tp.get("decode_workers"), n=tp.get("images_this_session"), seconds=tp.get("scoring_loop_s"),
+        items_per_s=tp.get("images_per_s"), note=f"score exit {res.exit_code}",
+    )  # fmt: skip
+
+
+def run_bench(
+    dicom_dir: Path, meta: Path, model_path: Path, out_dir: Path, o: BenchOptions | None = None
+) -> pl.DataFrame:
+    """Measure every stage; write OUT/bench.parquet and OUT/bench.json; return the table."""
+    from xbmd_batch.runners import load_card
+    from xbmd_batch.score.manifest import machine_info, versions
+
+    o = o or BenchOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = load_card(model_path)
+    rows: list[dict[str, Any]] = []
+    hrow, headers = bench_headers(dicom_dir)
+    rows.append(hrow)
+    drows, images = bench_decode(dicom_dir, headers, card, o.decode_sample)
+    rows.extend(drows)
+    for backend in o.backends:
+        m = bench_model(model_path, backend, o, images, len(card.schema.fields))
+        rows.append(m)
+        if o.end_to_end:
+            e = bench_end_to_end(dicom_dir, meta, model_path, out_dir / f"e2e_{m['backend']}", backend, o)
+            e["ratio_to_model_only"] = (
+                (e["items_per_s"] or 0.0) / m["items_per_s"] if m["items_per_s"] else None
+            )
+            rows.append(e)
+    df = pl.DataFrame(rows, schema=BENCH_SCHEMA)
+    synthetic = is_synthetic(dicom_dir)
+    from xbmd_batch.checkpoint import sha256_file
+
+    info = {
+        "synthetic_cohort": synthetic,
+        "machine": machine_info(),
+        "versions": versions(),
+        "model": {
+            "path": str(model_path),
+            "sha256": sha256_file(model_path),
+            "image_size": card.preprocess.image_size,
+        },
+        "options": {**o.__dict__, "plot": str(o.plot) if o.plot else None, "backends": list(o.backends)},
+        "rows": df.to_dicts(),
+    }
+    df.write_parquet(out_dir / "bench.parquet")
+    (out_dir / "bench.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    if o.plot:
+        plot_bench(df, Path(o.plot), synthetic)
+    return df
+
+
+def bench_table(df: pl.DataFrame, synthetic: bool) -> Any:
+    from rich.table import Table
+
+    t = Table(title="xbmd-batch bench" + (" (SYNTHETIC cohort)" if synthetic else ""), title_justify="left")
+    for c in ("stage", "backend", "precision", "transfer_syntax", "batch_size", "n", "items/s", "ratio"):
+        t.add_column(c, justify="right" if c in ("batch_size", "n", "items/s", "ratio") else "left")
+    for r in df.iter_rows(named=True):
+        t.add_row(
+            r["stage"], r["backend"] or "", r["precision"] or "", r["transfer_syntax"] or "",
+            "" if r["batch_size"] is None else str(r["batch_size"]), str(r["n"] or ""),
+            "" if r["items_per_s"] is None else f"{r['items_per_s']:.1f}",
+            "" if r["ratio_to_model_only"] is None else f"{r['ratio_to_model_only']:.2f}",
+        )  # fmt: skip
+    return t
+
+
+def plot_bench(df: pl.DataFrame, path: Path, synthetic: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        " ".join(x for x in (r["stage"], r["backend"] or "", r["transfer_syntax"] or "") if x)
+        for r in df.iter_rows(named=True)
+    ]
+    vals = [r["items_per_s"] or 0.0 for r in df.iter_rows(named=True)]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    ax.barh(labels, vals)
+    ax.set_xlabel("items / s")
+    ax.invert_yaxis()
+    ax.set_title("xbmd-batch bench" + (" - SYNTHETIC cohort" if synthetic else ""))
+    if synthetic:
+        fig.text(0.99, 0.01, "SYNTHETIC", ha="right", va="bottom", fontsize=9, color="crimson")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
