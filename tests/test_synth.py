@@ -175,12 +175,45 @@ def test_cli_synth_and_preview(tmp_path: Path) -> None:
 
 
 def test_bmd_is_learnable_from_preprocessed_image(tmp_path: Path) -> None:
-    """The mid-neck level on the project's preprocessed 224-px input tracks BMD (fixed seed)."""
+    """Mid-neck contrast on the project's preprocessed 224-px input tracks BMD once BMI is known (fixed seed).
+
+    The mid-neck *level* is read on a scale whose top is the femoral head, which loses density with the neck,
+    so its raw correlation is not a BMD signal; the bone-minus-soft-tissue contrast at fixed BMI (BMI stands
+    in for the soft-tissue depth) is.
+    """
     pytest.importorskip("xbmd_batch.preprocess", reason="xbmd_batch.preprocess not available")
     from xbmd_batch.synth.checks import feature_correlation
 
     out = tmp_path / "learn"
     generate_cohort(out, SynthConfig(n=40, size=256, seed=11, j2k_fraction=0.0, workers=1), progress=False)
     res = feature_correlation(out)
-    assert res["r_neck_level_bmd_true"] > 0.3, res
-    assert res["r_neck_minus_soft_plus_bmi_bmd_image"] > res["r_bmi_bmd_image"], res
+    assert res["r_neck_minus_soft_given_bmi_bmd_true"] > 0.3, res
+    assert res["r_contrast_ratio_given_bmi_bmd_true"] > 0.3, res
+    assert res["r_neck_minus_soft_plus_bmi_bmd_image"] > res["r_bmi_bmd_image"] + 0.2, res
+
+
+def test_anatomy_layout() -> None:
+    """Head above and medial to the neck-shaft junction, neck-shaft angle in range, a lateral strip of air."""
+    cov = draw_covariates(12, 3)
+    scanners = make_scanners(4, 3)
+    for i, row in enumerate(cov.iter_rows(named=True)):
+        r = render_task(
+            {
+                "index": i,
+                "seed": 3,
+                "subject": row,
+                "scanner": scanners[i % 4],
+                "rows": 320,
+                "cols": 280,
+            }
+        )
+        info = r.info
+        assert 123.0 <= info["neck_shaft_angle_deg"] <= 137.0
+        assert info["junction_row"] > info["head_row"] and info["junction_col"] < info["head_col"]
+        assert 0.35 * 280 < info["head_col"] < 0.7 * 280 and 0.25 * 320 < info["head_row"] < 0.55 * 320
+        d = r.display
+        air = np.percentile(d, 0.5)
+        col_mean = d[40:-40].mean(axis=0)
+        dark = col_mean < air + 0.1 * (np.percentile(d, 99.5) - air)
+        assert dark[:3].all(), "no air at the lateral edge"
+        assert dark.mean() < 0.3, "too much air"

@@ -4,7 +4,9 @@ Why: the preprocessing maps each image affinely to [0, 1], so the generator is o
 that map. The features are mid-neck intensity, neck minus adjacent soft tissue, and the contrast ratio
 (neck - soft tissue) / (soft tissue - air), read from the project's own preprocessed model input
 (read_image -> preprocess_image), with the neck located from the landmarks in truth.csv (a trained model
-has to find it itself).
+has to find it itself). Each feature is also correlated with BMD at fixed BMI (partial r): BMI stands in for
+the soft-tissue depth, and the mid-neck level, read on a scale topped by the femoral head, is not a BMD
+signal on its own (docs/synth.md).
 """
 
 from __future__ import annotations
@@ -89,5 +91,12 @@ def feature_correlation(
         x = np.column_stack([np.ones(k.sum()), f[k], bmi[k]])
         beta, *_ = np.linalg.lstsq(x, y[k], rcond=None)
         res[f"r_{name}_plus_bmi_bmd_image"] = float(np.corrcoef(x @ beta, y[k])[0, 1])
+        # partial r at fixed BMI: what the feature says about BMD beyond the soft tissue that BMI predicts
+        z = np.column_stack([np.ones(k.sum()), bmi[k]])
+        fr = f[k] - z @ np.linalg.lstsq(z, f[k], rcond=None)[0]
+        for col in ("bmd_image", "bmd_true"):
+            t = truth[col].to_numpy()[k]
+            tr = t - z @ np.linalg.lstsq(z, t, rcond=None)[0]
+            res[f"r_{name}_given_bmi_{col}"] = float(np.corrcoef(fr, tr)[0, 1])
     res["r_bmi_bmd_image"] = float(np.corrcoef(bmi[np.isfinite(bmi)], y[np.isfinite(bmi)])[0, 1])
     return res

@@ -16,11 +16,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """Window on the body (soft tissue and bone, not air), as a radiology viewer's auto-window would."""
-    top = np.percentile(img, 99.5)
-    body = img[img > 0.5 * top]
-    lo, hi = np.percentile(body if body.size else img, [15.0, 99.8])
-    return (np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1) * 255).astype(np.uint8)
+    """Air (0.5th percentile) to bone (99.8th), squared: soft tissue mid-grey, the skin edge visible."""
+    lo, hi = np.percentile(img, [0.5, 99.8])
+    return (np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1) ** 2.0 * 255).astype(np.uint8)
 
 
 def contact_sheet(
