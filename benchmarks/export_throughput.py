@@ -194,28 +194,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"export_throughput_{socket.gethostname()}.json"
     path.write_text(json.dumps(report, indent=2))
-    print_table(report)
-    print(f"\nwrote {path}")
+    table = format_table(report)
+    path.with_suffix(".md").write_text(
+        f"# export_throughput\n\n```\n{table}\n```\n\ncommand: `{report['command']}`\n"
+    )
+    print(table)
+    print(f"\nwrote {path} and {path.with_suffix('.md').name}")
     if tmp is not None:
         tmp.cleanup()
     return report
 
 
-def print_table(report: dict[str, Any]) -> None:
+def format_table(report: dict[str, Any]) -> str:
     e = report["export"]
     m = report["machine"]
-    print(
+    lines = [
         f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs), load {report['load_average_before']} -> "
-        f"{report['load_average_after']}"
-    )
-    print(f"export: {e['exporter']}, {e['export_time_s']:.1f} s, {e['file_size_bytes'] / 1e6:.1f} MB")
+        f"{report['load_average_after']} (shared with other processes)",
+        f"export: {e['exporter']}, {e['export_time_s']:.1f} s, {e['file_size_bytes'] / 1e6:.1f} MB"
+        + (f" (fp16 {e['fp16_file_size_bytes'] / 1e6:.1f} MB)" if e["fp16_file_size_bytes"] else ""),
+    ]
     for label, p in (("fp32", e["parity"]), ("fp16", e["fp16_parity"])):
         if p:
             per = ", ".join(f"B={b}: {v['max_abs_bmd']:.1e}" for b, v in p["batches"].items())
-            print(f"parity {label} ({p['candidate']} vs {p['reference']}): max |dBMD| {per} g/cm^2")
-    print(f"\n{'runner':<24}{'batch':>6}{'iters':>7}{'median s':>11}{'img/s':>9}")
+            lines.append(f"parity {label} ({p['candidate']} vs {p['reference']}): max |dBMD| {per} g/cm^2")
+    lines.append(f"\n{'runner':<24}{'batch':>6}{'iters':>7}{'median s':>11}{'img/s':>9}")
     for r in report["throughput"]:
-        print(f"{r['runner']:<24}{r['batch']:>6}{r['iters']:>7}{r['median_s']:>11.4f}{r['img_per_s']:>9.1f}")
+        lines.append(
+            f"{r['runner']:<24}{r['batch']:>6}{r['iters']:>7}{r['median_s']:>11.4f}{r['img_per_s']:>9.1f}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

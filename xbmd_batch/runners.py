@@ -681,16 +681,17 @@ def open_runner(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     path = Path(model_path)
-    kind = detect_model_kind(path)
-    dev = _resolve_device(device)
-    prec = None if precision == "auto" else precision
-
-    if kind == "onnx":
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    card: ModelCard | None = None  # a checkpoint's card is loaded with its weights by TorchRunner
+    if zipfile.is_zipfile(path):
+        kind = "checkpoint"
+    else:
         from xbmd_batch.onnx_card import read_onnx_card
 
-        card: ModelCard | None = read_onnx_card(path)
-    else:
-        card = None  # loaded with the weights by TorchRunner
+        kind, card = "onnx", read_onnx_card(path)  # parses once; ModelFileError names the file if not ONNX
+    dev = _resolve_device(device)
+    prec = None if precision == "auto" else precision
 
     def torch_runner(on: str) -> BaseRunner:
         if kind != "checkpoint":
@@ -825,7 +826,10 @@ def make_reference_feeds(
 
     with tempfile.TemporaryDirectory(prefix="xbmd-parity-") as tmp:
         generate_cohort(
-            Path(tmp), SynthConfig(n=n_subjects, size=synth_size, seed=seed, workers=1), progress=False
+            Path(tmp),
+            # no JPEG 2000: the check must not depend on the optional decoders being installed
+            SynthConfig(n=n_subjects, size=synth_size, seed=seed, workers=1, j2k_fraction=0.0),
+            progress=False,
         )
         return _feeds_from_cohort(Path(tmp), card, n, n_subjects)
 
@@ -844,16 +848,21 @@ def _feeds_from_cohort(root: Path, card: ModelCard, n: int, limit: int) -> dict[
     enc = validate_and_encode(read_table(meta_path, subject_key=card.schema.subject_key), card.schema)
     row_of = {k: i for i, k in enumerate(enc.subject_keys) if k is not None}
     images, metas, masks = [], [], []
+    skipped: list[str] = []
     for p in files:
         sid = read_header(p).patient_id
         if sid not in row_of:
             continue
-        arr, _ = load_and_preprocess(p, card.preprocess)
+        try:
+            arr, _ = load_and_preprocess(p, card.preprocess)
+        except (XbmdError, ValueError, RuntimeError) as e:  # e.g. J2K without its optional decoder
+            skipped.append(f"{p.name}: {e}")
+            continue
         images.append(arr)
         metas.append(enc.values[row_of[sid]])
         masks.append(enc.mask[row_of[sid]])
     if not images:
-        raise InputError(f"{root}: no DICOM's PatientID matches a meta.csv row")
+        raise InputError(f"{root}: no usable DICOM matching a meta.csv row ({'; '.join(skipped) or 'none'})")
     reps = -(-n // len(images))
     idx = np.tile(np.arange(len(images)), reps)[:n]
     image, meta, mask = card.input_names
