@@ -198,32 +198,42 @@ class DecodePool:
         args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid())
         self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args)
 
-    def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
+    def start(self, order: np.ndarray) -> None:
+        """Queue the work and submit the first ``max_inflight`` tasks now, so workers start up and decode
+        while the caller is still loading the model."""
+        order = np.asarray(order, dtype=np.int64)
+        step = self.task_size
+        self._tasks: Iterator[np.ndarray] = (order[i : i + step] for i in range(0, len(order), step))
+        self._retry: list[tuple[np.ndarray, bool]] = []  # (task, is a single-file retry)
+        self._pending: dict[Future[DecodedTask], tuple[np.ndarray, bool]] = {}
+        self._exhausted = False
+        if self.workers > 0:
+            self._fill()
+
+    def _fill(self) -> None:
+        if self._ex is None:
+            self._start()
+        while len(self._pending) < self.max_inflight and (self._retry or not self._exhausted):
+            if self._retry:
+                t, single = self._retry.pop()
+            else:
+                t, single = next(self._tasks, None), False
+                if t is None:
+                    self._exhausted = True
+                    continue
+            self._pending[self._ex.submit(decode_task, t)] = (t, single)  # type: ignore[union-attr]
+
+    def results(self) -> Iterator[DecodedTask]:
         """Yield tasks as they finish. A worker killed by a decoder crash breaks the pool: the pool is
         restarted and the affected tasks retried one file at a time; a file that crashes a worker twice
         becomes a ``worker_crashed`` failure."""
-        order = np.asarray(order, dtype=np.int64)
-        step = self.task_size
-        tasks: Iterator[np.ndarray] = (order[i : i + step] for i in range(0, len(order), step))
         if self.workers == 0:
-            for t in tasks:
+            for t in self._tasks:
                 yield decode_task(t)
             return
-        retry: list[tuple[np.ndarray, bool]] = []  # (task, is a single-file retry)
-        pending: dict[Future[DecodedTask], tuple[np.ndarray, bool]] = {}
-        exhausted = False
-        while pending or retry or not exhausted:
-            if self._ex is None:
-                self._start()
-            while len(pending) < self.max_inflight and (retry or not exhausted):
-                if retry:
-                    t, single = retry.pop()
-                else:
-                    t, single = next(tasks, None), False
-                    if t is None:
-                        exhausted = True
-                        continue
-                pending[self._ex.submit(decode_task, t)] = (t, single)  # type: ignore[union-attr]
+        pending, retry = self._pending, self._retry
+        while pending or retry or not self._exhausted:
+            self._fill()
             if not pending:
                 continue
             t0 = time.perf_counter()
@@ -245,6 +255,10 @@ class DecodePool:
                     retry.extend([(t, True)] if single else [(t[j : j + 1], True) for j in range(len(t))])
                 pending.clear()
                 self.close(cancel=True)
+
+    def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
+        self.start(order)
+        return self.results()
 
 
 def _crashed(t: np.ndarray) -> DecodedTask:

@@ -7,6 +7,7 @@ batcher -> runner -> parts -> finalize -> run.json. Every finished row reaches a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -348,10 +349,18 @@ def score_cohort(
     session = {"scored": 0, "failed": 0, "parts": 0}
     decode_worker_s = 0.0
     wait_s = 0.0
+    paths_arr = pa.array(plan.items.get_column("relative_path").to_list(), type=pa.large_string())
     t_loop = time.perf_counter()
-    with open_runner(
-        model_path, backend=o.backend, device=o.device, precision=o.precision, batch_size=o.batch_size
-    ) as runner:
+    with contextlib.ExitStack() as stack:
+        # Decode workers start (and decode the first tasks) while the model loads.
+        pool = stack.enter_context(
+            DecodePool(dicom_dir, paths_arr, card.preprocess, workers, o.task_size, o.max_inflight)
+        )
+        pool.start(todo)
+        runner = stack.enter_context(
+            open_runner(model_path, backend=o.backend, device=o.device, precision=o.precision,
+                        batch_size=o.batch_size)
+        )  # fmt: skip
         backend = str(getattr(runner, "backend", o.backend))
         precision = str(getattr(runner, "precision", o.precision))
         reason = str(
@@ -429,19 +438,13 @@ def score_cohort(
                                ["the model returned NaN/inf for this image"] * len(bad))  # fmt: skip
 
         batcher = Batcher(o.batch_size, card.preprocess.image_size)
-        paths_arr = pa.array(plan.items.get_column("relative_path").to_list(), type=pa.large_string())
         progress = _progress(console, o.quiet)
         task = progress.add_task("scoring", total=len(todo), rate=0.0)
         n_done = 0
         t_loop = time.perf_counter()
         try:
-            with (
-                progress,
-                DecodePool(
-                    dicom_dir, paths_arr, card.preprocess, workers, o.task_size, o.max_inflight
-                ) as pool,
-            ):
-                for dec in pool.run(todo):
+            with progress:
+                for dec in pool.results():
                     decode_worker_s += dec.seconds
                     if dec.failures:
                         f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
