@@ -169,27 +169,44 @@ def bench_end_to_end(
     )  # fmt: skip
 
 
+def model_for_backend(models: list[Path], backend: str) -> Path:
+    """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given."""
+    from xbmd_batch.runners import detect_model_kind
+
+    want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
+    for m in models:
+        if want is None or detect_model_kind(m) == want:
+            return m
+    from xbmd_batch.errors import InputError
+
+    raise InputError(f"--backend {backend} needs a {want} model file; pass it with another --model")
+
+
 def run_bench(
-    dicom_dir: Path, meta: Path, model_path: Path, out_dir: Path, o: BenchOptions | None = None
+    dicom_dir: Path, meta: Path, model_path: Path | list[Path], out_dir: Path, o: BenchOptions | None = None
 ) -> pl.DataFrame:
-    """Measure every stage; write OUT/bench.parquet and OUT/bench.json; return the table."""
+    """Measure every stage; write OUT/bench.parquet and OUT/bench.json; return the table.
+
+    ``model_path`` may list the same model as checkpoint and ONNX, so torch and onnxruntime compare."""
     from xbmd_batch.runners import load_card
     from xbmd_batch.score.manifest import machine_info, versions
 
     o = o or BenchOptions()
+    models = [Path(m) for m in (model_path if isinstance(model_path, list) else [model_path])]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = load_card(model_path)
+    card = load_card(models[0])
     rows: list[dict[str, Any]] = []
     hrow, headers = bench_headers(dicom_dir)
     rows.append(hrow)
     drows, images = bench_decode(dicom_dir, headers, card, o.decode_sample)
     rows.extend(drows)
     for backend in o.backends:
-        m = bench_model(model_path, backend, o, images, len(card.schema.fields))
+        mp = model_for_backend(models, backend)
+        m = bench_model(mp, backend, o, images, len(card.schema.fields))
         rows.append(m)
         if o.end_to_end:
-            e = bench_end_to_end(dicom_dir, meta, model_path, out_dir / f"e2e_{m['backend']}", backend, o)
+            e = bench_end_to_end(dicom_dir, meta, mp, out_dir / f"e2e_{m['backend']}", backend, o)
             e["ratio_to_model_only"] = (
                 (e["items_per_s"] or 0.0) / m["items_per_s"] if m["items_per_s"] else None
             )
@@ -202,11 +219,8 @@ def run_bench(
         "synthetic_cohort": synthetic,
         "machine": machine_info(),
         "versions": versions(),
-        "model": {
-            "path": str(model_path),
-            "sha256": sha256_file(model_path),
-            "image_size": card.preprocess.image_size,
-        },
+        "models": [{"path": str(m), "sha256": sha256_file(m)} for m in models],
+        "image_size": card.preprocess.image_size,
         "options": {**o.__dict__, "plot": str(o.plot) if o.plot else None, "backends": list(o.backends)},
         "rows": df.to_dicts(),
     }

@@ -110,7 +110,9 @@ def score(
 def bench(
     dicom_dir: Path = typer.Argument(..., help="Cohort folder (as for score)."),
     meta: Path = typer.Argument(..., help="Metadata table (as for score)."),
-    model: Path = typer.Option(..., "--model", "-m", help="model.onnx or checkpoint .pt."),
+    model: list[Path] = typer.Option(
+        ..., "--model", "-m", help="model.onnx and/or .pt (torch needs the .pt)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.parquet, bench.json (+ e2e runs)."),
     backend: list[str] = typer.Option(["auto"], help="Repeat to compare backends."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -141,7 +143,7 @@ def bench(
         plot=plot,
     )
     try:
-        df = run_bench(dicom_dir, meta, model, out, opts)
+        df = run_bench(dicom_dir, meta, list(model), out, opts)
     except InputError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
