@@ -60,6 +60,15 @@ def test_kill9_then_resume_equals_uninterrupted(
     run = json.loads((killed / "run.json").read_text())
     assert run["resumed"] is True and run["counts"]["skipped_resume"] == n_in_parts
 
+    # Ctrl-C (SIGINT) after the first part: exit 130, finished rows saved, resume gives the same tables
+    inter = tmp_path / "interrupted"
+    r4 = _cli(cohort_session, tiny_model, inter, {KILL_AFTER_PARTS_ENV: "1:INT"})
+    assert r4.returncode == 130, r4.stderr
+    assert "rerun the same command" in r4.stderr
+    assert len(list_parts(inter)) >= 1
+    assert _cli(cohort_session, tiny_model, inter).returncode == 0
+    assert _table(inter / "scores.parquet").equals(b)
+
 
 def test_resume_with_another_model_is_refused(cohort_session: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"

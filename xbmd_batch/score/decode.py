@@ -76,6 +76,9 @@ def _watch_parent(main_pid: int, period_s: float = 0.5) -> None:
 def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int | None = None) -> None:
     """Runs once per worker: keep the shared file list and config; one thread per worker process."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it saves a part)
     if main_pid is not None and main_pid != os.getpid():
         _watch_parent(main_pid)
     _STATE["root"] = Path(root)

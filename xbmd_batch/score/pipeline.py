@@ -47,7 +47,8 @@ EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError)
 EXIT_QUARANTINE = 3  # finished, but some inputs were quarantined (failures.parquet is not empty)
 EXIT_STRICT = 4  # --strict: reconciliation found quarantined inputs; nothing was decoded or scored
 
-# Test hook: SIGKILL this process right after the N-th part of a session is written (crash-safety tests).
+# Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
+# SIGINT instead (Ctrl-C). Crash-safety tests only.
 KILL_AFTER_PARTS_ENV = "XBMD_BATCH_TEST_KILL_AFTER_PARTS"
 
 
@@ -89,6 +90,14 @@ class ScoreResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
     run_id: str = ""
+
+
+def default_workers() -> int:
+    """One decode process per core this process may use (respects taskset / cgroup CPU affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _check_options(o: ScoreOptions) -> None:
@@ -342,7 +351,7 @@ def score_cohort(
     # 6-7. runner, decode pool, batches, parts
     from xbmd_batch.runners import open_runner
 
-    workers = (os.cpu_count() or 1) if o.workers is None else o.workers
+    workers = default_workers() if o.workers is None else o.workers
     values = np.asarray(enc.values, dtype=np.float32)
     mask = np.asarray(enc.mask, dtype=np.float32)
     meta_row = plan.items.get_column("meta_row").to_numpy().astype(np.int64)
@@ -386,7 +395,9 @@ def score_cohort(
             precision,
         )
         writer = PartWriter(out_dir)
-        kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, "0") or 0)
+        hook = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
+        kill_after = int(hook[0] or 0)
+        kill_sig = getattr(signal, f"SIG{hook[1]}") if len(hook) > 1 else signal.SIGKILL
 
         def write_part() -> None:
             nonlocal t
@@ -396,7 +407,7 @@ def score_cohort(
                 writer.write(table)
                 session["parts"] += 1
                 if kill_after and session["parts"] >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), kill_sig)
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
 
         def infer(idx: np.ndarray, images: np.ndarray) -> None:
