@@ -399,6 +399,7 @@ def build_image_cache(
         else:
             # forkserver: workers never inherit the parent's torch/OpenMP state
             ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["xbmd_batch.preprocess"])
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 for res in pool.map(_decode_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
                     _store(res)

@@ -1,0 +1,96 @@
+"""One tiny end-to-end `python -m train` run (via main) that must write every output file of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from train.__main__ import get_args_parser, main
+from xbmd_batch.checkpoint import load_model
+from xbmd_batch.config import DEFAULT_SCHEMA
+from xbmd_batch.synth import SynthConfig, generate_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, SynthConfig(n=10, size=128, seed=3, workers=1), progress=False)
+    return out
+
+
+def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "tiny"
+    args = get_args_parser().parse_args(
+        [
+            "--cohort",
+            str(cohort),
+            "--out",
+            str(out),
+            "--preset",
+            "quick",
+            "--image-size",
+            "32",
+            "--d-model",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--folds",
+            "2",
+            "--final",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    summary = main(args)
+    assert summary["synthetic"] is True
+    for name in (
+        "fold_0.pt",
+        "fold_1.pt",
+        "final.pt",
+        "oof.parquet",
+        "metrics.parquet",
+        "history.parquet",
+        "report.md",
+        "run.json",
+        "log.jsonl",
+        "scatter_folds.png",
+        "scatter_pooled.png",
+        "roc.png",
+        "attention.png",
+        "training_curves.png",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    oof = pl.read_parquet(out / "oof.parquet")
+    assert oof.height == 10 and sorted(oof["fold"].unique().to_list()) == [0, 1]
+    assert oof["subject_id"].n_unique() == 10  # each subject predicted exactly once, out of fold
+    assert {"subject_id", "fold", "y_true", "y_pred", *[f"attn_{f}" for f in DEFAULT_SCHEMA.names]} <= set(
+        oof.columns
+    )
+    att = oof.select([f"attn_{f}" for f in DEFAULT_SCHEMA.names]).to_numpy()
+    np.testing.assert_allclose(att.sum(1), 1.0, atol=1e-4)
+    truth = pl.read_csv(cohort / "truth.csv", schema_overrides={"subject_id": pl.Utf8})
+    joined = oof.join(truth.select("subject_id", "bmd_dxa"), on="subject_id")
+    np.testing.assert_allclose(joined["y_true"].to_numpy(), joined["bmd_dxa"].to_numpy(), rtol=1e-6)
+
+    metrics = pl.read_parquet(out / "metrics.parquet")
+    assert set(metrics["scope"].to_list()) == {"fold", "pooled"}
+    assert {"mse", "mae", "r2", "auc_T-1", "f1_T-2.5", "ba_bias"} <= set(metrics.columns)
+
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC" in report and "oracle_r2" in report and "python -m train" in report
+
+    # the final model is a checkpoint `score`/`export` can load, with training-set stats in its schema
+    model, card = load_model(out / "final.pt")
+    assert card.preprocess.image_size == 32
+    assert card.schema.names == DEFAULT_SCHEMA.names
+    assert card.schema.field("weight_kg").mean != DEFAULT_SCHEMA.field("weight_kg").mean
+    run = json.loads((out / "run.json").read_text())
+    assert run["preset"]["image_size"] == 32
