@@ -74,20 +74,21 @@ def _watch_parent(main_pid: int, period_s: float = 0.5) -> None:
 
 
 def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int | None = None) -> None:
-    """Runs once per worker: keep the shared file list and config; one thread per worker process."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import signal
+    """Runs once per worker (or in the main process for workers=0, where it only sets the state): keep the
+    shared file list and config; in a worker also one thread, no SIGINT, exit when the scorer dies."""
+    if main_pid is not None and main_pid != os.getpid():  # a pool worker (not workers=0 in-process)
+        import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it saves a part)
-    if main_pid is not None and main_pid != os.getpid():
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it saves a part
         _watch_parent(main_pid)
+        import sys
+
+        if "torch" in sys.modules:  # never oversubscribe the cores from a decode worker
+            sys.modules["torch"].set_num_threads(1)
     _STATE["root"] = Path(root)
     _STATE["paths"] = paths
     _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
-    import sys
-
-    if "torch" in sys.modules:  # preprocess may use torch for resizing; never oversubscribe the cores
-        sys.modules["torch"].set_num_threads(1)
 
 
 def _info_dict(info: Any) -> dict[str, Any]:
