@@ -75,6 +75,7 @@ def test_output_schema_and_clinical_columns(cohort_session: Path, tiny_model: Pa
         "relative_path", "subject_key", "sop_instance_uid", "meta_row", "stage", "reason", "message", "run_id"
     ]  # fmt: skip
     run = json.loads((out / "run.json").read_text())
+    assert run["synthetic_cohort"] is True  # the synth cohort is labelled wherever numbers are shown
     for key in ("versions", "model", "backend", "precision", "counts", "timings_s", "throughput", "options"):
         assert key in run
     assert run["model"]["sha256"] == s["model_sha256"][0]

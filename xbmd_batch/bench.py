@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from xbmd_batch.score.manifest import is_synthetic
+
+__all__ = ["BENCH_SCHEMA", "BenchOptions", "bench_table", "is_synthetic", "run_bench"]
+
 BENCH_SCHEMA: dict[str, pl.DataType] = {
     "stage": pl.String,
     "backend": pl.String,
@@ -55,17 +59,6 @@ class BenchOptions:
     model_iters: int = 10
     end_to_end: bool = True
     plot: Path | None = None
-
-
-def is_synthetic(dicom_dir: Path) -> bool:
-    """A cohort made by `xbmd-batch synth` has cohort.json (with its disclaimer) next to the dicom folder."""
-    for p in (Path(dicom_dir) / "cohort.json", Path(dicom_dir).parent / "cohort.json"):
-        if p.is_file():
-            try:
-                return "SYNTHETIC" in p.read_text().upper()
-            except OSError:
-                return False
-    return False
 
 
 def _row(**kw: Any) -> dict[str, Any]:

@@ -60,6 +60,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def is_synthetic(dicom_dir: Path) -> bool:
+    """A cohort made by `xbmd-batch synth` has cohort.json (SYNTHETIC disclaimer) beside or in DIR."""
+    for p in (Path(dicom_dir) / "cohort.json", Path(dicom_dir).parent / "cohort.json"):
+        if p.is_file():
+            try:
+                return "SYNTHETIC" in p.read_text().upper()
+            except OSError:
+                return False
+    return False
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

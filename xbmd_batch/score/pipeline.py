@@ -293,6 +293,7 @@ def score_cohort(
         },
         schema={"relative_path": pl.String, "sop_instance_uid": pl.String},
     )
+    synthetic = manifest.is_synthetic(dicom_dir)
     base_manifest: dict[str, Any] = {
         "format": "xbmd-batch-run",
         "run_id": run_id,
@@ -315,6 +316,7 @@ def score_cohort(
             "training_synthetic": bool((card.training_summary or {}).get("synthetic", False)),
         },
         "reference": REFERENCES[o.reference].to_dict(),
+        "synthetic_cohort": synthetic,
         "pseudonymized": pseudo.enabled,
         "pseudonym_key_fingerprint": pseudo.fingerprint,
         "options": o.to_dict(),
@@ -525,7 +527,7 @@ def score_cohort(
     manifest.write_run_json(out_dir, {**base_manifest, **result_info})
     from xbmd_batch.score.summary import final_table
 
-    print_tables(console, final_table({**result_info, "reference": o.reference}))
+    print_tables(console, final_table({**result_info, "reference": o.reference, "synthetic": synthetic}))
     quarantined = n_fail > 0 or fin["not_processed"] > 0
     return ScoreResult(
         EXIT_QUARANTINE if quarantined else EXIT_OK,

@@ -44,7 +44,8 @@ def reconciliation_table(counts: dict[str, int], key_desc: str) -> Table:
 
 def final_table(res: dict[str, Any]) -> list[Table]:
     c = res["counts"]
-    head = Table(title="Scoring summary", title_justify="left")
+    tag = " (SYNTHETIC cohort: numbers describe the generator, not patients)" if res.get("synthetic") else ""
+    head = Table(title=f"Scoring summary{tag}", title_justify="left")
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("scored images", f"{c.get('scored', 0):,}")
@@ -63,7 +64,8 @@ def final_table(res: dict[str, Any]) -> list[Table]:
     for k, v in res["timings_s"].items():
         stages.add_row(k, f"{v:.2f}", f"{100 * res['stage_shares'].get(k, 0):.1f} %")
 
-    who = Table(title=f"WHO class ({res['reference']})", title_justify="left")
+    who = Table(title=f"WHO class ({res['reference']}){' - SYNTHETIC' if res.get('synthetic') else ''}",
+                title_justify="left")  # fmt: skip
     who.add_column("class")
     who.add_column("images", justify="right")
     who.add_column("share", justify="right")
