@@ -46,6 +46,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--tag", default="vm")
+    p.add_argument(
+        "--parity-model",
+        type=Path,
+        default=None,
+        help="trained .pt/.onnx: J2K resolution-aware vs full decode, prediction differences",
+    )
+    p.add_argument("--parity-n", type=int, default=32)
     return p
 
 
@@ -213,6 +220,46 @@ def throughput(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, A
     return res
 
 
+def j2k_parity(args: argparse.Namespace) -> dict[str, Any]:
+    """Predictions of a (trained) model from the resolution-aware J2K decode vs full decode + resize, on the
+    J2K cohort; metadata all marked missing so only the image path differs."""
+    import numpy as np
+
+    from xbmd_batch.dicom_io import read_image
+    from xbmd_batch.preprocess import load_and_preprocess, preprocess_image
+    from xbmd_batch.runners import load_card, open_runner
+
+    j2k = _cohort(args.work / f"j2k_{args.n}_{args.size}", args.n, args.size, 1.0, seed=11)
+    files = sorted(p for p in (j2k / "dicom").rglob("*") if p.is_file())[: args.parity_n]
+    card = load_card(args.parity_model)
+    cfg = card.preprocess
+    red, full, levels = [], [], []
+    for p in files:
+        a, info = load_and_preprocess(p, cfg)
+        red.append(a)
+        levels.append(info.reduce_level)
+        img, _ = read_image(p, target_size=None, apply_voi=cfg.apply_voi)
+        full.append(preprocess_image(img, cfg))
+    f = len(card.schema.fields)
+    z = np.zeros((len(files), f), np.float32)
+    with open_runner(args.parity_model, batch_size=len(files)) as r:
+        br = r.infer({"image": np.stack(red), "meta": z, "meta_mask": z})["bmd"].astype(np.float64)
+        bf = r.infer({"image": np.stack(full), "meta": z, "meta_mask": z})["bmd"].astype(np.float64)
+    d = np.abs(br - bf)
+    ts = card.training_summary or {}
+    return {
+        "model": str(args.parity_model),
+        "model_training": {k: ts.get(k) for k in ("n_train", "epochs", "synthetic_cohort", "variant")},
+        "image_size": cfg.image_size,
+        "n": len(files),
+        "reduce_levels": sorted(set(levels)),
+        "max_abs_diff_g_cm2": round(float(d.max()), 5),
+        "mean_abs_diff_g_cm2": round(float(d.mean()), 5),
+        "sd_of_predictions_full_decode": round(float(bf.std()), 5),
+        "target": "max_abs_diff <= 0.005",
+    }
+
+
 def rss(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
     small = _cohort(args.work / f"rss_{args.rss_small}", args.rss_small, 256, 0.0, seed=3)
     t0 = time.perf_counter()
@@ -248,6 +295,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["throughput"] = throughput(args, models)
     if not args.skip_rss:
         result["rss"] = rss(args, models)
+    if args.parity_model:
+        result["j2k_parity"] = j2k_parity(args)
     result["load_avg_after"] = _load()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +346,15 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [
             "",
             f"Peak RSS (tree) large / small: {q['ratio_peak_tree_large_to_small']} ({q['how']}).",
+            "",
+        ]
+    jp = r.get("j2k_parity")
+    if jp:
+        lines += [
+            f"J2K resolution-aware vs full decode, model `{jp['model']}` ({jp['model_training']}), "
+            f"{jp['image_size']} px, n={jp['n']}, reduce levels {jp['reduce_levels']}: max |diff| "
+            f"{jp['max_abs_diff_g_cm2']} g/cm2, mean {jp['mean_abs_diff_g_cm2']} (SD of predictions "
+            f"{jp['sd_of_predictions_full_decode']}; target max <= 0.005).",
             "",
         ]
     m = r["machine"]
