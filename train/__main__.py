@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -50,7 +51,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--fusion", default="xattn", choices=["xattn", "concat"])
     p.add_argument("--loss", default="wsmoothl1", choices=list(LOSSES))
-    p.add_argument("--compare", action="store_true", help="XAttn vs concat and the four losses, same folds")
+    p.add_argument(
+        "--compare",
+        nargs="?",
+        const="all",
+        default=None,
+        choices=["all", "fusion", "loss"],
+        help="the paper's comparison on the same folds: XAttn vs concat ('fusion'), the four losses "
+        "('loss'), or both (bare --compare)",
+    )
     p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
     p.add_argument(
         "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
@@ -60,6 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's max epochs")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--backbone-lr-mult", type=float, default=None, help="ResNet trunk lr = lr * this")
     p.add_argument("--d-model", type=int, default=None, help="override the preset's embedding width")
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -69,7 +79,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
     p.add_argument("--cache-dir", default=None, help="image cache folder (default: <cohort>/.xbmd_cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: half the cores, at least 1: on a shared box OpenMP spin-waiting "
+        "makes 2 threads on 2 busy cores several times slower than 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
 
@@ -84,7 +100,11 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
     primary = (args.fusion, args.loss)
     if not args.compare:
         return [primary]
-    want = [("xattn", args.loss), ("concat", args.loss), *[("xattn", loss) for loss in LOSSES]]
+    want: list[tuple[str, str]] = []
+    if args.compare in ("all", "fusion"):
+        want += [("xattn", args.loss), ("concat", args.loss)]
+    if args.compare in ("all", "loss"):
+        want += [("xattn", loss) for loss in LOSSES]
     out = [primary]
     for v in want:
         if v not in out:
@@ -112,6 +132,24 @@ def command_line(args: argparse.Namespace) -> str:
             else:
                 argv += [act.option_strings[-1], str(val)]
     return "python -m train " + " ".join(shlex.quote(a) for a in argv)
+
+
+def baselines(
+    meta: np.ndarray, mask: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Test-fold predictions of two references: the training mean, and ridge on the encoded metadata.
+
+    They say what the network adds: beating the mean shows learning, beating metadata-ridge shows that the
+    image (or the fusion) contributes beyond a linear model of the clinical fields.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    x = np.concatenate([meta, mask], axis=1)
+    ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x[tr], y[tr])
+    return {
+        "baseline-train-mean": np.full(len(te), float(y[tr].mean())),
+        "baseline-metadata-ridge": ridge.predict(x[te]),
+    }
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,13 +180,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        backbone_lr_mult=args.backbone_lr_mult,
         d_model=args.d_model,
         patience=args.patience,
         folds=args.folds,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(args)
@@ -322,6 +361,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             metric_rows.append(
                 {"variant": v, "fusion": fusion, "loss": loss_name, "fold": -1, "scope": "pooled", **m}
             )
+        # reference rows on the same folds: the training mean, and ridge regression on the metadata alone
+        for k, (tr, te) in enumerate(splits):
+            enc = enc_cache[k]
+            for bname, pred in baselines(enc.values, enc.mask, cohort.y, tr, te).items():
+                m = all_metrics(cohort.y[te], pred, args.reference)
+                metric_rows.append(
+                    {"variant": bname, "fusion": "none", "loss": "none", "fold": k, "scope": "baseline", **m}
+                )
         metrics = pl.DataFrame(metric_rows)
 
         # ---- final model on all data
@@ -402,10 +449,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return fold_m.filter(pl.col("variant") == v).sort("fold")[key].to_list()
 
     if args.compare:
-        pairs = [(vname("xattn", args.loss), vname("concat", args.loss))]
-        pairs += [
-            (vname("xattn", "wsmoothl1"), vname("xattn", loss)) for loss in LOSSES if loss != "wsmoothl1"
-        ]
+        pairs = []
+        if args.compare in ("all", "fusion"):
+            pairs.append((vname("xattn", args.loss), vname("concat", args.loss)))
+        if args.compare in ("all", "loss"):
+            pairs += [(vname("xattn", "wsmoothl1"), vname("xattn", x)) for x in LOSSES if x != "wsmoothl1"]
         for a, b in pairs:
             for key in ("mse", "mae", "r2"):
                 r = paired_wilcoxon(per_fold(a, key), per_fold(b, key), key)
@@ -424,11 +472,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     plots.scatter_by_fold(prim_oof, out / "scatter_folds.png", tag, f"({primary})")
     plots.scatter_pooled(prim_oof, out / "scatter_pooled.png", tag, f"({primary})")
     roc_variants = [primary] + (
-        [vname("concat", args.loss)] if args.compare and primary.startswith("xattn") else []
+        [vname("concat", args.loss)]
+        if args.compare in ("all", "fusion") and primary.startswith("xattn")
+        else []
     )
     plots.roc_curves(oof.filter(pl.col("variant").is_in(roc_variants)), args.reference, out / "roc.png", tag)
     att_v = primary if primary.startswith("xattn") else None
-    if att_v is None and args.compare:
+    if att_v is None and args.compare in ("all", "fusion"):
         att_v = vname("xattn", args.loss)
     if att_v is not None:
         plots.field_attention(
@@ -444,8 +494,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     plots.training_curves(
         history.filter(pl.col("variant") == primary), out / "training_curves.png", tag, f"({primary})"
     )
-    if args.compare:
+    if args.compare in ("all", "loss"):
         plots.loss_comparison(fold_m, LOSSES, out / "loss_comparison.png", tag)
+    if args.compare in ("all", "fusion"):
         plots.fusion_comparison(fold_m, args.loss, out / "fusion_comparison.png", tag)
     if args.compare and k_total < 6:
         notes.append(

@@ -162,6 +162,29 @@ class FitResult:
     seconds: float = 0.0
 
 
+def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and positional embeddings; the CNN trunk at a scaled lr.
+
+    A from-scratch ResNet34 wants a smaller step than the small fusion/metadata/head layers; one shared lr is
+    either too slow for the head or unstable for the trunk in a few-epoch CPU run.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        trunk = name.startswith(("image_encoder.stem.", "image_encoder.layers."))
+        decay = p.ndim >= 2 and name.split(".")[-1] != "pos"
+        groups.setdefault((trunk, decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr": hp.lr * (hp.backbone_lr_mult if trunk else 1.0),
+            "weight_decay": hp.weight_decay if decay else 0.0,
+        }
+        for (trunk, decay), ps in sorted(groups.items())
+    ]
+
+
 def fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -187,12 +210,7 @@ def fit(
     total = max(1, n_epochs * steps_per_epoch)
     warm = int(round(hp.warmup_epochs * steps_per_epoch))
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n.split(".")[-1]]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n.split(".")[-1])]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp.lr,
-    )
+    opt = torch.optim.AdamW(param_groups(model, hp), lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm, hp.min_lr_frac))
     res = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
@@ -201,7 +219,7 @@ def fit(
     has_val = val_idx is not None and len(val_idx) > 0
     for ep in range(n_epochs):
         te = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in opt.param_groups)
         tr_loss = train_one_epoch(model, loss_fn, opt, sched, data, train_idx, hp, device, rng, gen, on_step)
         rec: dict[str, float] = {"epoch": float(ep), "train_loss": tr_loss, "lr": float(lr)}
         if has_val:

@@ -63,11 +63,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def metrics_table(metrics: pl.DataFrame, variants: Sequence[str], keys: Sequence[tuple[str, str]]) -> str:
+def metrics_table(
+    metrics: pl.DataFrame, variants: Sequence[str], keys: Sequence[tuple[str, str]], scope: str = "fold"
+) -> str:
     """Rows = variants, columns = metrics as 'mean ± SD' over folds."""
     rows = []
     for v in variants:
-        d = metrics.filter((pl.col("variant") == v) & (pl.col("scope") == "fold"))
+        d = metrics.filter((pl.col("variant") == v) & (pl.col("scope") == scope))
         rows.append([f"`{v}`", *[fmt_mean_sd(d[k].to_list()) for k, _ in keys]])
     return _table(["variant", *[lab for _, lab in keys]], rows)
 
@@ -143,6 +145,16 @@ def write_report(
         "limits = bias ± 1.96 SD.",
         "",
         metrics_table(metrics, variants, reg_keys),
+        "",
+        "Reference predictors on the same folds (no image): the training-part mean, and ridge regression "
+        "on the encoded metadata (values + presence mask):",
+        "",
+        metrics_table(
+            metrics,
+            metrics.filter(pl.col("scope") == "baseline")["variant"].unique(maintain_order=True).to_list(),
+            reg_keys,
+            scope="baseline",
+        ),
         "",
         metrics_table(metrics, variants, ba_keys),
         "",
