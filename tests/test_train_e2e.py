@@ -81,7 +81,10 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(joined["y_true"].to_numpy(), joined["bmd_dxa"].to_numpy(), rtol=1e-6)
 
     metrics = pl.read_parquet(out / "metrics.parquet")
-    assert set(metrics["scope"].to_list()) == {"fold", "pooled"}
+    assert set(metrics["scope"].to_list()) == {"fold", "pooled", "baseline"}
+    base = metrics.filter(pl.col("scope") == "baseline")
+    assert set(base["variant"].to_list()) == {"baseline-train-mean", "baseline-metadata-ridge"}
+    assert base.height == 4  # two references x two folds, on the same folds as the network
     assert {"mse", "mae", "r2", "auc_T-1", "f1_T-2.5", "ba_bias"} <= set(metrics.columns)
 
     report = (out / "report.md").read_text()

@@ -191,7 +191,8 @@ def field_attention(
         if m.any():
             axes[1].bar(x + (gi - 1) * w, att[m].mean(0), width=w, label=f"{g} (n={int(m.sum())})")
     axes[1].set_title(f"by WHO class of the DXA label ({reference})", fontsize=9)
-    axes[1].legend(fontsize=8)
+    axes[1].set_ylim(0, 1.35 * float(att.mean(0).max()))
+    axes[1].legend(fontsize=8, ncol=3, loc="upper center")
     for ax in axes:
         ax.set_xticks(x, field_names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("attention weight")
