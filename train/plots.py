@@ -72,7 +72,10 @@ def scatter_pooled(oof: pl.DataFrame, path: Path, tag: str = "", label: str = ""
     fig, ax = plt.subplots(figsize=(4.8, 4.6))
     y, p = oof["y_true"].to_numpy(), oof["y_pred"].to_numpy()
     lo, hi = float(min(y.min(), p.min())) - 0.02, float(max(y.max(), p.max())) + 0.02
-    sc = ax.scatter(y, p, c=oof["fold"].to_numpy(), cmap="tab10", s=12, alpha=0.75)
+    folds = oof["fold"].to_numpy()
+    for k in np.unique(folds):
+        m = folds == k
+        ax.scatter(y[m], p[m], s=12, alpha=0.75, color=f"C{int(k) % 10}", label=f"fold {k}")
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
     ss = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - p) ** 2)) / ss if ss > 0 else float("nan")
@@ -82,9 +85,7 @@ def scatter_pooled(oof: pl.DataFrame, path: Path, tag: str = "", label: str = ""
     ax.set_aspect("equal")
     ax.set_xlabel("DXA BMD (g/cm²)")
     ax.set_ylabel("estimated BMD (g/cm²)")
-    ax.legend(loc="upper left", fontsize=8, title=f"R² = {r2:.2f}, MAE = {mae:.3f}", title_fontsize=8)
-    if oof["fold"].n_unique() > 1:
-        fig.colorbar(sc, ax=ax, label="fold", fraction=0.046)
+    ax.legend(loc="upper left", fontsize=7, title=f"R² = {r2:.2f}, MAE = {mae:.3f}", title_fontsize=8)
     ax.set_title(_title(f"Out-of-fold predictions {label}".rstrip(), tag), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

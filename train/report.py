@@ -33,7 +33,7 @@ def machine_summary() -> str:
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     else:
         parts.append("no GPU")
-    parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    parts.append(f"torch {torch.__version__}, torch threads = {torch.get_num_threads()}")
     return ", ".join(parts)
 
 
@@ -228,8 +228,9 @@ def write_report(
             f"## {syn}Paired comparisons across folds (Wilcoxon signed-rank, two-sided)",
             "",
             "Same folds, same metadata statistics, same seeds for both arms; `a` is the first named arm. "
-            "`wins a` = folds where a is better. With K folds the smallest reachable p is 2/2^K "
-            "(0.0625 at K = 5): "
+            "`wins a` = folds where a is better; `direction` = sign of the median paired difference (it can "
+            "disagree with the means when one fold dominates). With K folds the smallest reachable p is "
+            "2/2^K (0.0625 at K = 5): "
             "a 5-fold comparison cannot reach p < 0.05 however consistent it is. Reported as it fell.",
             "",
             _table(
