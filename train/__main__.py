@@ -34,6 +34,7 @@ LOSSES: tuple[str, ...] = ("mse", "l1", "smoothl1", "wsmoothl1")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from train.presets import PRESETS
+    from xbmd_batch.clinical import REFERENCES
 
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -74,7 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--reference", default="nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar"
+        "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
     )
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
     p.add_argument("--cache-dir", default=None, help="image cache folder (default: <cohort>/.xbmd_cache)")
