@@ -14,7 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dicom_factory import hip_phantom, make_dataset, make_dicom  # noqa: E402
 
 from xbmd_batch import dicom_io  # noqa: E402
-from xbmd_batch.dicom_io import choose_reduce_level, is_dicom, read_header, read_image  # noqa: E402
+from xbmd_batch.dicom_io import (  # noqa: E402
+    J2K_OVERSAMPLE,
+    choose_reduce_level,
+    is_dicom,
+    read_header,
+    read_image,
+)
 from xbmd_batch.errors import InputError  # noqa: E402
 
 
@@ -212,8 +218,9 @@ def test_choose_reduce_level() -> None:
 
 def test_j2k_reduced_decode_shape(tmp_path: Path) -> None:
     p = make_dicom(tmp_path / "j", rows=300, cols=277, transfer_syntax=uid.JPEG2000Lossless)
-    img, info = read_image(p, target_size=64)
-    # 277 / 4 = 69.25 >= 64, 277 / 8 < 64 -> level 2; openjpeg's size is ceil(n / 4).
+    img, info = read_image(p, target_size=32)
+    # J2K_OVERSAMPLE = 2: need >= 64 px; 277 / 4 = 69.25 >= 64, 277 / 8 < 64 -> level 2; size ceil(n / 4).
+    assert J2K_OVERSAMPLE == 2
     assert info.reduce_level == 2 and info.decoder == "pillow-openjpeg"
     assert img.shape == (75, 70) == info.decoded_shape and (info.original_rows, info.original_cols) == (
         300,
@@ -226,7 +233,7 @@ def test_j2k_reduced_decode_shape(tmp_path: Path) -> None:
 
 def test_j2k_lossy_reduced(tmp_path: Path) -> None:
     p = make_dicom(tmp_path / "l", rows=256, cols=256, transfer_syntax=uid.JPEG2000)
-    img, info = read_image(p, target_size=64)
+    img, info = read_image(p, target_size=32)  # x J2K_OVERSAMPLE = 64 px -> level 2
     full, _ = read_image(p)
     assert info.reduce_level == 2 and img.shape == (64, 64)
     # Low-pass band of the same image: same mean level within 1 % of the range.

@@ -126,7 +126,7 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     norm_mean: float = 0.5
     norm_std: float = 0.25
-    version: int = 1  # bump when the preprocessing code changes meaning (invalidates caches)
+    version: int = 2  # bump when the preprocessing code changes meaning (invalidates caches)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
