@@ -32,6 +32,25 @@ import polars as pl
 LOSSES: tuple[str, ...] = ("mse", "l1", "smoothl1", "wsmoothl1")
 
 
+def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
+    """The model for a preset and a training set: the head starts at the labels' mean and SD."""
+    from xbmd_batch.config import ModelConfig
+
+    return ModelConfig.for_schema(
+        schema,
+        fusion=fusion,
+        image_size=hp.image_size,
+        d_model=hp.d_model,
+        n_layers=hp.n_layers,
+        n_heads=hp.n_heads,
+        dropout=hp.dropout,
+        meta_hidden=hp.meta_hidden,
+        head_hidden=hp.head_hidden,
+        bmd_mean=float(y.mean()),
+        bmd_std=float(y.std()) or 0.14,
+    )
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from train.presets import PRESETS
     from xbmd_batch.clinical import REFERENCES
@@ -168,7 +187,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from train.report import write_report
     from xbmd_batch.checkpoint import save_checkpoint
     from xbmd_batch.clinical import get_reference
-    from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
+    from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
     from xbmd_batch.errors import InputError
     from xbmd_batch.loss import make_loss
     from xbmd_batch.model import build_model
@@ -265,19 +284,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     enc_cache[k] = builder.encode(tr)
                 enc = enc_cache[k]
                 data = builder.arrays(enc)
-                mcfg = ModelConfig.for_schema(
-                    enc.schema,
-                    fusion=fusion,
-                    image_size=hp.image_size,
-                    d_model=hp.d_model,
-                    n_layers=hp.n_layers,
-                    n_heads=hp.n_heads,
-                    dropout=hp.dropout,
-                    meta_hidden=hp.meta_hidden,
-                    head_hidden=hp.head_hidden,
-                    bmd_mean=float(cohort.y[tr].mean()),
-                    bmd_std=float(cohort.y[tr].std()) or 0.14,
-                )
+                mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[tr])
                 torch.manual_seed(args.seed * 1000 + k)
                 model = build_model(mcfg)
                 loss_fn = make_loss(loss_name)
@@ -380,19 +387,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             n_ep = int(max(1, round(float(np.median(best_epochs[v])))))
             enc = builder.encode(rows)
             data = builder.arrays(enc)
-            mcfg = ModelConfig.for_schema(
-                enc.schema,
-                fusion=fusion,
-                image_size=hp.image_size,
-                d_model=hp.d_model,
-                n_layers=hp.n_layers,
-                n_heads=hp.n_heads,
-                dropout=hp.dropout,
-                meta_hidden=hp.meta_hidden,
-                head_hidden=hp.head_hidden,
-                bmd_mean=float(cohort.y[rows].mean()),
-                bmd_std=float(cohort.y[rows].std()) or 0.14,
-            )
+            mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[rows])
             torch.manual_seed(args.seed * 1000 + 999)
             model = build_model(mcfg)
             steps = prog.add_task(f"{v} final ({n_ep} epochs)", total=None)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xbmd_batch.checkpoint import sha256_file
 from xbmd_batch.config import INPUT_NAMES
 from xbmd_batch.errors import InputError, ModelFileError, XbmdError
 
@@ -58,14 +59,6 @@ class StaleEngineError(ModelFileError):
 
 class TensorRTUnavailableError(XbmdError):
     """tensorrt (or CUDA) is not installed / visible on this machine."""
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:
