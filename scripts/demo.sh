@@ -16,6 +16,10 @@ if [ ! -f "$OUT/cohort/cohort.json" ]; then
   $XB synth "$OUT/cohort" --n "$N" --seed 0 --size 1024 --preview "$OUT/synth_preview.png"
 fi
 
+# A rerun retrains, re-exports and rescores from scratch (the cohort is deterministic and kept): a new model
+# must not be mixed with the previous run's scores (score would refuse to resume with another model).
+rm -rf "$OUT/run" "$OUT/model.onnx" "$OUT/results"
+
 step "2/4 train XAttn-BMD, quick preset, single 90/10 split + final model -> $OUT/run"
 $PY -m train --cohort "$OUT/cohort" --preset quick --single-split --final --out "$OUT/run"
 
