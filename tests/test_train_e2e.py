@@ -22,8 +22,13 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
 def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs" / "tiny"
+    cohort_before = _tree(cohort)
     args = get_args_parser().parse_args(
         [
             "--cohort",
@@ -50,6 +55,8 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     )
     summary = main(args)
     assert summary["synthetic"] is True
+    assert _tree(cohort) == cohort_before, "training wrote into the input cohort folder"
+    assert any((out / ".xbmd_cache").glob("images-*.npy")), "image cache belongs under --out by default"
     for name in (
         "fold_0.pt",
         "fold_1.pt",

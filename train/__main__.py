@@ -97,7 +97,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
     )
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
-    p.add_argument("--cache-dir", default=None, help="image cache folder (default: <cohort>/.xbmd_cache)")
+    p.add_argument("--cache-dir", default=None, help="image cache folder (default: <out>/.xbmd_cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--threads",
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     schema = DEFAULT_SCHEMA
     cohort = load_cohort(args.cohort, args.meta, args.labels, args.label_col, schema)
     pp = PreprocessConfig(image_size=hp.image_size)
-    cache_dir = default_cache_dir(cohort.root, args.cache_dir)
+    cache_dir = default_cache_dir(Path(args.out), args.cache_dir)
     console.log(
         f"cohort: {cohort.n} images, {cohort.n_subjects} subjects ({cohort.mapping}); cache {cache_dir}"
     )

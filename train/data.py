@@ -4,7 +4,7 @@ One code path with `score`: images go through `xbmd_batch.preprocess.load_and_pr
 `xbmd_batch.metadata.validate_and_encode`, so a model is never trained on inputs it will not see at scoring.
 
 Decoding is the slow part (JPEG 2000 costs ~0.1-0.5 s per image), so every cohort is decoded once into a
-memory-mapped `.npy` under `<cohort>/.xbmd_cache/` (or `--cache-dir`), keyed by the sorted file list with
+memory-mapped `.npy` under `<out>/.xbmd_cache/` (or `--cache-dir`), keyed by the sorted file list with
 sizes and mtimes *and* `preprocess_fingerprint(cfg)`: touching a file or changing preprocessing makes a new
 key and a fresh decode; anything else reuses the array, across epochs, folds, variants and runs.
 """
@@ -428,13 +428,15 @@ def build_image_cache(
     return ImageCache(arr, row_of, ok_u[row_of], errors, npy, key, False)
 
 
-def default_cache_dir(cohort_root: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """`--cache-dir` when given, else `<cohort>/.xbmd_cache/` (the cohort folder must then be writable)."""
-    if cache_dir:
-        return Path(cache_dir)
-    d = cohort_root / CACHE_DIRNAME
+def default_cache_dir(out_dir: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """`--cache-dir` when given, else `<out>/.xbmd_cache/`.
+
+    Never the cohort folder: we write only where the user told us to (the run folder, or an explicit
+    `--cache-dir` to share one decode across runs).
+    """
+    d = Path(cache_dir) if cache_dir else Path(out_dir) / CACHE_DIRNAME
     try:
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"{cohort_root} is not writable for the image cache; pass --cache-dir ({e})") from e
+        raise InputError(f"cannot create the image cache folder {d}: {e}") from e
     return d
