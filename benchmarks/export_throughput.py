@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model, load_average  # noqa: E402  (benchmarks/ is on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
@@ -50,23 +52,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--work-dir", type=Path, default=None, help="keep the checkpoint/ONNX here (default: temp)"
     )
     return p
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info() -> dict[str, Any]:
