@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.errors import ModelFileError
 from xbmd_batch.infer.model_file import open_model
@@ -36,10 +35,10 @@ def _count_model_reads(monkeypatch: pytest.MonkeyPatch, model: Path) -> dict[str
     monkeypatch.setattr(onnx, "load", counted("onnx_parse", onnx.load))
     monkeypatch.setattr(onnx, "load_model", counted("onnx_parse", onnx.load_model))
     monkeypatch.setattr(torch, "load", counted("torch_load", torch.load))
-    import xbmd_batch.checkpoint
+    import xbmd_batch.fsutil
     import xbmd_batch.score.pipeline  # noqa: F401  (loaded now, so its bound imports are wrapped too)
 
-    original = xbmd_batch.checkpoint.sha256_file
+    original = xbmd_batch.fsutil.sha256_file
     wrapped = counted("sha256", original)
     for name, mod in list(sys.modules.items()):
         if name.startswith("xbmd_batch") and getattr(mod, "sha256_file", None) is original:

@@ -43,7 +43,7 @@ class ModelFile:
     def sha256(self) -> str:
         """Hex SHA-256 of the file, hashed on first use."""
         if self._sha256 is None:
-            from xbmd_batch.checkpoint import sha256_file
+            from xbmd_batch.fsutil import sha256_file
 
             self._sha256 = sha256_file(self.path)
         return self._sha256

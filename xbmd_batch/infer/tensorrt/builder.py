@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import InputError, ModelFileError, XbmdError
+from xbmd_batch.fsutil import atomic_write_bytes
 from xbmd_batch.infer.base import Feeds
 from xbmd_batch.infer.compare import compare_runners
 from xbmd_batch.infer.model_file import ModelFile, open_model
@@ -38,7 +39,6 @@ from xbmd_batch.infer.tensorrt.engine_cache import (
     EngineRecord,
     EngineSpec,
     Log,
-    atomic_write,
     default_cache_dir,
 )
 from xbmd_batch.infer.tensorrt.executor import EngineRunner
@@ -144,7 +144,7 @@ def build_engine(
         raise XbmdError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
     if timing_cache_path:
         Path(timing_cache_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
     notes = {
         "typing": "strongly" if strongly_typed else "weakly",
         "fp32_layers": len(fp32_layers),

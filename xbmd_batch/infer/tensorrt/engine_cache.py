@@ -13,16 +13,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xbmd_batch.checkpoint import sha256_file
 from xbmd_batch.config import INPUT_NAMES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, TRT_PRECISIONS
 from xbmd_batch.errors import InputError, StaleEngineError
+from xbmd_batch.fsutil import atomic_write_bytes, sha256_file
 from xbmd_batch.infer.tensorrt.device import DeviceInfo
 
 if TYPE_CHECKING:
@@ -255,8 +254,8 @@ class EngineCache:
             **dict(extra or {}),
         }
         sidecar.unlink(missing_ok=True)  # never leave an old sidecar next to a new engine
-        atomic_write(engine, engine_bytes)
-        atomic_write(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(engine, engine_bytes)
+        atomic_write_bytes(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode())
         return EngineRecord(engine, sidecar, meta, built=True)
 
 
@@ -291,19 +290,6 @@ def verify_engine_file(
     if not expected_sha or sha256_file(engine_path) != expected_sha:
         raise StaleEngineError(f"{engine_path}: engine file does not match its sidecar sha256; {hint}")
     return meta
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe(record: EngineRecord) -> dict[str, Any]:
