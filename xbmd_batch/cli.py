@@ -61,6 +61,9 @@ def score(
     ),
     strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
+    shard: str | None = typer.Option(
+        None, metavar="K/N", help="Score only shard K of N (by subject key); combine with `merge`."
+    ),
 ) -> None:
     """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
 
@@ -89,6 +92,7 @@ def score(
         pseudonymize=pseudonymize,
         strict=strict,
         quiet=quiet,
+        shard=shard,
     )
     try:
         res = score_cohort(dicom_dir, meta, model, out, opts)
@@ -104,6 +108,30 @@ def score(
         typer.echo(
             f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"
         )
+    raise typer.Exit(res.exit_code)
+
+
+@app.command(no_args_is_help=True)
+def merge(
+    out: Path = typer.Argument(..., help="New or empty folder for the merged tables."),
+    shards: list[Path] = typer.Argument(..., help="The N run folders of `score --shard K/N`, K = 1..N."),
+) -> None:
+    """Merge `score --shard K/N` run folders into the tables a single run would write.
+
+    Example: xbmd-batch merge results/ shards/1 shards/2 shards/3
+
+    Exit codes: 0 merged | 3 merged, some inputs quarantined (failures.parquet) | 2 shards missing, duplicated
+    or from another model/META/options (nothing written).
+    """
+    from xbmd_batch.errors import InputError
+    from xbmd_batch.score.shard import merge_shards
+
+    try:
+        res = merge_shards(out, shards)
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"merged {len(shards)} shards into {res.out_dir} (run {res.run_id}, exit {res.exit_code})")
     raise typer.Exit(res.exit_code)
 
 

@@ -50,8 +50,8 @@ def scores_schema(field_names: tuple[str, ...]) -> dict[str, pl.DataType]:
 FAILURE_COLUMNS = [*FAILURE_SCHEMA.keys(), "run_id"]
 
 
-def read_parts(out_dir: Path) -> pl.DataFrame | None:
-    parts = list_parts(out_dir)
+def read_parts(out_dir: Path, part_files: list[Path] | None = None) -> pl.DataFrame | None:
+    parts = list_parts(out_dir) if part_files is None else list(part_files)
     if not parts:
         return None
     return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
@@ -65,14 +65,17 @@ def finalize(
     reference: str,
     model_sha256: str,
     run_id: str,
+    part_files: list[Path] | None = None,
 ) -> dict[str, int]:
     """Write the two final tables. ``plan_keys``: relative_path, sop_instance_uid (output form) in plan order.
+
+    ``part_files``: read these parts instead of OUT/parts/ (`merge` passes the union of its shards' parts).
 
     Returns counts: scored, failed_in_scoring, not_processed, duplicate_rows_dropped.
     """
     ref = get_reference(reference)
     order = plan_keys.select("relative_path", "sop_instance_uid").with_row_index("_order")
-    parts = read_parts(out_dir)
+    parts = read_parts(out_dir, part_files)
     if parts is None:
         parts = pl.DataFrame(
             schema={"status": pl.String, "relative_path": pl.String, "sop_instance_uid": pl.String}

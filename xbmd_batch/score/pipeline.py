@@ -72,6 +72,7 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -110,6 +111,10 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
+    if o.shard is not None:
+        from xbmd_batch.score.shard import parse_shard
+
+        parse_shard(o.shard)
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
 
@@ -216,6 +221,7 @@ def score_cohort(
             "meta_sha256": sha256_file(meta_path),
             "pseudonym_key_fingerprint": pseudo.fingerprint,
             "key_spec": dataclasses.asdict(key_spec),
+            "shard": o.shard.replace(" ", "") if o.shard else None,
         },
     )
     run_id = state["run_id"]
@@ -249,6 +255,11 @@ def score_cohort(
     derived = np.asarray(enc.derived, dtype=bool)
     missing = np.asarray(enc.missing, dtype=bool)
     plan = build_plan(disc, headers, joined, meta_df.height, issues, int(derived.sum()))
+    shard_info = None
+    if o.shard:  # keep only what this shard owns (the whole plan was built, so decisions match a single run)
+        from xbmd_batch.score import shard as shard_mod
+
+        plan, shard_info = shard_mod.restrict_plan(plan, shard_mod.parse_shard(o.shard))
     key_col = joined.meta_key_column
     meta_keys = (
         [None if v is None else str(v).strip() for v in meta_df.get_column(key_col).cast(pl.String).to_list()]
@@ -289,6 +300,8 @@ def score_cohort(
         },
         schema={"relative_path": pl.String, "sop_instance_uid": pl.String},
     )
+    if shard_info is not None:
+        shard_mod.save_slice(out_dir, plan_keys, quarantine, shard_info)
     synthetic = manifest.is_synthetic(dicom_dir)
     base_manifest: dict[str, Any] = {
         "format": "xbmd-batch-run",
@@ -320,6 +333,8 @@ def score_cohort(
         "machine": manifest.machine_info(),
         "reconciliation": plan.counts,
     }
+    if shard_info is not None:
+        base_manifest["shard"] = shard_mod.manifest_entry(shard_info)
 
     if o.strict and plan.n_quarantined:
         finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id)

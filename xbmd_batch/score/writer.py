@@ -104,6 +104,7 @@ def load_or_create_state(out_dir: Path, expect: dict[str, Any]) -> tuple[dict[st
             "meta_sha256": "the META file changed since this run started",
             "pseudonym_key_fingerprint": "--pseudonymize key differs from this run's (or was added/removed)",
             "key_spec": "--key-column / --path-column differ from this run's",
+            "shard": "--shard differs from this run's (each shard needs its own --out)",
         }
         for k, why in labels.items():
             if state.get(k) != expect.get(k):

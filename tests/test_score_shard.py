@@ -1,0 +1,166 @@
+"""`score --shard K/N` + `merge` equals a single run; merge refuses incomplete or foreign shard sets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers.score import make_model
+from xbmd_batch.cli import app
+from xbmd_batch.errors import InputError
+from xbmd_batch.score import ScoreOptions, score_cohort
+from xbmd_batch.score.shard import merge_shards, parse_shard, shard_of
+
+N = 3
+
+
+def _plant(cohort: Path) -> Path:
+    """The reconciliation test's planted mismatches: every bucket of the plan gets at least one member."""
+    dicom = cohort / "dicom"
+    files = sorted(p for p in dicom.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with (cohort / "meta.csv").open("a") as f:
+        f.write("EXTRA0001,F,75,75,160,60,,never,1,50,50\n")  # META row without image
+    ds = pydicom.dcmread(files[0])
+    ds.PatientID = "NOMETA01"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dicom / "nometa.dcm")  # image without META
+    (dicom / "zz_copy").mkdir()
+    shutil.copy(files[1], dicom / "zz_copy" / files[1].name)  # duplicate SOPInstanceUID
+    for i, name in ((2, "zz_second_view.dcm"), (5, "aa_second_view.dcm")):  # two subjects with 2 images
+        d = pydicom.dcmread(files[i])
+        d.SOPInstanceUID = pydicom.uid.generate_uid()
+        d.save_as(dicom / name)
+    (dicom / "notes.txt").write_text("reading list")  # non-DICOM
+    shutil.copy(files[3], dicom / ".hidden_copy.dcm")  # hidden
+    raw = files[4].read_bytes()
+    bad = dicom / "zz_truncated.dcm"  # decode failure
+    d = pydicom.dcmread(files[4])
+    d.SOPInstanceUID = pydicom.uid.generate_uid()
+    d.save_as(bad)
+    bad.write_bytes(bad.read_bytes()[: len(raw) // 2])
+    (dicom / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # header failure
+    return dicom
+
+
+def _opts(**kw: object) -> ScoreOptions:
+    return ScoreOptions(quiet=True, workers=0, chunk_size=5, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, cohort_session: Path, tiny_model: Path) -> dict:
+    root = tmp_path_factory.mktemp("shard")
+    cohort = root / "cohort"
+    shutil.copytree(cohort_session, cohort)
+    dicom = _plant(cohort)
+    meta = cohort / "meta.csv"
+    single = score_cohort(dicom, meta, tiny_model, root / "single", _opts())
+    shards = [score_cohort(dicom, meta, tiny_model, root / f"s{k}", _opts(shard=f"{k}/{N}")) for k in (1, 2, 3)]
+    return {"root": root, "dicom": dicom, "meta": meta, "single": single, "shards": shards}
+
+
+def test_shards_plus_merge_equal_single_run(sharded: dict) -> None:
+    root = sharded["root"]
+    assert sharded["single"].exit_code == 3
+    res = merge_shards(root / "merged", [root / "s3", root / "s1", root / "s2"])  # order does not matter
+    assert res.exit_code == 3
+    one, m = root / "single", root / "merged"
+
+    s1, s2 = pl.read_parquet(one / "scores.parquet"), pl.read_parquet(m / "scores.parquet")
+    assert s2.columns == s1.columns and s2.height == s1.height > 20
+    assert s2["relative_path"].to_list() == s1["relative_path"].to_list()  # same rows, same (plan) order
+    np.testing.assert_allclose(s2["bmd_pred"].to_numpy(), s1["bmd_pred"].to_numpy(), atol=1e-5)
+    exact = [c for c in s1.columns if c not in ("run_id",) and s1[c].dtype not in (pl.Float32, pl.Float64)]
+    assert s2.select(exact).equals(s1.select(exact))
+    assert s2["run_id"].n_unique() == 1 and s2["run_id"][0] == res.run_id
+
+    f1, f2 = pl.read_parquet(one / "failures.parquet"), pl.read_parquet(m / "failures.parquet")
+    key = ["relative_path", "meta_row", "stage", "reason"]
+    assert f2.select(key).equals(f1.select(key))  # same reason codes, same order
+    assert set(f1["reason"]) >= {"duplicate_sop_instance_uid", "no_metadata", "header_unreadable",
+                                 "metadata_without_image"}  # fmt: skip
+    assert "decode" in set(f1["stage"])
+
+    r1, r2 = (json.loads((d / "reconciliation.json").read_text()) for d in (one, m))
+    assert r2["counts"] == r1["counts"]
+    for name in ("non_dicom_files", "hidden_files", "non_image_dicoms", "metadata_rows_without_images"):
+        assert r2[name] == r1[name], name
+
+    run = json.loads((m / "run.json").read_text())
+    single_run = json.loads((one / "run.json").read_text())
+    assert run["status"] == "complete" and run["merged"]["n_shards"] == N
+    assert [s["shard"] for s in run["merged"]["shards"]] == ["1/3", "2/3", "3/3"]
+    assert all(s["timings_s"] for s in run["merged"]["shards"])  # per-shard timings kept
+    for k in ("scored", "failed_in_scoring", "failures_total", "not_processed", "matched_images"):
+        assert run["counts"][k] == single_run["counts"][k], k
+    assert run["who_distribution"] == single_run["who_distribution"]
+
+
+def test_shards_partition_subjects(sharded: dict) -> None:
+    root = sharded["root"]
+    seen: dict[str, int] = {}
+    sizes = []
+    for k in (1, 2, 3):
+        s = pl.read_parquet(root / f"s{k}" / "scores.parquet")
+        sizes.append(s.height)
+        for subj in set(s["subject_key"]):
+            assert subj not in seen, f"subject {subj} in shards {seen[subj]} and {k}"
+            seen[subj] = k
+            assert shard_of("s:" + subj, N) == k
+    assert all(n > 0 for n in sizes)  # 24+ subjects over 3 shards: none empty
+    run = json.loads((root / "s2" / "run.json").read_text())
+    assert run["shard"]["k"] == 2 and run["shard"]["n"] == N
+    assert json.loads((root / "s2" / "run_state.json").read_text())["shard"] == "2/3"
+
+
+def test_merge_refuses_missing_and_duplicate_shards(sharded: dict) -> None:
+    root = sharded["root"]
+    with pytest.raises(InputError, match=r"missing shard\(s\) 2/3"):
+        merge_shards(root / "bad1", [root / "s1", root / "s3"])
+    with pytest.raises(InputError, match=r"shard 1/3 given 2 times"):
+        merge_shards(root / "bad2", [root / "s1", root / "s1", root / "s2", root / "s3"])
+    with pytest.raises(InputError, match="not a shard"):
+        merge_shards(root / "bad3", [root / "single"])
+    assert not any((root / b).exists() for b in ("bad1", "bad2", "bad3"))
+    r = CliRunner().invoke(app, ["merge", str(root / "bad4"), str(root / "s1"), str(root / "s2")])
+    assert r.exit_code == 2 and "missing shard(s) 3/3" in r.output
+    assert not (root / "bad4").exists()
+
+
+def test_merge_refuses_shard_of_another_model(sharded: dict, tmp_path: Path) -> None:
+    root = sharded["root"]
+    other = make_model(tmp_path / "other.pt", seed=7)
+    score_cohort(sharded["dicom"], sharded["meta"], other, tmp_path / "s3x", _opts(shard=f"3/{N}"))
+    with pytest.raises(InputError, match=r"s3x differs .* in model sha256"):
+        merge_shards(tmp_path / "m", [root / "s1", root / "s2", tmp_path / "s3x"])
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_with_another_shard_is_refused(sharded: dict, tiny_model: Path) -> None:
+    root = sharded["root"]
+    with pytest.raises(InputError, match="--shard differs"):
+        score_cohort(sharded["dicom"], sharded["meta"], tiny_model, root / "s1", _opts(shard="2/3"))
+
+
+def test_parse_shard_and_stable_hash() -> None:
+    assert (parse_shard("2/8").k, parse_shard(" 2 / 8 ").n) == (2, 8)
+    for bad in ("0/3", "4/3", "3", "a/b", "1/0"):
+        with pytest.raises(InputError):
+            parse_shard(bad)
+    # the same shard in another interpreter with another hash seed (Python's hash() would differ)
+    code = "from xbmd_batch.score.shard import shard_of; print([shard_of(f's:P{i:04d}', 7) for i in range(50)])"
+    outs = {
+        subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s}, capture_output=True, text=True,
+                       check=True).stdout  # fmt: skip
+        for s in ("1", "2")
+    }
+    assert outs == {str([shard_of(f"s:P{i:04d}", 7) for i in range(50)]) + "\n"}
+    assert len(set(eval(outs.pop()))) == 7  # all shards used
