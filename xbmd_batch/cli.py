@@ -64,6 +64,12 @@ def score(
     shard: str | None = typer.Option(
         None, metavar="K/N", help="Score only shard K of N (by subject key); combine with `merge`."
     ),
+    engine: str = typer.Option(
+        "local", help="local | ray (decode + inference on a Ray cluster; extra `ray`)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="--engine ray: cluster address, e.g. auto [local Ray]."
+    ),
 ) -> None:
     """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
 
@@ -93,6 +99,8 @@ def score(
         strict=strict,
         quiet=quiet,
         shard=shard,
+        engine=engine,
+        ray_address=ray_address,
     )
     try:
         res = score_cohort(dicom_dir, meta, model, out, opts)

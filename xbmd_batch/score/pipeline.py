@@ -30,6 +30,7 @@ from xbmd_batch.score.decode import DecodePool
 from xbmd_batch.score.discover import discover
 from xbmd_batch.score.finalize import finalize
 from xbmd_batch.score.headers import read_headers
+from xbmd_batch.score.infer_step import BatchOutcome, infer_batch
 from xbmd_batch.score.join import KeySpec, join_metadata
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.reconcile import Plan, build_plan
@@ -73,6 +74,8 @@ class ScoreOptions:
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
     shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
+    engine: str = "local"  # "local" (process pool + one runner) | "ray" (xbmd_batch.score.ray_engine)
+    ray_address: str | None = None  # --engine ray: cluster address ("auto"); None starts a local Ray
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -111,6 +114,8 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
+    if o.engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray (got {o.engine!r})")
     if o.shard is not None:
         from xbmd_batch.score.shard import parse_shard
 
@@ -374,120 +379,101 @@ def score_cohort(
     wait_s = 0.0
     paths_arr = pa.array(plan.items.get_column("relative_path").to_list(), type=pa.large_string())
     t_loop = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        # Decode workers start (and decode the first tasks) while the model loads.
-        pool = stack.enter_context(
-            DecodePool(dicom_dir, paths_arr, card.preprocess, workers, o.task_size, o.max_inflight)
-        )
-        pool.start(todo)
-        runner = stack.enter_context(
-            open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
-                        batch_size=o.batch_size, parity_feeds=make_reference_feeds)
+    if o.engine == "ray":
+        backend, precision, reason = _score_on_ray(
+            o, dicom_dir, paths_arr, card, model_path, todo, values, mask, meta_row, plan, ids, missing,
+            derived, schema.names, out_dir, session, timings, base_manifest, console,
         )  # fmt: skip
-        backend, precision, reason = runner.backend, runner.precision, runner.reason
-        prov = runner.provenance()
-        base_manifest["runner"] = prov
-        base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
-        has_attn = runner.has_attention
-        console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
-        t = lap("model_load", t)
+        t_loop = time.perf_counter() - timings.get("ray_scoring", 0.0)
+    else:
+        with contextlib.ExitStack() as stack:
+            # Decode workers start (and decode the first tasks) while the model loads.
+            pool = stack.enter_context(
+                DecodePool(dicom_dir, paths_arr, card.preprocess, workers, o.task_size, o.max_inflight)
+            )
+            pool.start(todo)
+            runner = stack.enter_context(
+                open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
+                            batch_size=o.batch_size, parity_feeds=make_reference_feeds)
+            )  # fmt: skip
+            backend, precision, reason = runner.backend, runner.precision, runner.reason
+            prov = runner.provenance()
+            base_manifest["runner"] = prov
+            base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
+            has_attn = runner.has_attention
+            console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
+            t = lap("model_load", t)
 
-        buf = ChunkBuffer(
-            ids,
-            meta_row,
-            plan.items.get_column("image_index_for_subject").to_numpy(),
-            plan.items.get_column("n_images_for_subject").to_numpy(),
-            missing,
-            derived,
-            schema.names,
-            backend,
-            precision,
-        )
-        writer = PartWriter(out_dir)
-        hook = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
-        kill_after = int(hook[0] or 0)
-        kill_sig = getattr(signal, f"SIG{hook[1]}") if len(hook) > 1 else signal.SIGKILL
+            buf = ChunkBuffer(
+                ids,
+                meta_row,
+                plan.items.get_column("image_index_for_subject").to_numpy(),
+                plan.items.get_column("n_images_for_subject").to_numpy(),
+                missing,
+                derived,
+                schema.names,
+                backend,
+                precision,
+            )
+            writer = PartWriter(out_dir)
+            hook = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
+            kill_after = int(hook[0] or 0)
+            kill_sig = getattr(signal, f"SIG{hook[1]}") if len(hook) > 1 else signal.SIGKILL
 
-        def write_part() -> None:
-            nonlocal t
-            tw = time.perf_counter()
-            table = buf.take()
-            if table is not None:
-                writer.write(table)
-                session["parts"] += 1
-                if kill_after and session["parts"] >= kill_after:
-                    os.kill(os.getpid(), kill_sig)
-            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
+            def write_part() -> None:
+                nonlocal t
+                tw = time.perf_counter()
+                table = buf.take()
+                if table is not None:
+                    writer.write(table)
+                    session["parts"] += 1
+                    if kill_after and session["parts"] >= kill_after:
+                        os.kill(os.getpid(), kill_sig)
+                timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
 
-        def infer(idx: np.ndarray, images: np.ndarray) -> None:
-            ti = time.perf_counter()
-            rows = meta_row[idx]
+            def infer(idx: np.ndarray, images: np.ndarray) -> None:
+                ti = time.perf_counter()
+                rows = meta_row[idx]
+                add_outcome(infer_batch(runner, has_attn, idx, images, values[rows], mask[rows]))
+                timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - ti
+
+            def add_outcome(res: BatchOutcome) -> None:
+                for i, b, a in res.scored:
+                    buf.add_scored(i, b, a)
+                for i, reasons, messages in res.failed:
+                    buf.add_failed(i, "infer", reasons, messages)
+
+            batcher = Batcher(o.batch_size, card.preprocess.image_size)
+            progress = _progress(console, o.quiet)
+            task = progress.add_task("scoring", total=len(todo), rate=0.0)
+            n_done = 0
+            t_loop = time.perf_counter()
             try:
-                out = runner.infer({"image": images, "meta": values[rows], "meta_mask": mask[rows]})
-                _accept(idx, out)
-            except Exception:  # noqa: BLE001 - isolate the bad image: retry one by one
-                for k in range(len(idx)):
-                    try:
-                        out = runner.infer(
-                            {
-                                "image": images[k : k + 1],
-                                "meta": values[rows[k : k + 1]],
-                                "meta_mask": mask[rows[k : k + 1]],
-                            }  # fmt: skip
-                        )
-                        _accept(idx[k : k + 1], out)
-                    except Exception as e:  # noqa: BLE001
-                        buf.add_failed(
-                            idx[k : k + 1], "infer", ["inference_error"], [f"{type(e).__name__}: {e}"[:500]]
-                        )
-            timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - ti
-
-        def _accept(idx: np.ndarray, out: dict[str, np.ndarray]) -> None:
-            bmd = np.asarray(out["bmd"], dtype=np.float32).reshape(len(idx))
-            attn = out.get("field_attention") if has_attn else None
-            attn = None if attn is None else np.asarray(attn, dtype=np.float32).reshape(len(idx), -1)
-            good = np.isfinite(bmd)
-            if attn is not None:
-                good &= np.isfinite(attn).all(axis=1)
-            if good.all():
-                buf.add_scored(idx, bmd, attn)
-            else:
-                buf.add_scored(idx[good], bmd[good], None if attn is None else attn[good])
-                bad = idx[~good]
-                buf.add_failed(bad, "infer", ["nonfinite_prediction"] * len(bad),
-                               ["the model returned NaN/inf for this image"] * len(bad))  # fmt: skip
-
-        batcher = Batcher(o.batch_size, card.preprocess.image_size)
-        progress = _progress(console, o.quiet)
-        task = progress.add_task("scoring", total=len(todo), rate=0.0)
-        n_done = 0
-        t_loop = time.perf_counter()
-        try:
-            with progress:
-                for dec in pool.results():
-                    decode_worker_s += dec.seconds
-                    if dec.failures:
-                        f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
-                        buf.add_failed(
-                            f_idx, "decode", [f[1] for f in dec.failures], [f[2] for f in dec.failures]
-                        )
-                    ok = dec.ok
-                    for b in batcher.add(dec.idx[ok], dec.images[ok]):
-                        infer(b.idx, b.images)
-                    n_done += len(dec.idx)
-                    el = time.perf_counter() - t_loop
-                    progress.update(task, completed=n_done, rate=n_done / el if el > 0 else 0.0)
-                    if buf.n_rows >= o.chunk_size:
-                        write_part()
-                last = batcher.flush()
-                if last is not None:
-                    infer(last.idx, last.images)
-                write_part()
-                wait_s = pool.wait_seconds
-        except BaseException:
-            write_part()  # KeyboardInterrupt / crash: keep every finished row (atomic part), then stop
-            raise
-        session["scored"], session["failed"] = buf.n_scored, buf.n_failed
+                with progress:
+                    for dec in pool.results():
+                        decode_worker_s += dec.seconds
+                        if dec.failures:
+                            f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
+                            buf.add_failed(
+                                f_idx, "decode", [f[1] for f in dec.failures], [f[2] for f in dec.failures]
+                            )
+                        ok = dec.ok
+                        for b in batcher.add(dec.idx[ok], dec.images[ok]):
+                            infer(b.idx, b.images)
+                        n_done += len(dec.idx)
+                        el = time.perf_counter() - t_loop
+                        progress.update(task, completed=n_done, rate=n_done / el if el > 0 else 0.0)
+                        if buf.n_rows >= o.chunk_size:
+                            write_part()
+                    last = batcher.flush()
+                    if last is not None:
+                        infer(last.idx, last.images)
+                    write_part()
+                    wait_s = pool.wait_seconds
+            except BaseException:
+                write_part()  # KeyboardInterrupt / crash: keep every finished row (atomic part), then stop
+                raise
+            session["scored"], session["failed"] = buf.n_scored, buf.n_failed
     loop_s = time.perf_counter() - t_loop
     timings["decode_wait"] = wait_s
     t = time.perf_counter()
@@ -548,6 +534,74 @@ def score_cohort(
         resumed,
         run_id,
     )
+
+
+def _score_on_ray(
+    o: ScoreOptions, dicom_dir: Path, paths_arr: pa.Array, card: Any, model_path: Path, todo: np.ndarray,
+    values: np.ndarray, mask: np.ndarray, meta_row: np.ndarray, plan: Plan, ids: dict[str, np.ndarray],
+    missing: np.ndarray, derived: np.ndarray, field_names: tuple[str, ...], out_dir: Path,
+    session: dict[str, int], timings: dict[str, float], base_manifest: dict[str, Any], console: Any,
+) -> tuple[str, str, str]:  # fmt: skip
+    """Decode + inference on Ray (same decode_task / infer_batch); rows into the same parts, by the driver."""
+    from xbmd_batch.score import ray_engine
+
+    t0 = time.perf_counter()
+    buf = ChunkBuffer(
+        ids,
+        meta_row,
+        plan.items.get_column("image_index_for_subject").to_numpy(),
+        plan.items.get_column("n_images_for_subject").to_numpy(),
+        missing,
+        derived,
+        field_names,
+        "",
+        "",
+    )  # fmt: skip  (backend/precision: from the actors' first batch)
+    writer = PartWriter(out_dir)
+    backend = precision = reason = ""
+
+    def write_part() -> None:
+        table = buf.take()
+        if table is not None:
+            writer.write(table)
+            session["parts"] += 1
+
+    batches = ray_engine.run(
+        address=o.ray_address, dicom_dir=dicom_dir, paths=paths_arr, preprocess_cfg=card.preprocess.to_dict(),
+        todo=todo, model_path=model_path, values=values, mask=mask, meta_row=meta_row, task_size=o.task_size,
+        batch_size=o.batch_size,
+        runner_kwargs={"backend": o.backend, "device": o.device, "precision": o.precision,
+                       "batch_size": o.batch_size},
+    )  # fmt: skip
+    try:
+        for rb in batches:
+            if not backend:
+                backend, precision, reason = (
+                    str(rb[c][0]) for c in ("backend", "precision", "backend_reason")
+                )
+                buf.backend, buf.precision = backend, precision
+            idx = np.asarray(rb["idx"], dtype=np.int64)
+            sc = rb["status"] == "scored"
+            if sc.any():
+                attn = rb["attn"][sc] if rb["has_attn"][sc].all() else None
+                buf.add_scored(idx[sc], rb["bmd"][sc], attn)
+            for stage in ("decode", "infer"):
+                m = ~sc & (rb["stage"] == stage)
+                if m.any():
+                    buf.add_failed(
+                        idx[m], stage, [str(x) for x in rb["reason"][m]], [str(x) for x in rb["message"][m]]
+                    )
+            if buf.n_rows >= o.chunk_size:
+                write_part()
+        write_part()
+    except BaseException:
+        write_part()  # keep every finished row, then stop
+        raise
+    session["scored"], session["failed"] = buf.n_scored, buf.n_failed
+    timings["ray_scoring"] = time.perf_counter() - t0
+    base_manifest["runner"] = {"engine": "ray", "backend": backend, "precision": precision}
+    console.print(f"engine: ray; backend: [bold]{backend}[/] ({precision})")
+    return backend, precision, reason
 
 
 def _progress(console: Any, quiet: bool) -> Any:

@@ -37,7 +37,18 @@ SHARD_DIR = "shard"
 _SPEC_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Options that change only speed, never a row: shards may differ in them (nodes of different sizes).
 PERF_ONLY_OPTIONS = frozenset(
-    {"workers", "chunk_size", "quiet", "task_size", "max_inflight", "header_threads", "batch_size", "shard"}
+    {
+        "workers",
+        "chunk_size",
+        "quiet",
+        "task_size",
+        "max_inflight",
+        "header_threads",
+        "batch_size",
+        "shard",
+        "engine",
+        "ray_address",
+    }
 )
 _META_LEVEL_COUNTS = (
     "metadata_rows",

@@ -1,0 +1,98 @@
+"""Benchmark of scale-out on this machine (not a test). Every cohort here is SYNTHETIC.
+
+On one SYNTHETIC cohort (generator v1, --n subjects, --size px, tiny 64 px model, torch CPU):
+1. Ray start-up overhead: `ray.init(num_cpus=2)` + one trivial task, wall seconds.
+2. Local engine (decode process pool, --workers 2) vs `--engine ray` on the same local Ray runtime (2 CPUs):
+   scoring-loop images/s of each and their ratio (ray / local), measured in one invocation, one after
+   the other.
+3. `--shard 1/3, 2/3, 3/3` + `merge` vs the single run: same rows? max |bmd difference|, same failure reasons,
+   same reconciliation counts; summed shard wall time vs single wall time (shards run one after another here).
+
+Run:  nice -n 10 .venv/bin/python benchmarks/scale_out.py [--n 96] [--size 512]
+Writes benchmarks/results/scale_out_<tag>.json (machine info, load average, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/xbmd_bench_scale"))
+    p.add_argument("--n", type=int, default=96)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--tag", default="vm")
+    a = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import numpy as np
+    import polars as pl
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks._machine import cpu_model, load_average
+    from tests.helpers.score import make_cohort, make_model
+    from xbmd_batch.score import ScoreOptions, score_cohort
+    from xbmd_batch.score.shard import merge_shards
+
+    shutil.rmtree(a.work, ignore_errors=True)
+    a.work.mkdir(parents=True)
+    cohort = make_cohort(a.work / "cohort", n=a.n, size=a.size)
+    model = make_model(a.work / "tiny.pt")
+    dicom, meta = cohort / "dicom", cohort / "meta.csv"
+    res: dict = {"synthetic": True, "n_subjects": a.n, "size": a.size, "load_avg_before": load_average(),
+                 "cpu": cpu_model(), "cpus": os.cpu_count(), "command": " ".join(sys.argv)}  # fmt: skip
+
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.get(ray.remote(lambda: 1).remote())
+    res["ray_startup_s"] = round(time.perf_counter() - t, 2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def run(name: str, **kw: object) -> dict:
+        t0 = time.perf_counter()
+        r = score_cohort(dicom, meta, model, a.work / name, ScoreOptions(quiet=True, **kw))  # type: ignore[arg-type]
+        return {"wall_s": round(time.perf_counter() - t0, 2), **r.throughput, "exit": r.exit_code}
+
+    res["local"] = run("local", workers=2)
+    res["ray"] = run("ray", engine="ray")
+    res["ray_over_local_images_per_s"] = round(res["ray"]["images_per_s"] / res["local"]["images_per_s"], 3)
+    res["ray_over_local_wall"] = round(res["ray"]["wall_s"] / res["local"]["wall_s"], 3)
+    ray.shutdown()
+
+    shards = [run(f"s{k}", workers=2, shard=f"{k}/3") for k in (1, 2, 3)]
+    t0 = time.perf_counter()
+    merge_shards(a.work / "merged", [a.work / f"s{k}" for k in (1, 2, 3)])
+    res["merge_s"] = round(time.perf_counter() - t0, 2)
+    res["shards_wall_s"] = [s["wall_s"] for s in shards]
+    s1 = pl.read_parquet(a.work / "local" / "scores.parquet")
+    for other in ("merged", "ray"):
+        s2 = pl.read_parquet(a.work / other / "scores.parquet")
+        same = s2["relative_path"].to_list() == s1["relative_path"].to_list()
+        d = float(np.max(np.abs(s2["bmd_pred"].to_numpy() - s1["bmd_pred"].to_numpy()))) if same else None
+        f1, f2 = (pl.read_parquet(a.work / x / "failures.parquet") for x in ("local", other))
+        r1, r2 = (json.loads((a.work / x / "reconciliation.json").read_text()) for x in ("local", other))
+        res[f"{other}_vs_local"] = {
+            "same_rows": same, "rows": s2.height, "max_abs_bmd_diff": d,
+            "same_failure_reasons": f1["reason"].to_list() == f2["reason"].to_list(),
+            "same_reconciliation_counts": r1["counts"] == r2["counts"],
+        }  # fmt: skip
+    res["load_avg_after"] = load_average()
+    out = ROOT / "benchmarks" / "results" / f"scale_out_{a.tag}.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
