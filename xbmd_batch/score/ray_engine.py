@@ -97,6 +97,10 @@ class ScoreActor:
         }  # fmt: skip
 
 
+def _decode_task_args() -> dict[str, Any]:
+    return {"num_cpus": 1}
+
+
 def _cluster_gpus() -> int:
     import ray
 
@@ -151,7 +155,9 @@ def run(
         batch_size=task_size,
         batch_format="numpy",
         fn_kwargs={"root": str(dicom_dir), "paths": paths, "cfg": preprocess_cfg},
-        num_cpus=1,
+        # a ray_remote_args_fn keeps decode a pool of CPU tasks: without it Ray Data fuses it into the model
+        # actors, and decode (the bottleneck) then runs only as many at a time as there are actors
+        ray_remote_args_fn=_decode_task_args,
     )
     ds = ds.map_batches(
         ScoreActor,
