@@ -1,11 +1,13 @@
 """Interval coverage and prevalence against truth for a trained model on a fresh SYNTHETIC cohort.
 
 Calibration set: the run's out-of-fold predictions (``training_summary.oof_residuals`` of the model card when
-training stored them, else ``RUN/oof.parquet`` of the primary variant, uncalibrated). Test set: a cohort the
-model never saw (a different ``xbmd-batch synth`` seed), scored with the run's final model; truth from its
-truth.csv (``bmd_dxa``, the training label). Reports, at 0.8 / 0.9 / 0.95: coverage overall, in the lowest
-quintile of the *prediction* (what the method conditions on) and in the lowest quintile of the *true* BMD
-(what it cannot condition on); and the prevalence of T ≤ −1 / ≤ −2.5 from the mean predictive probability
+training stored them, else ``RUN/oof.parquet`` of the primary variant, uncalibrated; else, for a run still in
+progress, rebuilt from the fold models present: each ``fold_k.pt`` scores the training cohort and keeps the
+subjects of its own test fold, re-derived with ``train.folds.make_folds`` exactly as training split them).
+Test set: a cohort the model never saw (a different ``xbmd-batch synth`` seed), scored with ``--model``; truth
+from its truth.csv (``bmd_dxa``, the training label). Reports, at 0.8 / 0.9 / 0.95: coverage overall, in the
+lowest quintile of the *prediction* (what the method conditions on) and in the lowest quintile of the *true*
+BMD (what it cannot condition on); and the prevalence of T ≤ −1 / ≤ −2.5 from the mean predictive probability
 (with its 95 % CI) next to the naive classified count and the truth.
 
     python benchmarks/uncertainty_coverage.py --run RUN --model RUN/final.pt --cohort FRESH_COHORT \
@@ -34,12 +36,45 @@ from xbmd_batch.score.cohort_summary import cohort_summary, threshold_suffix  # 
 from xbmd_batch.uncertainty import LEVELS, ConditionalConformal  # noqa: E402
 
 
-def calibration(run: Path, model: Path) -> tuple[ConditionalConformal, str]:
+def oof_from_folds(run: Path, train_cohort: Path, scratch: Path, folds: int, seed: int) -> pl.DataFrame:
+    """y_true, y_pred of every fold model present on its own test fold (training's split, re-derived)."""
+    from train.data import load_cohort
+    from train.folds import make_folds
+
+    cohort = load_cohort(train_cohort)
+    splits = make_folds(cohort.y, cohort.subject_ids, folds, seed, 5)
+    parts = []
+    for k, (_, te) in enumerate(splits):
+        ck = run / f"fold_{k}.pt"
+        if not ck.is_file():
+            continue
+        out = scratch / f"oof_fold_{k}"
+        if not (out / "scores.parquet").is_file():
+            score_cohort(train_cohort / "dicom", train_cohort / "meta.csv", ck, out,
+                         ScoreOptions(quiet=True, workers=1))  # fmt: skip
+        sc = pl.read_parquet(out / "scores.parquet").select("subject_key", "bmd_pred")
+        test = pl.DataFrame({"subject_key": cohort.subject_ids[te].astype(str), "y_true": cohort.y[te]})
+        joined = test.join(sc, on="subject_key")
+        parts.append(joined.select("y_true", pl.col("bmd_pred").alias("y_pred"), pl.lit(k).alias("fold")))
+    if not parts:
+        raise SystemExit(f"{run}: no oof.parquet and no fold_*.pt")
+    return pl.concat(parts)
+
+
+def calibration(run: Path, model: Path, a: argparse.Namespace) -> tuple[ConditionalConformal, str]:
     from xbmd_batch.runners import load_card
 
     cc, why = ConditionalConformal.from_training_summary(load_card(model).training_summary)
     if cc is not None:
         return cc, "model card training_summary.oof_residuals"
+    if not (run / "oof.parquet").is_file() and a.train_cohort is not None:
+        d = oof_from_folds(run, a.train_cohort, a.out, a.folds, a.seed)
+        folds = sorted(set(d["fold"].to_list()))
+        return (
+            ConditionalConformal.fit(d["y_pred"].to_numpy(), d["y_true"].to_numpy()),
+            f"out-of-fold predictions of fold models {folds} rebuilt by scoring {a.train_cohort} "
+            f"(uncalibrated; run unfinished, the card had none: {why})",
+        )
     oof = pl.read_parquet(run / "oof.parquet")
     primary = oof["variant"][0]
     d = oof.filter(pl.col("variant") == primary)
@@ -57,10 +92,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="scratch folder for the score run")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--reference", default="nhanes3-hologic")
+    p.add_argument("--train-cohort", type=Path, default=None, help="to rebuild OOF from fold_*.pt")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
     load0 = os.getloadavg()
-    cc, source = calibration(a.run, a.model)
+    cc, source = calibration(a.run, a.model, a)
     res_dir = a.out / "results"
     t0 = time.perf_counter()
     if not (res_dir / "scores.parquet").is_file():
