@@ -27,12 +27,13 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/ (rebuilding OOF)
 
 from _machine import cpu_model  # noqa: E402
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference  # noqa: E402
 from xbmd_batch.score import ScoreOptions, score_cohort  # noqa: E402
-from xbmd_batch.score.cohort_summary import cohort_summary, threshold_suffix  # noqa: E402
+from xbmd_batch.score.cohort_summary import threshold_suffix  # noqa: E402
 from xbmd_batch.uncertainty import LEVELS, ConditionalConformal  # noqa: E402
 
 
@@ -61,27 +62,35 @@ def oof_from_folds(run: Path, train_cohort: Path, scratch: Path, folds: int, see
     return pl.concat(parts)
 
 
-def calibration(run: Path, model: Path, a: argparse.Namespace) -> tuple[ConditionalConformal, str]:
+def calibration(run: Path, model: Path, a: argparse.Namespace) -> tuple[Path, str]:
+    """(model to score with, where its residuals came from). A model whose card lacks the issue-10 residuals
+    is copied with them added (``training_summary.oof_residuals``, as training stores them), so the scoring
+    pipeline itself writes the intervals, probabilities and cohort summary that are evaluated here."""
+    from xbmd_batch.checkpoint import load_model, save_checkpoint
     from xbmd_batch.runners import load_card
 
     cc, why = ConditionalConformal.from_training_summary(load_card(model).training_summary)
     if cc is not None:
-        return cc, "model card training_summary.oof_residuals"
+        return model, "model card training_summary.oof_residuals"
     if not (run / "oof.parquet").is_file() and a.train_cohort is not None:
         d = oof_from_folds(run, a.train_cohort, a.out, a.folds, a.seed)
         folds = sorted(set(d["fold"].to_list()))
-        return (
-            ConditionalConformal.fit(d["y_pred"].to_numpy(), d["y_true"].to_numpy()),
+        source = (
             f"out-of-fold predictions of fold models {folds} rebuilt by scoring {a.train_cohort} "
-            f"(uncalibrated; run unfinished, the card had none: {why})",
+            f"(uncalibrated; run unfinished, the card had none: {why})"
         )
-    oof = pl.read_parquet(run / "oof.parquet")
-    primary = oof["variant"][0]
-    d = oof.filter(pl.col("variant") == primary)
-    return (
-        ConditionalConformal.fit(d["y_pred"].to_numpy(), d["y_true"].to_numpy()),
-        f"{run / 'oof.parquet'} variant {primary} (uncalibrated; the card had none: {why})",
-    )
+    else:
+        oof = pl.read_parquet(run / "oof.parquet")
+        primary = oof["variant"][0]
+        d = oof.filter(pl.col("variant") == primary)
+        source = f"{run / 'oof.parquet'} variant {primary} (uncalibrated; the card had none: {why})"
+    m, card = load_model(model)
+    block = {"prediction": d["y_pred"].to_list(), "target": d["y_true"].to_list(), "calibrated": False,
+             "reference": a.reference, "n": d.height}  # fmt: skip
+    summary = {**card.training_summary, "oof_residuals": block}
+    path = a.out / f"{model.stem}_with_oof.pt"
+    save_checkpoint(path, m, card.model_config, card.schema, card.preprocess, summary)
+    return path, source
 
 
 def main() -> int:
@@ -98,12 +107,16 @@ def main() -> int:
     a = p.parse_args()
 
     load0 = os.getloadavg()
-    cc, source = calibration(a.run, a.model, a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    model, source = calibration(a.run, a.model, a)
+    from xbmd_batch.runners import load_card
+
+    cc, _ = ConditionalConformal.from_training_summary(load_card(model).training_summary)
     res_dir = a.out / "results"
     t0 = time.perf_counter()
     if not (res_dir / "scores.parquet").is_file():
-        score_cohort(a.cohort / "dicom", a.cohort / "meta.csv", a.model, res_dir,
-                     ScoreOptions(quiet=True, workers=1, reference=a.reference))  # fmt: skip
+        score_cohort(a.cohort / "dicom", a.cohort / "meta.csv", model, res_dir,
+                     ScoreOptions(quiet=True, workers=1, reference=a.reference, interval=0.9))  # fmt: skip
     score_s = time.perf_counter() - t0
     scores = pl.read_parquet(res_dir / "scores.parquet")
     truth = pl.read_csv(a.cohort / "truth.csv").select(
@@ -116,7 +129,10 @@ def main() -> int:
     low_true = y <= np.quantile(y, 0.2)
     cov = {}
     for level in LEVELS:
-        lo, hi = cc.interval(pred, level)
+        if level == 0.9:  # the columns `score` wrote
+            lo, hi = df["bmd_lo"].to_numpy().astype(np.float64), df["bmd_hi"].to_numpy().astype(np.float64)
+        else:
+            lo, hi = cc.interval(pred, level)
         inside = (y >= lo) & (y <= hi)
         cov[str(level)] = {
             "overall": round(float(inside.mean()), 4),
@@ -125,11 +141,23 @@ def main() -> int:
             "median_width_g_cm2": round(float(np.median(hi - lo)), 4),
         }
     ref = get_reference(a.reference)
-    df = df.with_columns(
-        pl.Series("bmd_lo", cc.interval(pred, 0.9)[0]), pl.Series("bmd_hi", cc.interval(pred, 0.9)[1])
-    )
-    summ = cohort_summary(df, ref, cc, 0.9, n_boot=1000)
-    o = summ.row(0, named=True)
+    # the overall row of the cohort_summary.parquet that `score` wrote (all images of the cohort are scored)
+    summ = pl.read_parquet(res_dir / "cohort_summary.parquet")
+    o = summ.filter((pl.col("sex") == "all") & (pl.col("age_band") == "all")).row(0, named=True)
+    by_sex = {}
+    for sx in ("F", "M"):
+        r = summ.filter((pl.col("sex") == sx) & (pl.col("age_band") == "all")).row(0, named=True)
+        ys = df.filter(pl.col("sex") == sx)["bmd_dxa"].to_numpy()
+        by_sex[sx] = {
+            f"T<={t:g}": {
+                "truth": round(float(np.mean(ys <= ref.bmd_at(t))), 4),
+                "probability_based": round(r[f"prev_t_le_{threshold_suffix(t)}"], 4),
+                "ci95": [round(r[f"prev_t_le_{threshold_suffix(t)}_lo"], 4),
+                         round(r[f"prev_t_le_{threshold_suffix(t)}_hi"], 4)],
+                "naive_share": round(r[f"naive_prev_t_le_{threshold_suffix(t)}"], 4),
+            }
+            for t in SCREEN_THRESHOLDS
+        }  # fmt: skip
     prev = {}
     for t in SCREEN_THRESHOLDS:
         s = threshold_suffix(t)
@@ -153,6 +181,7 @@ def main() -> int:
         "n_test_images": int(df.height),
         "coverage": cov,
         "prevalence": prev,
+        "prevalence_by_sex": by_sex,
         "score_seconds": round(score_s, 1),
         "load_avg_at_start": [round(x, 2) for x in load0],
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],

@@ -65,7 +65,8 @@ def score(
     strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
-    """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
+    """Score every hip X-ray under DIR with its META row: scores.parquet (with conformal intervals and
+    predictive probabilities), cohort_summary.parquet, failures.parquet, run.json in OUT.
 
     Example: xbmd-batch score cohort/dicom cohort/meta.csv --model model.onnx --out results/
 
@@ -106,7 +107,8 @@ def score(
         raise typer.Exit(130) from None
     if not quiet:
         typer.echo(
-            f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"
+            f"results in {res.out_dir}: scores.parquet, cohort_summary.parquet, failures.parquet, run.json "
+            f"(exit {res.exit_code}); HTML report: xbmd-batch report {res.out_dir}"
         )
     raise typer.Exit(res.exit_code)
 
