@@ -67,9 +67,9 @@ def calibration(run: Path, model: Path, a: argparse.Namespace) -> tuple[Path, st
     is copied with them added (``training_summary.oof_residuals``, as training stores them), so the scoring
     pipeline itself writes the intervals, probabilities and cohort summary that are evaluated here."""
     from xbmd_batch.checkpoint import load_model, save_checkpoint
-    from xbmd_batch.runners import load_card
+    from xbmd_batch.infer.model_file import open_model
 
-    cc, why = ConditionalConformal.from_training_summary(load_card(model).training_summary)
+    cc, why = ConditionalConformal.from_training_summary(open_model(model).card.training_summary)
     if cc is not None:
         return model, "model card training_summary.oof_residuals"
     if not (run / "oof.parquet").is_file() and a.train_cohort is not None:
@@ -109,9 +109,9 @@ def main() -> int:
     load0 = os.getloadavg()
     a.out.mkdir(parents=True, exist_ok=True)
     model, source = calibration(a.run, a.model, a)
-    from xbmd_batch.runners import load_card
+    from xbmd_batch.infer.model_file import open_model
 
-    cc, _ = ConditionalConformal.from_training_summary(load_card(model).training_summary)
+    cc, _ = ConditionalConformal.from_training_summary(open_model(model).card.training_summary)
     res_dir = a.out / "results"
     t0 = time.perf_counter()
     if not (res_dir / "scores.parquet").is_file():

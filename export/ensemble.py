@@ -140,8 +140,9 @@ def export_ensemble(
     import onnx
     import torch
 
-    from export.onnx_export import ExportError, _tmp_beside, _write, tool_versions
+    from export.onnx_export import ExportError, _tmp_beside, tool_versions
     from export.parity import reference_feeds
+    from xbmd_batch.fsutil import commit, write_synced
     from xbmd_batch.onnx_card import check_io_against_card, embed_card, read_onnx_card
 
     log = log or (lambda _m: None)
@@ -194,7 +195,7 @@ def export_ensemble(
     tmp = _tmp_beside(out)
     try:
         embed_card(proto, card)
-        _write(tmp, proto.SerializeToString())
+        write_synced(tmp, proto.SerializeToString())
         check_io_against_card(onnx.load(os.fspath(tmp), load_external_data=False), card, source=str(out))
         onnx.checker.check_model(os.fspath(tmp), full_check=True)
         import onnxruntime as ort
@@ -216,9 +217,9 @@ def export_ensemble(
             raise ExportError(f"{out}: ensemble parity failed: {worst} (tolerance {tolerance})")
         card = card.with_extra(parity={"max_abs": worst, "tolerance": tolerance, "inputs": desc})
         embed_card(proto, card)
-        _write(tmp, proto.SerializeToString())
+        write_synced(tmp, proto.SerializeToString())
         read_onnx_card(tmp)
-        os.replace(tmp, out)
+        commit(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": os.fspath(out), "k": len(paths), "export_time_s": export_s, "parity": worst}

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
-from test_score_fixtures import IMAGE_SIZE
+
+from tests.helpers.score import IMAGE_SIZE
 
 pytest.importorskip("onnxruntime")
 
@@ -55,8 +55,9 @@ def test_ensemble_outputs_equal_members_with_their_own_normalisation(ensemble, c
 
     from xbmd_batch import metadata
     from xbmd_batch.checkpoint import load_model
+    from xbmd_batch.infer.ort_runner import OrtRunner
     from xbmd_batch.onnx_card import read_onnx_card
-    from xbmd_batch.runners import OrtRunner, make_reference_feeds
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     run, out = ensemble
     card = read_onnx_card(out)

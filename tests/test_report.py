@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
-from test_score_fixtures import IMAGE_SIZE
 
+from tests.helpers.score import IMAGE_SIZE
 from xbmd_batch.clinical import get_reference
 from xbmd_batch.score import ScoreOptions, score_cohort
 from xbmd_batch.uncertainty import ConditionalConformal

@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 
+from tests.helpers.uncertainty import simulate_pairs
 from xbmd_batch.clinical import get_reference
 from xbmd_batch.score.cohort_summary import age_band, cohort_summary, summary_schema, threshold_suffix
 from xbmd_batch.uncertainty import ConditionalConformal
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_uncertainty import simulate_pairs  # noqa: E402
 
 REF = get_reference("nhanes3-hologic")
 

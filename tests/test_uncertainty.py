@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers.uncertainty import simulate_pairs
 from xbmd_batch.clinical import get_reference
 from xbmd_batch.uncertainty import (
     LEVELS,
@@ -17,14 +18,6 @@ from xbmd_batch.uncertainty import (
     ConditionalConformal,
     check_level,
 )
-
-
-def simulate_pairs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction, truth) in g/cm²: truth ~ N(0.70, 0.13); ŷ shrunk halfway to 0.72; heteroscedastic."""
-    y = rng.normal(0.70, 0.13, n)
-    noise_sd = np.where(y < 0.60, 0.08, 0.05)
-    pred = 0.72 + 0.5 * (y - 0.70) + rng.normal(0.0, 1.0, n) * noise_sd
-    return pred, y
 
 
 def _coverage(lo: np.ndarray, hi: np.ndarray, y: np.ndarray) -> float:

@@ -7,17 +7,15 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xbmd_batch import __version__
 from xbmd_batch.config import MetadataSchema, ModelConfig, PreprocessConfig
 from xbmd_batch.errors import ModelFileError
+from xbmd_batch.fsutil import atomic_open, now_iso, sha256_file
 from xbmd_batch.modelcard import ModelCard, card_from_checkpoint
 
 if TYPE_CHECKING:
@@ -26,15 +24,6 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "xbmd-batch-checkpoint"
 CHECKPOINT_VERSION = 1
 _REQUIRED_KEYS = ("state_dict", "model_config", "metadata_schema", "preprocess")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (the model card and run manifests identify models by it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(obj: Any) -> Any:
@@ -79,21 +68,13 @@ def save_checkpoint(
         "metadata_schema": schema.to_dict(),
         "preprocess": preprocess.to_dict(),
         "training_summary": _plain(training_summary or {}),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "versions": {"xbmd_batch": __version__, "torch": str(torch.__version__)},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(ckpt, f)
     return path
 
 
@@ -130,11 +111,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
     """Rebuild the exact model from a checkpoint: (model in eval mode on CPU, its ModelCard)."""
-    from xbmd_batch.model import build_model
-
     ckpt = load_checkpoint(path)
     try:
         card = card_from_checkpoint(ckpt, sha256_file(path))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: checkpoint has an invalid model config: {e}") from e
+    return model_from_checkpoint(ckpt, card, path), card
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], card: ModelCard, path: str | os.PathLike[str]) -> nn.Module:
+    """The model (eval mode, CPU) of an already loaded checkpoint dict whose card is ``card``."""
+    from xbmd_batch.model import build_model
+
+    try:
         model = build_model(card.model_config)
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: checkpoint has an invalid model config: {e}") from e
@@ -142,4 +131,4 @@ def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
         raise ModelFileError(f"{path}: weights do not match the model config: {e}") from e
-    return model.eval(), card
+    return model.eval()

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from xbmd_batch.errors import InputError
+from xbmd_batch.fsutil import atomic_write_bytes
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("provenance", "Run provenance"),
@@ -393,7 +394,5 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
         raise InputError(f"--out {out}: the report is HTML; give a .html file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     text, _ = build_html(results, out.parent / f"{out.stem}_figures")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_bytes(out, text.encode("utf-8"))
     return out

@@ -23,6 +23,7 @@ import pyarrow as pa
 from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import InputError
+from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.decode import DecodePool
@@ -35,7 +36,6 @@ from xbmd_batch.score.reconcile import Plan, build_plan
 from xbmd_batch.score.writer import (
     ChunkBuffer,
     PartWriter,
-    atomic_write_json,
     done_keys,
     load_or_create_state,
     prepare_out_dir,
@@ -121,13 +121,6 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(str(e)) from None
 
 
-def read_card(model_path: Path) -> Any:
-    """The model card, read without building the model (reconciliation needs only schema + preprocessing)."""
-    from xbmd_batch.runners import load_card
-
-    return load_card(model_path)
-
-
 def _plain_issue(x: Any) -> dict[str, Any]:
     """A metadata validation issue as a JSON object (the metadata module's own record, made plain)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -192,7 +185,8 @@ def score_cohort(
     Raises InputError / ModelFileError for bad inputs (before anything is scored); per-file problems never
     raise, they become failure rows.
     """
-    from xbmd_batch.checkpoint import sha256_file
+    from xbmd_batch.fsutil import sha256_file
+    from xbmd_batch.infer.model_file import open_model
 
     o = options or ScoreOptions()
     _check_options(o)
@@ -216,10 +210,11 @@ def score_cohort(
         return now
 
     t = time.perf_counter()
-    card = read_card(model_path)
+    model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
+    card = model.card
     pseudo = Pseudonymizer.from_keyfile(o.pseudonymize)
     prepare_out_dir(out_dir, dicom_dir, meta_path)
-    model_sha = sha256_file(model_path)
+    model_sha = model.sha256
     key_spec = KeySpec(o.key_column, o.path_column)
     state, resumed = load_or_create_state(
         out_dir,
@@ -269,7 +264,7 @@ def score_cohort(
     )
     recon = {
         "run_id": run_id,
-        "created": manifest.now_iso(),
+        "created": now_iso(),
         "join": key_spec.describe(schema.subject_key),
         "pseudonymized": pseudo.enabled,
         "counts": plan.counts,
@@ -355,7 +350,7 @@ def score_cohort(
             {
                 **base_manifest,
                 "status": "refused_strict",
-                "finished": manifest.now_iso(),
+                "finished": now_iso(),
                 "counts": {"quarantined_before_scoring": plan.n_quarantined},
                 "timings_s": timings,
             },  # fmt: skip
@@ -374,7 +369,8 @@ def score_cohort(
     t = lap("reconcile", t)
 
     # 6-7. runner, decode pool, batches, parts
-    from xbmd_batch.runners import open_runner
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     workers = default_workers() if o.workers is None else o.workers
     values = np.asarray(enc.values, dtype=np.float32)
@@ -392,19 +388,14 @@ def score_cohort(
         )
         pool.start(todo)
         runner = stack.enter_context(
-            open_runner(model_path, backend=o.backend, device=o.device, precision=o.precision,
-                        batch_size=o.batch_size)
+            open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
+                        batch_size=o.batch_size, parity_feeds=make_reference_feeds)
         )  # fmt: skip
-        backend = str(getattr(runner, "backend", o.backend))
-        precision = str(getattr(runner, "precision", o.precision))
-        reason = str(
-            getattr(runner, "reason", None) or getattr(runner, "backend_reason", None)
-            or getattr(runner, "choice_reason", None) or ""
-        )  # fmt: skip
-        prov = runner.provenance() if hasattr(runner, "provenance") else {}
+        backend, precision, reason = runner.backend, runner.precision, runner.reason
+        prov = runner.provenance()
         base_manifest["runner"] = prov
         base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
-        has_attn = bool(getattr(runner, "has_attention", card.has_attention))
+        has_attn = runner.has_attention
         console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
         t = lap("model_load", t)
 
@@ -541,7 +532,7 @@ def score_cohort(
     }
     result_info = {
         "status": "complete" if fin["not_processed"] == 0 else "incomplete",
-        "finished": manifest.now_iso(),
+        "finished": now_iso(),
         "backend": backend,
         "backend_reason": reason,
         "precision": precision,
