@@ -97,6 +97,10 @@ def test_no_residuals_in_card_gives_null_intervals(
     assert run["uncertainty"]["available"] is False and "oof_residuals" in run["uncertainty"]["reason"]
     cs = pl.read_parquet(out / "cohort_summary.parquet")
     assert cs["prev_t_le_m1"].null_count() == cs.height and cs["naive_n_t_le_m1"].null_count() == 0
+    from xbmd_batch.report import write_report
+
+    text = write_report(out).read_text()  # the demo's case until the card carries residuals
+    assert "No intervals: the model card has no training_summary.oof_residuals" in text
 
 
 def test_bad_interval_level_refused(cohort_session: Path, tiny_model: Path, tmp_path: Path) -> None:
