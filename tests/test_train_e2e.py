@@ -48,6 +48,8 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
             "--folds",
             "2",
             "--final",
+            "--reference",
+            "lunar",
             "--workers",
             "1",
             "--no-progress",
@@ -104,3 +106,30 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     assert card.schema.field("weight_kg").mean != DEFAULT_SCHEMA.field("weight_kg").mean
     run = json.loads((out / "run.json").read_text())
     assert run["preset"]["image_size"] == 32
+
+    # issue 10: the loss emphasis follows --reference (Lunar T = -1 at 0.899), and is on record
+    ts = card.training_summary
+    assert ts["loss_weighting"]["threshold"] == pytest.approx(0.899, abs=1e-3)
+    assert ts["loss_weighting"]["scale"] > 0.05
+    # calibration lives in the model: its config carries the fitted pair, the card says how it was fitted
+    cal = ts["calibration"]
+    assert (card.model_config.calib_intercept, card.model_config.calib_slope) == (
+        cal["intercept"],
+        cal["slope"],
+    )
+    assert cal["n"] == 10 and cal["slope"] == 1.0  # 10 subjects < MIN_N_SLOPE: intercept only
+    # fold models: intercept fitted on the inner-validation split; y_pred = calibrated, y_pred_raw = before
+    fold_model, fold_card = load_model(out / "fold_0.pt")
+    fcal = fold_card.training_summary["calibration"]
+    assert fcal["fitted_on"] == "inner-validation split" and fcal["n"] >= 1
+    o0 = oof.filter(pl.col("fold") == 0)
+    np.testing.assert_allclose(
+        o0["y_pred"].to_numpy(), fcal["intercept"] + o0["y_pred_raw"].to_numpy(), rtol=0, atol=1e-5
+    )
+    # issue 15's contract: calibrated out-of-fold estimates and labels, one per subject, plain floats
+    res = ts["oof_residuals"]
+    assert res["calibrated"] is True and res["reference"] == "lunar" and res["n"] == 10
+    assert len(res["prediction"]) == len(res["target"]) == 10
+    assert all(isinstance(x, float) for x in res["prediction"] + res["target"])
+    by_subject = dict(zip(oof["subject_id"].to_list(), oof["y_pred"].to_list(), strict=True))
+    assert sorted(res["prediction"]) == pytest.approx(sorted(by_subject.values()), abs=1e-9)

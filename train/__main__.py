@@ -40,6 +40,8 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         schema,
         fusion=fusion,
         image_size=hp.image_size,
+        encoder=hp.encoder,
+        cnn_width=hp.cnn_width,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -132,6 +134,25 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
+def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
+    """Issue 15's contract: one (calibrated out-of-fold estimate, label) pair per subject, plain floats.
+
+    ``oof`` is one variant's out-of-fold rows; a subject with several images gets the mean of its estimates.
+    """
+    per = (
+        oof.group_by("subject_id", maintain_order=True)
+        .agg(pl.col("y_pred").mean(), pl.col("y_true").first())
+        .sort("subject_id")
+    )
+    return {
+        "prediction": [float(x) for x in per["y_pred"].to_list()],
+        "target": [float(x) for x in per["y_true"].to_list()],
+        "calibrated": True,
+        "reference": reference,
+        "n": int(per.height),
+    }
+
+
 def vname(fusion: str, loss: str) -> str:
     return f"{fusion}-{loss}"
 
@@ -185,12 +206,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from train.metrics import all_metrics, mean_sd, paired_wilcoxon
     from train.presets import get_preset
     from train.report import write_report
+    from xbmd_batch.calibration import fit_calibration
     from xbmd_batch.checkpoint import save_checkpoint
     from xbmd_batch.clinical import get_reference
     from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
     from xbmd_batch.errors import InputError
-    from xbmd_batch.loss import make_loss
-    from xbmd_batch.model import build_model
+    from xbmd_batch.loss import make_loss, weight_params_for
+    from xbmd_batch.model import build_model, set_calibration
 
     t_start = time.perf_counter()
     console = Console(stderr=True, quiet=False)
@@ -287,7 +309,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[tr])
                 torch.manual_seed(args.seed * 1000 + k)
                 model = build_model(mcfg)
-                loss_fn = make_loss(loss_name)
+                loss_fn = make_loss(loss_name, reference=args.reference)
                 steps = prog.add_task(f"{v} fold {k + 1}/{k_total}", total=None)
 
                 def on_epoch(rec: dict[str, float], v: str = v, k: int = k, steps: Any = steps) -> None:
@@ -315,6 +337,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 prog.remove_task(steps)
                 best_epochs.setdefault(v, []).append(res.best_epoch + 1)
+                # recalibrate on the inner-validation split (not trained on), inside the model itself
+                ev_raw = evaluate(model, loss_fn, data, te, hp.batch_size, device)
+                cal = fit_calibration(
+                    evaluate(model, loss_fn, data, inner_val, hp.batch_size, device).pred, cohort.y[inner_val]
+                )
+                mcfg = set_calibration(model, cal["intercept"], cal["slope"])
                 ev = evaluate(model, loss_fn, data, te, hp.batch_size, device)
                 m = all_metrics(ev.y, ev.pred, args.reference)
                 metric_rows.append(
@@ -330,6 +358,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             "fold": np.full(len(ev.idx), k, dtype=np.int32),
                             "y_true": ev.y,
                             "y_pred": ev.pred,
+                            "y_pred_raw": ev_raw.pred,
                             **{c: ev.attention[:, j] for j, c in enumerate(field_cols)},
                         }
                     )
@@ -351,6 +380,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "epochs_run": res.epochs_run,
                     "train_seconds": round(res.seconds, 1),
                     "reference": args.reference,
+                    "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+                    "calibration": {**cal, "fitted_on": "inner-validation split"},
                     "seed": args.seed,
                     "test_metrics": _nan_to_none(m),
                 }
@@ -400,7 +431,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
             res = fit(
                 model,
-                make_loss(loss_name),
+                make_loss(loss_name, reference=args.reference),
                 data,
                 rows,
                 None,
@@ -412,6 +443,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 on_step=lambda: prog.advance(steps),
             )
             prog.remove_task(steps)
+            # calibration of the final model: fitted on the CV fold models' raw out-of-fold estimates (the
+            # final model has no held-out data of its own); intercept + slope when >= MIN_N_SLOPE subjects
+            prim = oof.filter(pl.col("variant") == v)
+            cal = fit_calibration(prim["y_pred_raw"].to_numpy(), prim["y_true"].to_numpy())
+            mcfg = set_calibration(model, cal["intercept"], cal["slope"])
             cv = metrics.filter((pl.col("variant") == v) & (pl.col("scope") == "fold"))
             cv_summary = {
                 f"cv_{key}_mean_sd": list(mean_sd(cv[key].to_list())[:2])
@@ -430,6 +466,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "epochs": n_ep,
                 "train_seconds": round(res.seconds, 1),
                 "reference": args.reference,
+                "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+                "calibration": {**cal, "fitted_on": "raw out-of-fold estimates of the CV fold models"},
+                "oof_residuals": oof_residuals(prim, args.reference),
                 "seed": args.seed,
                 **{k2: [None if not math.isfinite(x) else x for x in val] for k2, val in cv_summary.items()},
             }

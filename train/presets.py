@@ -23,6 +23,8 @@ class Preset:
     n_bins: int = 5  # BMD quantile bins for stratification
     val_frac: float = 0.1  # inner validation split (early stopping), taken from each training part
     # model (xbmd_batch.config.ModelConfig fields)
+    encoder: str = "resnet34"  # "resnet34" (the paper's) or "smallcnn" (CPU)
+    cnn_width: int = 16  # smallcnn only
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4
