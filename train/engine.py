@@ -225,7 +225,9 @@ def fit(
         if has_val:
             ev = evaluate(model, loss_fn, data, val_idx, hp.batch_size, device)
             rec.update(val_loss=ev.loss, val_mae=ev.mae)
-            if not math.isfinite(res.best_val_loss) or ev.loss < res.best_val_loss:
+            if not hp.select_best:
+                res.best_epoch, res.best_val_loss = ep, ev.loss  # keep the last epoch
+            elif not math.isfinite(res.best_val_loss) or ev.loss < res.best_val_loss:
                 res.best_val_loss, res.best_epoch, since_best = ev.loss, ep, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
@@ -238,9 +240,9 @@ def fit(
         res.epochs_run = ep + 1
         if on_epoch is not None:
             on_epoch(rec)
-        if has_val and since_best >= hp.patience:
+        if has_val and hp.select_best and since_best >= hp.patience:
             break
-    if best_state is not None:
+    if best_state is not None and hp.select_best:
         model.load_state_dict(best_state)
     res.seconds = time.perf_counter() - t0
     return res

@@ -40,6 +40,10 @@ class Preset:
     warmup_epochs: float = 2.0
     min_lr_frac: float = 0.02  # cosine floor as a fraction of lr
     patience: int = 12  # early stopping on inner-validation loss
+    # True: keep the best inner-validation epoch and stop after `patience` epochs without improvement.
+    # False: run every epoch of the cosine schedule and keep the last weights (the inner-validation split then
+    # only calibrates); a 30-subject validation loss is too noisy to pick epochs from (issue 10).
+    select_best: bool = True
     grad_clip: float = 1.0
     # augmentation (applied on tensors; no left-right flip: laterality is not modelled)
     augment: bool = True
