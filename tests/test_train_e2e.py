@@ -74,6 +74,9 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
         "roc.png",
         "attention.png",
         "training_curves.png",
+        "calibration.png",
+        "bland_altman.png",
+        "baselines_oof.parquet",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
@@ -92,12 +95,28 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     metrics = pl.read_parquet(out / "metrics.parquet")
     assert set(metrics["scope"].to_list()) == {"fold", "pooled", "baseline"}
     base = metrics.filter(pl.col("scope") == "baseline")
-    assert set(base["variant"].to_list()) == {"baseline-train-mean", "baseline-metadata-ridge"}
-    assert base.height == 4  # two references x two folds, on the same folds as the network
+    assert set(base["variant"].to_list()) == {
+        "baseline-train-mean",
+        "baseline-metadata-ridge",
+        "baseline-pixel-ridge",
+        "baseline-pixel-metadata-ridge",
+    }
+    assert base.height == 8  # four references x two folds, on the same folds as the network
+    boof = pl.read_parquet(out / "baselines_oof.parquet")
+    assert boof.filter(pl.col("variant") == "baseline-pixel-ridge")["subject_id"].n_unique() == 10
     assert {"mse", "mae", "r2", "auc_T-1", "f1_T-2.5", "ba_bias"} <= set(metrics.columns)
 
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "oracle_r2" in report and "python -m train" in report
+    for section in (
+        "Calibration, out of fold",
+        "proportional bias",
+        "with 95 % CIs",
+        "Subgroups",
+        "operating point",
+    ):
+        assert section in report, section
+    assert "baseline-pixel-metadata-ridge" in report
 
     # the final model is a checkpoint `score`/`export` can load, with training-set stats in its schema
     model, card = load_model(out / "final.pt")

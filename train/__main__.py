@@ -98,6 +98,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
     )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.90,
+        help="screening operating points: cut-off on the estimate reaching this sensitivity, chosen on the "
+        "other folds and applied out of fold",
+    )
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
     p.add_argument("--cache-dir", default=None, help="image cache folder (default: <out>/.xbmd_cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -175,24 +182,6 @@ def command_line(args: argparse.Namespace) -> str:
     return "python -m train " + " ".join(shlex.quote(a) for a in argv)
 
 
-def baselines(
-    meta: np.ndarray, mask: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Test-fold predictions of two references: the training mean, and ridge on the encoded metadata.
-
-    They say what the network adds: beating the mean shows learning, beating metadata-ridge shows that the
-    image (or the fusion) contributes beyond a linear model of the clinical fields.
-    """
-    from sklearn.linear_model import RidgeCV
-
-    x = np.concatenate([meta, mask], axis=1)
-    ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x[tr], y[tr])
-    return {
-        "baseline-train-mean": np.full(len(te), float(y[tr].mean())),
-        "baseline-metadata-ridge": ridge.predict(x[te]),
-    }
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole protocol; returns a summary dict (paths, per-variant mean metrics, wall time)."""
     import torch
@@ -200,6 +189,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from train import plots
+    from train.analysis import covariates_for, per_subject, run_analysis
+    from train.baselines import pixel_features, reference_predictions
     from train.data import ArrayDataBuilder, build_image_cache, default_cache_dir, load_cohort
     from train.engine import evaluate, fit, pick_device
     from train.folds import holdout_split, make_folds, split_inside
@@ -400,14 +391,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             metric_rows.append(
                 {"variant": v, "fusion": fusion, "loss": loss_name, "fold": -1, "scope": "pooled", **m}
             )
-        # reference rows on the same folds: the training mean, and ridge regression on the metadata alone
+        # reference rows on the same folds: training mean, ridge on metadata, on pixels, on both
+        pix_ok = pixel_features(cache.images[cache.row_of[rows]])
+        pixels = np.zeros((cohort.n, pix_ok.shape[1]), dtype=np.float32)
+        pixels[rows] = pix_ok
+        base_parts: list[pl.DataFrame] = []
         for k, (tr, te) in enumerate(splits):
             enc = enc_cache[k]
-            for bname, pred in baselines(enc.values, enc.mask, cohort.y, tr, te).items():
+            for bname, pred in reference_predictions(pixels, enc.values, enc.mask, cohort.y, tr, te).items():
                 m = all_metrics(cohort.y[te], pred, args.reference)
                 metric_rows.append(
                     {"variant": bname, "fusion": "none", "loss": "none", "fold": k, "scope": "baseline", **m}
                 )
+                base_parts.append(
+                    pl.DataFrame(
+                        {
+                            "variant": [bname] * len(te),
+                            "subject_id": cohort.subject_ids[te].tolist(),
+                            "fold": np.full(len(te), k, dtype=np.int32),
+                            "y_true": cohort.y[te].astype(np.float64),
+                            "y_pred": np.asarray(pred, dtype=np.float64),
+                        }
+                    )
+                )
+        base_oof = pl.concat(base_parts)
         metrics = pl.DataFrame(metric_rows)
 
         # ---- final model on all data
@@ -497,6 +504,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- files
     oof.write_parquet(out / "oof.parquet")
+    base_oof.write_parquet(out / "baselines_oof.parquet")
     metrics.write_parquet(out / "metrics.parquet")
     history = pl.DataFrame(hist_rows)
     history.write_parquet(out / "history.parquet")
@@ -533,6 +541,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         plots.loss_comparison(fold_m, LOSSES, out / "loss_comparison.png", tag)
     if args.compare in ("all", "fusion"):
         plots.fusion_comparison(fold_m, args.loss, out / "fusion_comparison.png", tag)
+    # ---- epidemiology (train.analysis): calibration, BA regression, CIs, operating points, subgroups
+    labels_path = Path(args.labels) if args.labels else Path(args.cohort) / "truth.csv"
+    covariates = covariates_for(cohort.subject_ids[rows], cohort.meta_df, labels_path)
+    epi = run_analysis(
+        prim_oof, base_oof, get_reference(args.reference), covariates, target_sens=args.target_sensitivity
+    )
+    raw_dec = epi.get("deciles_raw")
+    plots.calibration_plot(epi["deciles"], raw_dec, out / "calibration.png", tag)
+    subj = per_subject(prim_oof)
+    plots.bland_altman_plot(
+        subj["y"].to_numpy(), subj["p"].to_numpy(), epi["bland_altman"], out / "bland_altman.png", tag
+    )
     if args.compare and k_total < 6:
         notes.append(
             f"{k_total} folds: the Wilcoxon test cannot reach p < 0.05 (smallest p = {2 / 2**k_total:.4f})"
@@ -565,6 +585,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         wall_seconds=wall,
         notes=notes,
         final=final_info,
+        epi=epi,
     )
     means = {
         vname(*x): {
