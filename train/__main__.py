@@ -96,6 +96,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="torchvision ImageNet resnet34 state dict (a local file; nothing is downloaded) to start the "
+        "resnet34 encoder from (the RGB stem summed to one channel); paper preset",
+    )
+    p.add_argument(
         "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
     )
     p.add_argument(
@@ -203,11 +210,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
     from xbmd_batch.errors import InputError
     from xbmd_batch.loss import make_loss, weight_params_for
-    from xbmd_batch.model import build_model, set_calibration
+    from xbmd_batch.model import build_model, load_pretrained_resnet34, set_calibration
 
     t_start = time.perf_counter()
     console = Console(stderr=True, quiet=False)
     get_reference(args.reference)  # validate early
+    if args.pretrained and not Path(args.pretrained).is_file():
+        raise InputError(f"{args.pretrained}: --pretrained weights file not found")
     hp = get_preset(args.preset).replace(
         image_size=args.image_size,
         epochs=args.epochs,
@@ -300,6 +309,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[tr])
                 torch.manual_seed(args.seed * 1000 + k)
                 model = build_model(mcfg)
+                if args.pretrained:
+                    load_pretrained_resnet34(model, args.pretrained)
                 loss_fn = make_loss(loss_name, reference=args.reference)
                 steps = prog.add_task(f"{v} fold {k + 1}/{k_total}", total=None)
 
@@ -428,6 +439,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[rows])
             torch.manual_seed(args.seed * 1000 + 999)
             model = build_model(mcfg)
+            if args.pretrained:
+                load_pretrained_resnet34(model, args.pretrained)
             steps = prog.add_task(f"{v} final ({n_ep} epochs)", total=None)
 
             def on_final(rec: dict[str, float], v: str = v) -> None:
