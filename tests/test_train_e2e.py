@@ -152,3 +152,50 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
     assert all(isinstance(x, float) for x in res["prediction"] + res["target"])
     by_subject = dict(zip(oof["subject_id"].to_list(), oof["y_pred"].to_list(), strict=True))
     assert sorted(res["prediction"]) == pytest.approx(sorted(by_subject.values()), abs=1e-9)
+
+
+def test_compare_fusion_repeated_cv_corrected_test(cohort: Path, tmp_path: Path) -> None:
+    """--compare fusion: repeats x folds x seeds, both arms on the same folds, corrected t-test, bootstrap."""
+    out = tmp_path / "fusion"
+    args = get_args_parser().parse_args(
+        [
+            "--cohort",
+            str(cohort),
+            "--out",
+            str(out),
+            "--compare",
+            "fusion",
+            "--image-size",
+            "32",
+            "--d-model",
+            "16",
+            "--epochs",
+            "1",
+            "--folds",
+            "2",
+            "--repeats",
+            "2",
+            "--seeds",
+            "2",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    main(args)
+    splits = pl.read_parquet(out / "fusion_repeated_splits.parquet")
+    assert splits.height == 2 * 2 * 2 * 2  # repeats x folds x seeds x arms
+    # fold assignment shared across arms: same test subjects for both arms in every (repeat, fold, seed)
+    roof = pl.read_parquet(out / "fusion_repeated_oof.parquet")
+    for (r, k, s), d in roof.group_by(["repeat", "fold", "seed"]):
+        xs = sorted(d.filter(pl.col("arm") == "xattn")["subject_id"].to_list())
+        assert xs == sorted(d.filter(pl.col("arm") == "concat")["subject_id"].to_list()), (r, k, s)
+    # each repeat predicts every subject once per arm and seed, and repeats use different fold assignments
+    assert (
+        roof.filter((pl.col("repeat") == 0) & (pl.col("seed") == 0) & (pl.col("arm") == "xattn")).height == 10
+    )
+    res = json.loads((out / "fusion_repeated.json").read_text())
+    assert res["n_fits"] == 16 and res["mse"]["n_splits"] == 4
+    assert "p_value" in res["mse"] and len(res["bootstrap"]["r2"]) == 3
+    report = (out / "report.md").read_text()
+    assert "Nadeau–Bengio" in report and "2 repeats × 2 folds × 2 seeds" in report

@@ -82,6 +82,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="the paper's comparison on the same folds: XAttn vs concat ('fusion'), the four losses "
         "('loss'), or both (bare --compare)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="--compare fusion: repeats of K-fold CV with fresh fold assignments (default 5; 1 = off)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="--compare fusion: training seeds per fold and arm (default 3)",
+    )
     p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
     p.add_argument(
         "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
@@ -148,6 +160,14 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
+def _repeats_seeds(args: argparse.Namespace) -> tuple[int, int]:
+    """--compare fusion defaults to 5 repeats x 3 seeds (issue 10); every other run to one CV, one seed."""
+    fusion = args.compare in ("all", "fusion")
+    repeats = args.repeats if args.repeats is not None else (5 if fusion else 1)
+    seeds = args.seeds if args.seeds is not None else (3 if fusion else 1)
+    return max(1, repeats), max(1, seeds)
+
+
 def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
     """Issue 15's contract: one (calibrated out-of-fold estimate, label) pair per subject, plain floats.
 
@@ -203,6 +223,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from train.folds import holdout_split, make_folds, split_inside
     from train.metrics import all_metrics, mean_sd, paired_wilcoxon
     from train.presets import get_preset
+    from train.repeated import analyse as analyse_repeated
+    from train.repeated import markdown as repeated_markdown
+    from train.repeated import repeated_fusion_cv
     from train.report import write_report
     from xbmd_batch.calibration import fit_calibration
     from xbmd_batch.checkpoint import save_checkpoint
@@ -515,6 +538,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 paired_rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, **r})
     paired = pl.DataFrame(paired_rows) if paired_rows else None
 
+    # ---- --compare fusion: repeated CV x seeds, corrected t-test + paired bootstrap (train/repeated.py)
+    fusion_rep: dict[str, Any] | None = None
+    repeats, n_seeds = _repeats_seeds(args)
+    if args.compare in ("all", "fusion") and repeats * n_seeds > 1:
+        rep_oof, rep_splits = repeated_fusion_cv(
+            cohort=cohort,
+            builder=builder,
+            rows=rows,
+            hp=hp,
+            device=device,
+            loss_name=args.loss,
+            reference=args.reference,
+            repeats=repeats,
+            seeds=n_seeds,
+            base_seed=args.seed,
+            model_config_for=model_config_for,
+            log=console.log,
+            pretrained=args.pretrained,
+        )
+        rep_oof.write_parquet(out / "fusion_repeated_oof.parquet")
+        rep_splits.write_parquet(out / "fusion_repeated_splits.parquet")
+        fusion_rep = analyse_repeated(rep_oof, rep_splits, seed=args.seed)
+        (out / "fusion_repeated.json").write_text(json.dumps(fusion_rep, indent=2, default=float))
+
     # ---- files
     oof.write_parquet(out / "oof.parquet")
     base_oof.write_parquet(out / "baselines_oof.parquet")
@@ -599,6 +646,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         notes=notes,
         final=final_info,
         epi=epi,
+        extra_sections=repeated_markdown(fusion_rep, "SYNTHETIC " if synthetic else "") if fusion_rep else (),
     )
     means = {
         vname(*x): {

@@ -94,6 +94,7 @@ def write_report(
     notes: Sequence[str] = (),
     final: dict[str, Any] | None = None,
     epi: dict[str, Any] | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
     syn = "SYNTHETIC " if synthetic else ""
     ref = get_reference(reference)
@@ -240,6 +241,7 @@ def write_report(
             ),
             "",
         ]
+    out += list(extra_sections)
     if epi:
         out += epi_markdown(epi, syn, primary, reference)
     if final:
