@@ -47,9 +47,18 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("cal")
     torch.manual_seed(0)
     cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA, image_size=SIZE, d_model=32, n_layers=1, encoder="smallcnn", cnn_width=4
-    )
+        DEFAULT_SCHEMA,
+        image_size=SIZE,
+        d_model=32,
+        n_layers=1,
+        encoder="smallcnn",
+        cnn_width=4,
+        wide=True,
+        wide_side=32,
+    )  # the quick preset's architecture: the wide path's pooling and linear map must export too
     model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.wide.linear.weight.normal_(0, 1e-3)  # a non-trivial wide path
     raw_path = save_checkpoint(d / "raw.pt", model, cfg, DEFAULT_SCHEMA, PreprocessConfig(image_size=SIZE))
     cal_cfg = set_calibration(model, A, B)
     cal_path = save_checkpoint(

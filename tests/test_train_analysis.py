@@ -122,3 +122,22 @@ def test_paired_bootstrap_and_per_subject() -> None:
     assert s["p"].to_list() == pytest.approx([0.7, 0.9]) and s["y"].to_list() == [0.7, 0.8]
     ci = bootstrap_ci(lambda i: {"m": float(np.mean(y[i]))}, len(y), 100)
     assert ci["m"][1] < ci["m"][0] < ci["m"][2]
+
+
+def test_split_by_column_leaves_one_site_out(tmp_path) -> None:
+    from train.analysis import split_by_column
+    from xbmd_batch.errors import InputError
+
+    t = tmp_path / "truth.csv"
+    pl.DataFrame({"subject_id": ["a", "b", "c", "d", "e"], "site": ["S1", "S2", "S1", "S3", "S2"]}).write_csv(
+        t
+    )
+    groups = np.array(["a", "b", "c", "d", "e", "a"])  # two images of subject a
+    splits, levels = split_by_column(groups, t, "site")
+    assert levels == ["S1", "S2", "S3"]
+    site = {"a": "S1", "b": "S2", "c": "S1", "d": "S3", "e": "S2"}
+    for (tr, te), level in zip(splits, levels, strict=True):
+        assert {site[groups[i]] for i in te} == {level} and level not in {site[groups[i]] for i in tr}
+    assert sorted(groups[splits[0][1]].tolist()) == ["a", "a", "c"]
+    with pytest.raises(InputError, match="no such column"):
+        split_by_column(groups, t, "scanner")

@@ -42,6 +42,8 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         image_size=hp.image_size,
         encoder=hp.encoder,
         cnn_width=hp.cnn_width,
+        wide=hp.wide,
+        wide_side=hp.wide_side,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -97,6 +99,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
     p.add_argument(
         "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
+    )
+    p.add_argument(
+        "--split-by",
+        default=None,
+        metavar="COLUMN",
+        help="leave-one-level-out validation on a label-table column, e.g. 'site' (leave-one-scanner-out)",
     )
     p.add_argument("--final", action="store_true", help="also train on all data -> <out>/final.pt")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
@@ -216,7 +224,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from train import plots
-    from train.analysis import covariates_for, per_subject, run_analysis
+    from train.analysis import covariates_for, per_subject, run_analysis, split_by_column
     from train.baselines import pixel_features, reference_predictions
     from train.data import ArrayDataBuilder, build_image_cache, default_cache_dir, load_cohort
     from train.engine import evaluate, fit, pick_device
@@ -282,7 +290,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if len(np.unique(groups)) < 4:
         raise InputError(f"{cohort.root}: only {len(np.unique(groups))} usable subjects; need at least 4")
 
-    if args.single_split:
+    if args.split_by:
+        splits, levels = split_by_column(
+            groups, args.labels or Path(args.cohort) / "truth.csv", args.split_by
+        )
+        protocol = (
+            f"leave-one-{args.split_by}-out: {len(levels)} folds, each holding out all subjects of one level "
+            f"({', '.join(levels)})"
+        )
+    elif args.single_split:
         splits = [holdout_split(y, groups, 0.1, args.seed, hp.n_bins)]
         protocol = f"single stratified, subject-grouped 90/10 split (seed {args.seed})"
     else:

@@ -369,3 +369,33 @@ def site_table(labels_path: Any | None) -> pl.DataFrame | None:
     return t.select(pl.col("subject_id").cast(pl.Utf8), pl.col(col).cast(pl.Utf8).alias("site")).unique(
         "subject_id", keep="first"
     )
+
+
+def split_by_column(
+    groups: np.ndarray, labels_path: Any, column: str
+) -> tuple[list[tuple[Any, Any]], list[str]]:
+    """Leave-one-level-out splits over positions of ``groups`` (subject ids) by a label-table column."""
+    from pathlib import Path
+
+    from xbmd_batch.errors import InputError
+
+    p = Path(labels_path)
+    try:
+        t = (
+            pl.read_parquet(p)
+            if p.suffix.lower() in (".parquet", ".pq")
+            else pl.read_csv(p, infer_schema_length=0)
+        )
+    except Exception as e:  # noqa: BLE001 - polars raises many types for malformed files
+        raise InputError(f"{p}: cannot read the label table for --split-by: {e}") from e
+    if column not in t.columns or "subject_id" not in t.columns:
+        raise InputError(f"{p}: --split-by {column!r}: no such column (has {t.columns})")
+    level_of = dict(
+        zip(t["subject_id"].cast(pl.Utf8).to_list(), t[column].cast(pl.Utf8).to_list(), strict=True)
+    )
+    lv = np.array([level_of.get(str(g)) or "missing" for g in groups], dtype=object)
+    levels = sorted(set(lv.tolist()))
+    if len(levels) < 2:
+        raise InputError(f"{p}: --split-by {column!r} has only {len(levels)} level(s); need at least 2")
+    pos = np.arange(len(groups))
+    return [(pos[lv != level], pos[lv == level]) for level in levels], levels

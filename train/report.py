@@ -118,10 +118,12 @@ def write_report(
         f"- T-score reference: `{reference}` ({ref.description}); "
         f"thresholds T ≤ −1 → BMD ≤ {ref.bmd_at(-1):.3f}, "
         f"T ≤ −2.5 → BMD ≤ {ref.bmd_at(-2.5):.3f} g/cm²",
-        f"- preset: `{preset.get('name')}` — image {preset.get('image_size')}², "
+        f"- preset: `{preset.get('name')}` — encoder {preset.get('encoder', 'resnet34')}"
+        f"{' + ridge-fitted wide path' if preset.get('wide') else ''}, image {preset.get('image_size')}², "
         f"d_model {preset.get('d_model')}, "
         f"{preset.get('n_layers')} layers × {preset.get('n_heads')} heads, ≤ {preset.get('epochs')} epochs, "
-        f"batch {preset.get('batch_size')}, lr {preset.get('lr')}, patience {preset.get('patience')}",
+        f"batch {preset.get('batch_size')}, lr {preset.get('lr')}, "
+        + (f"patience {preset.get('patience')}" if preset.get("select_best", True) else "last epoch kept"),
         "",
     ]
     oracle = oracle_figures(cohort_info)

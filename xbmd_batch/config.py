@@ -152,6 +152,11 @@ class ModelConfig:
     # widths cnn_width x (1, 2, 4, 8); ~0.3 M parameters at width 16; for the CPU preset)
     encoder: Literal["resnet34", "smallcnn"] = "resnet34"
     cnn_width: int = 16
+    # "wide" linear path (xbmd_batch.model.WidePath): BMD offset = linear(avg-pooled image at wide_side^2,
+    # metadata values, presence mask), fitted by ridge before the network trains; the network then learns
+    # the residual. False: the paper's head (offset = bmd_mean).
+    wide: bool = False
+    wide_side: int = 64
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4

@@ -45,6 +45,10 @@ Head (late concatenation)
     z = [mean_n LN(I_L)_n, mean_f LN(M_L)_f] in R^{2D}
     raw = bmd_mean + bmd_std * (W_2 GELU(W_1 z + b_1) + b_2)   (W_1: 2D -> head_hidden, W_2: head_hidden -> 1)
     bmd = calib_intercept + calib_slope * raw                  (xbmd_batch.calibration; identity until fitted)
+    With ``wide`` (CPU preset) bmd_mean is replaced by a linear "wide" path:
+    raw = w . [avgpool_k(image) flattened, meta (missing -> 0), meta_mask] + b + bmd_std * (W_2 ... + b_2),
+    k = image_size / wide_side; (w, b) are fitted by ridge on the training part before the network trains
+    (``train.engine.fit_wide``) and frozen: the network learns what a linear model of its inputs misses.
     The calibration pair comes from ModelConfig and sits in non-persistent buffers: state dicts are unchanged
     (old checkpoints load), the exported ONNX graph carries it as constants, and every backend returns the
     calibrated BMD. ``set_calibration`` writes it into a trained model.
@@ -298,6 +302,30 @@ class KVUpdater(nn.Module):
         return (1.0 - g) * ctx + g * self.update(fresh)  # (B, T, D)
 
 
+class WidePath(nn.Module):
+    """Linear model of the average-pooled image and the metadata (a BMD offset); see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        side = min(cfg.wide_side, cfg.image_size)
+        if cfg.image_size % side != 0:
+            raise ValueError(f"wide_side {cfg.wide_side} must divide image_size {cfg.image_size}")
+        self.kernel = cfg.image_size // side
+        self.n_features = side * side * cfg.in_chans + 2 * len(cfg.field_names)
+        self.linear = nn.Linear(self.n_features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.constant_(self.linear.bias, cfg.bmd_mean)
+
+    def features(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
+        x = image if self.kernel == 1 else nn.functional.avg_pool2d(image, self.kernel)
+        present = meta_mask > 0.5
+        meta = torch.where(present, meta, torch.zeros_like(meta))
+        return torch.cat([x.flatten(1), meta, meta_mask], dim=1)  # (B, n_features)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(image, meta, meta_mask)).squeeze(-1)  # (B,)
+
+
 class RegressionHead(nn.Module):
     """Late concatenation [pooled image, pooled metadata] -> BMD in g/cm^2."""
 
@@ -316,9 +344,23 @@ class RegressionHead(nn.Module):
         self.register_buffer("calib_intercept", torch.tensor(float(cfg.calib_intercept)), persistent=False)
         self.register_buffer("calib_slope", torch.tensor(float(cfg.calib_slope)), persistent=False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        raw = self.bmd_mean + self.bmd_std * self.net(z).squeeze(-1)  # (B,)
+    def forward(self, z: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.bmd_mean if offset is None else offset  # (B,) from the wide path
+        raw = base + self.bmd_std * self.net(z).squeeze(-1)  # (B,)
         return self.calib_intercept + self.calib_slope * raw  # (B,)
+
+
+def _wide_offset(
+    wide: WidePath | None,
+    image: torch.Tensor,
+    meta: torch.Tensor,
+    mask: torch.Tensor,
+    given: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The wide path's offset: ``given`` (training passes it from the un-augmented image) or computed here."""
+    if wide is None:
+        return None
+    return given if given is not None else wide(image, meta, mask)
 
 
 class XAttnBMD(nn.Module):
@@ -338,6 +380,7 @@ class XAttnBMD(nn.Module):
         self.ln_img = nn.LayerNorm(cfg.d_model)
         self.ln_meta = nn.LayerNorm(cfg.d_model)
         self.head = RegressionHead(cfg)
+        self.wide = WidePath(cfg) if cfg.wide else None
 
     def forward(
         self,
@@ -345,6 +388,7 @@ class XAttnBMD(nn.Module):
         meta: torch.Tensor,
         meta_mask: torch.Tensor,
         return_attention: bool = False,
+        wide_offset: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = self.image_encoder(image)  # (B, N, D)
         met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
@@ -357,7 +401,7 @@ class XAttnBMD(nn.Module):
                 ctx_meta = self.kv_meta[i](ctx_meta, met)
                 ctx_img = self.kv_img[i](ctx_img, img)
         z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
-        bmd = self.head(z)  # (B,)
+        bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
         if return_attention:
             return bmd, attn_sum / len(self.layers)
         return bmd
@@ -377,6 +421,7 @@ class ConcatBaseline(nn.Module):
         self.ln_img = nn.LayerNorm(cfg.d_model)
         self.ln_meta = nn.LayerNorm(cfg.d_model)
         self.head = RegressionHead(cfg)
+        self.wide = WidePath(cfg) if cfg.wide else None
 
     def forward(
         self,
@@ -384,11 +429,12 @@ class ConcatBaseline(nn.Module):
         meta: torch.Tensor,
         meta_mask: torch.Tensor,
         return_attention: bool = False,
+        wide_offset: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = self.image_encoder(image)  # (B, N, D)
         met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
         z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
-        bmd = self.head(z)  # (B,)
+        bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
         if return_attention:
             return bmd, torch.ones_like(meta) / meta.shape[-1]  # (B, F) uniform: no attention to report
         return bmd
