@@ -141,3 +141,11 @@ def test_split_by_column_leaves_one_site_out(tmp_path) -> None:
     assert sorted(groups[splits[0][1]].tolist()) == ["a", "a", "c"]
     with pytest.raises(InputError, match="no such column"):
         split_by_column(groups, t, "scanner")
+
+
+def test_single_split_has_no_operating_point_rather_than_one_chosen_on_the_test_fold() -> None:
+    d = _cohort(100).with_columns(pl.lit(0).alias("fold"))
+    out = headline_cis(d, get_reference("nhanes3-hologic"), n_boot=50)
+    op = out["T-1"]["operating_point"]
+    assert math.isnan(op["sensitivity"][0]) and math.isnan(out["T-1"]["cutoffs"][0])
+    assert op["auc"][0] > 0.5  # AUC needs no cut-off

@@ -91,8 +91,8 @@ def cross_fitted_flags(
     folds = np.unique(fold)
     for k in folds:
         te = fold == k
-        tr = ~te if len(folds) > 1 else te  # a single split: nothing else to choose on (documented as such)
-        c = choose_cutoff(y[tr], p[tr], thr_bmd, target_sens)
+        # a single split leaves nothing else to choose on: no operating point (NaN), never the test fold
+        c = choose_cutoff(y[~te], p[~te], thr_bmd, target_sens) if len(folds) > 1 else NAN
         cuts.append(c)
         flags[te] = p[te] <= c if math.isfinite(c) else False
     return flags, cuts
@@ -130,9 +130,14 @@ def regression_stats(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return out
 
 
-def screening_stats(y: np.ndarray, p: np.ndarray, flags: np.ndarray, thr_bmd: float) -> dict[str, float]:
+def screening_stats(
+    y: np.ndarray, p: np.ndarray, flags: np.ndarray | None, thr_bmd: float
+) -> dict[str, float]:
+    """AUC, and sensitivity/specificity/PPV/NPV of ``flags`` (NaN when there is no operating point)."""
     pos = y <= thr_bmd + 1e-9
     auc = float(roc_auc_score(pos.astype(int), -p)) if 0 < pos.sum() < pos.size else NAN
+    if flags is None:
+        return {"auc": auc, "sensitivity": NAN, "specificity": NAN, "ppv": NAN, "npv": NAN}
     return {"auc": auc, **binary_metrics(pos, flags)}
 
 
@@ -152,13 +157,17 @@ def headline_cis(
     for t in thresholds_t:
         thr = float(reference.bmd_at(t))
         flags, cuts = cross_fitted_flags(subj, thr, target_sens)
+        op_flags = flags if any(math.isfinite(c) for c in cuts) else None
         who = p <= thr + 1e-9  # the WHO cut-off applied to the estimate, for contrast
         out[f"T{t:g}"] = {
             "threshold_bmd": thr,
             "n_pos": int(np.sum(y <= thr + 1e-9)),
             "cutoffs": cuts,
             "operating_point": bootstrap_ci(
-                lambda i, f=flags, c=thr: screening_stats(y[i], p[i], f[i], c), len(y), n_boot, seed
+                lambda i, f=op_flags, c=thr: screening_stats(y[i], p[i], None if f is None else f[i], c),
+                len(y),
+                n_boot,
+                seed,
             ),
             "who_cutoff": bootstrap_ci(
                 lambda i, f=who, c=thr: screening_stats(y[i], p[i], f[i], c), len(y), n_boot, seed
