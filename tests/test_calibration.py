@@ -15,8 +15,9 @@ import torch
 from xbmd_batch.calibration import MIN_N_SLOPE, apply_calibration, calibration_stats, compose, fit_calibration
 from xbmd_batch.checkpoint import load_model, save_checkpoint
 from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
+from xbmd_batch.infer.select import open_runner
 from xbmd_batch.model import build_model, set_calibration
-from xbmd_batch.runners import make_reference_feeds, open_runner
+from xbmd_batch.parity_feeds import make_reference_feeds
 
 SIZE = 64
 A, B = 0.0375, 1.25  # a visible intercept and slope
