@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers.score import make_model
+from tests.helpers.uncertainty import simulate_pairs
 from xbmd_batch.cli import app
 from xbmd_batch.errors import InputError
 from xbmd_batch.score import ScoreOptions, score_cohort
@@ -57,7 +58,19 @@ def _opts(**kw: object) -> ScoreOptions:
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory, cohort_session: Path, tiny_model: Path) -> dict:
+def model_with_intervals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with SYNTHETIC out-of-fold residuals in its card: scores get bmd_lo/bmd_hi/p_t_le_*."""
+    pred, y = simulate_pairs(np.random.default_rng(0), 300)
+    oof = {"prediction": pred.tolist(), "target": y.tolist(), "calibrated": True,
+           "reference": "nhanes3-hologic", "n": 300}  # fmt: skip
+    return make_model(tmp_path_factory.mktemp("m") / "m.pt", training_summary={"oof_residuals": oof})
+
+
+@pytest.fixture(scope="module")
+def sharded(
+    tmp_path_factory: pytest.TempPathFactory, cohort_session: Path, model_with_intervals: Path
+) -> dict:
+    tiny_model = model_with_intervals
     root = tmp_path_factory.mktemp("shard")
     cohort = root / "cohort"
     shutil.copytree(cohort_session, cohort)
@@ -68,7 +81,14 @@ def sharded(tmp_path_factory: pytest.TempPathFactory, cohort_session: Path, tiny
         score_cohort(dicom, meta, tiny_model, root / f"s{k}", _opts(shard=f"{k}/{N}"))
         for k in range(1, N + 1)
     ]
-    return {"root": root, "dicom": dicom, "meta": meta, "single": single, "shards": shards}
+    return {
+        "root": root,
+        "dicom": dicom,
+        "meta": meta,
+        "single": single,
+        "shards": shards,
+        "model": tiny_model,
+    }
 
 
 def test_shards_plus_merge_equal_single_run(sharded: dict) -> None:
@@ -85,6 +105,9 @@ def test_shards_plus_merge_equal_single_run(sharded: dict) -> None:
     exact = [c for c in s1.columns if c not in ("run_id",) and s1[c].dtype not in (pl.Float32, pl.Float64)]
     assert s2.select(exact).equals(s1.select(exact))
     assert s2["run_id"].n_unique() == 1 and s2["run_id"][0] == res.run_id
+    assert s1["bmd_lo"].null_count() == 0  # the interval columns are really there (model card has residuals)
+    for c in ("bmd_lo", "bmd_hi"):
+        np.testing.assert_allclose(s2[c].to_numpy(), s1[c].to_numpy(), atol=1e-5)
 
     f1, f2 = pl.read_parquet(one / "failures.parquet"), pl.read_parquet(m / "failures.parquet")
     key = ["relative_path", "meta_row", "stage", "reason"]
@@ -92,6 +115,14 @@ def test_shards_plus_merge_equal_single_run(sharded: dict) -> None:
     assert set(f1["reason"]) >= {"duplicate_sop_instance_uid", "no_metadata", "header_unreadable",
                                  "metadata_without_image"}  # fmt: skip
     assert "decode" in set(f1["stage"])
+
+    c1, c2 = (pl.read_parquet(d / "cohort_summary.parquet") for d in (one, m))  # finalize's other table
+    assert c2.columns == c1.columns and c2.height == c1.height > 0
+    for c in c1.columns:
+        if c1[c].dtype in (pl.Float32, pl.Float64):
+            np.testing.assert_allclose(c2[c].to_numpy(), c1[c].to_numpy(), atol=1e-5, err_msg=c)
+        else:
+            assert c2[c].to_list() == c1[c].to_list(), c
 
     r1, r2 = (json.loads((d / "reconciliation.json").read_text()) for d in (one, m))
     assert r2["counts"] == r1["counts"]
@@ -148,10 +179,10 @@ def test_merge_refuses_shard_of_another_model(sharded: dict, tmp_path: Path) -> 
     assert not (tmp_path / "m").exists()
 
 
-def test_resume_with_another_shard_is_refused(sharded: dict, tiny_model: Path) -> None:
+def test_resume_with_another_shard_is_refused(sharded: dict) -> None:
     root = sharded["root"]
     with pytest.raises(InputError, match="--shard differs"):
-        score_cohort(sharded["dicom"], sharded["meta"], tiny_model, root / "s1", _opts(shard="2/3"))
+        score_cohort(sharded["dicom"], sharded["meta"], sharded["model"], root / "s1", _opts(shard="2/3"))
 
 
 def test_parse_shard_and_stable_hash() -> None:

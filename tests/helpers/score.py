@@ -12,8 +12,9 @@ IMAGE_SIZE = 64
 __all__ = ["IMAGE_SIZE", "export_onnx", "make_cohort", "make_model"]
 
 
-def make_model(path: Path, seed: int = 0) -> Path:
-    """A tiny randomly initialised checkpoint (the bmd head gets a spread so predictions differ per image)."""
+def make_model(path: Path, seed: int = 0, training_summary: dict | None = None) -> Path:
+    """A tiny randomly initialised checkpoint (the bmd head gets a spread so predictions differ per image);
+    ``training_summary`` goes into its card as is (e.g. ``oof_residuals`` for the interval columns)."""
     import torch
 
     from xbmd_batch.checkpoint import save_checkpoint
@@ -25,7 +26,9 @@ def make_model(path: Path, seed: int = 0) -> Path:
         DEFAULT_SCHEMA, image_size=IMAGE_SIZE, d_model=32, meta_hidden=32, head_hidden=32, dropout=0.0
     )
     model = build_model(cfg).eval()
-    return save_checkpoint(path, model, cfg, DEFAULT_SCHEMA, PreprocessConfig(image_size=IMAGE_SIZE))
+    return save_checkpoint(
+        path, model, cfg, DEFAULT_SCHEMA, PreprocessConfig(image_size=IMAGE_SIZE), training_summary
+    )
 
 
 def export_onnx(ckpt: Path, out: Path) -> Path:

@@ -26,13 +26,17 @@ def _accept(out: BatchOutcome, idx: np.ndarray, pred: dict[str, Any], has_attn: 
     bmd = np.asarray(pred["bmd"], dtype=np.float32).reshape(len(idx))
     attn = pred.get("field_attention") if has_attn else None
     attn = None if attn is None else np.asarray(attn, dtype=np.float32).reshape(len(idx), -1)
+    sd = pred.get("bmd_sd_models")  # a fold ensemble's between-model SD (export --ensemble)
+    sd = None if sd is None else np.asarray(sd, dtype=np.float32).reshape(len(idx))
     good = np.isfinite(bmd)
     if attn is not None:
         good &= np.isfinite(attn).all(axis=1)
     if good.all():
-        out.scored.append((idx, bmd, attn))
+        out.scored.append((idx, bmd, attn, sd))
         return
-    out.scored.append((idx[good], bmd[good], None if attn is None else attn[good]))
+    out.scored.append(
+        (idx[good], bmd[good], None if attn is None else attn[good], None if sd is None else sd[good])
+    )
     bad = idx[~good]
     out.failed.append(
         (bad, ["nonfinite_prediction"] * len(bad), ["the model returned NaN/inf for this image"] * len(bad))

@@ -76,6 +76,7 @@ class ScoreOptions:
     shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
     engine: str = "local"  # "local" (process pool + one runner) | "ray" (xbmd_batch.score.ray_engine)
     ray_address: str | None = None  # --engine ray: cluster address ("auto"); None starts a local Ray
+    interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -122,6 +123,12 @@ def _check_options(o: ScoreOptions) -> None:
         parse_shard(o.shard)
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
+    from xbmd_batch.uncertainty import check_level
+
+    try:
+        check_level(o.interval)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def _plain_issue(x: Any) -> dict[str, Any]:
@@ -297,6 +304,19 @@ def score_cohort(
     )
     t = lap("reconcile", t)
 
+    from xbmd_batch.score.cohort_summary import strata_table
+    from xbmd_batch.uncertainty import ConditionalConformal
+
+    strata = strata_table(enc.raw_values, schema)
+    conformal, no_interval_reason = ConditionalConformal.from_training_summary(card.training_summary)
+    if conformal is None:
+        console.print(f"[yellow]uncertainty: {no_interval_reason}[/]")
+    uncertainty_info = (
+        {**conformal.describe(o.interval), "available": True}
+        if conformal is not None
+        else {"available": False, "reason": no_interval_reason}
+    )
+
     ids = _out_ids(plan, pseudo)
     plan_keys = pl.DataFrame(
         {
@@ -306,7 +326,7 @@ def score_cohort(
         schema={"relative_path": pl.String, "sop_instance_uid": pl.String},
     )
     if shard_info is not None:
-        shard_mod.save_slice(out_dir, plan_keys, quarantine, shard_info)
+        shard_mod.save_slice(out_dir, plan_keys, quarantine, shard_info, strata)
     synthetic = manifest.is_synthetic(dicom_dir)
     base_manifest: dict[str, Any] = {
         "format": "xbmd-batch-run",
@@ -337,12 +357,14 @@ def score_cohort(
         "versions": manifest.versions(),
         "machine": manifest.machine_info(),
         "reconciliation": plan.counts,
+        "uncertainty": uncertainty_info,
     }
     if shard_info is not None:
         base_manifest["shard"] = shard_mod.manifest_entry(shard_info)
 
     if o.strict and plan.n_quarantined:
-        finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id)
+        finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id,
+                 conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
         manifest.write_run_json(
             out_dir,
             {
@@ -438,8 +460,8 @@ def score_cohort(
                 timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - ti
 
             def add_outcome(res: BatchOutcome) -> None:
-                for i, b, a in res.scored:
-                    buf.add_scored(i, b, a)
+                for i, b, a, sd in res.scored:
+                    buf.add_scored(i, b, a, sd)
                 for i, reasons, messages in res.failed:
                     buf.add_failed(i, "infer", reasons, messages)
 
@@ -479,7 +501,8 @@ def score_cohort(
     t = time.perf_counter()
 
     # 8. finalize
-    fin = finalize(out_dir, plan_keys, quarantine, schema.names, o.reference, model_sha, run_id)
+    fin = finalize(out_dir, plan_keys, quarantine, schema.names, o.reference, model_sha, run_id,
+                   conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
     t = lap("finalize", t)
     scores = pl.read_parquet(out_dir / "scores.parquet", columns=["who_class"])
     who = {c: int((scores.get_column("who_class") == c).sum()) for c in WHO_CLASSES}
@@ -521,6 +544,9 @@ def score_cohort(
     from xbmd_batch.score.summary import final_table
 
     print_tables(console, final_table({**result_info, "reference": o.reference, "synthetic": synthetic}))
+    from xbmd_batch.score.cohort_summary import rich_table
+
+    print_tables(console, [rich_table(pl.read_parquet(out_dir / "cohort_summary.parquet"), synthetic)])
     quarantined = n_fail > 0 or fin["not_processed"] > 0
     return ScoreResult(
         EXIT_QUARANTINE if quarantined else EXIT_OK,
@@ -584,7 +610,8 @@ def _score_on_ray(
             sc = rb["status"] == "scored"
             if sc.any():
                 attn = rb["attn"][sc] if rb["has_attn"][sc].all() else None
-                buf.add_scored(idx[sc], rb["bmd"][sc], attn)
+                sd = rb["sd"][sc] if rb["has_sd"][sc].all() else None
+                buf.add_scored(idx[sc], rb["bmd"][sc], attn, sd)
             for stage in ("decode", "infer"):
                 m = ~sc & (rb["stage"] == stage)
                 if m.any():

@@ -70,6 +70,8 @@ class ScoreActor:
         bmd = np.full(n, np.nan, dtype=np.float32)
         attn = np.full((n, self.n_fields), np.nan, dtype=np.float32)
         has_attn = np.zeros(n, dtype=bool)
+        sd = np.full(n, np.nan, dtype=np.float32)
+        has_sd = np.zeros(n, dtype=bool)
         good = idx[ok]
         if len(good):
             rows = self.meta_row[good]
@@ -78,12 +80,14 @@ class ScoreActor:
                 self.runner, self.runner.has_attention, good, images, self.values[rows], self.mask[rows]
             )
             pos = {int(i): k for k, i in enumerate(idx)}
-            for i_arr, b, a in res.scored:
+            for i_arr, b, a, s in res.scored:
                 for k, i in enumerate(i_arr):
                     p = pos[int(i)]
                     status[p], stage[p], reason[p], message[p], bmd[p] = "scored", "", "", "", b[k]
                     if a is not None:
                         attn[p], has_attn[p] = a[k], True
+                    if s is not None:
+                        sd[p], has_sd[p] = s[k], True
             for i_arr, rs, ms in res.failed:
                 for k, i in enumerate(i_arr):
                     p = pos[int(i)]
@@ -91,7 +95,8 @@ class ScoreActor:
         r = self.runner
         return {
             "idx": idx, "status": status, "stage": stage, "reason": reason, "message": message, "bmd": bmd,
-            "attn": attn, "has_attn": has_attn, "backend": np.array([r.backend] * n, dtype=object),
+            "attn": attn, "has_attn": has_attn, "sd": sd, "has_sd": has_sd,
+            "backend": np.array([r.backend] * n, dtype=object),
             "precision": np.array([r.precision] * n, dtype=object),
             "backend_reason": np.array([r.reason] * n, dtype=object),
         }  # fmt: skip

@@ -172,9 +172,14 @@ def manifest_entry(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_slice(
-    out_dir: Path, plan_keys: pl.DataFrame, quarantine: pl.DataFrame, info: dict[str, Any]
+    out_dir: Path,
+    plan_keys: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    info: dict[str, Any],
+    strata: pl.DataFrame | None = None,
 ) -> None:
-    """OUT/shard/{plan_keys,quarantine}.parquet: this shard's rows (output form) + their whole-plan index."""
+    """OUT/shard/{plan_keys,quarantine}.parquet: this shard's rows (output form) + their whole-plan index;
+    strata.parquet: the META-level cohort-summary groups (finalize's ``strata``): merge needs no META."""
     d = Path(out_dir) / SHARD_DIR
     d.mkdir(exist_ok=True)
     pk = plan_keys.with_columns(pl.Series("plan_index", info["item_index"], pl.Int64))
@@ -183,6 +188,8 @@ def save_slice(
     )
     atomic_write_parquet(d / "plan_keys.parquet", pk.to_arrow())
     atomic_write_parquet(d / "quarantine.parquet", qq.to_arrow())
+    if strata is not None:
+        atomic_write_parquet(d / "strata.parquet", strata.to_arrow())
 
 
 # ----------------------------------------------------------------------------------------------- merge
@@ -264,6 +271,23 @@ def check_shards(shards: list[dict[str, Any]]) -> None:
         raise InputError("merge: " + "; ".join(msgs))
 
 
+def _conformal(run: dict[str, Any]) -> Any:
+    """The model card's interval model, read again from the shards' model file (sha256 checked)."""
+    if not (run.get("uncertainty") or {}).get("available"):
+        return None
+    from xbmd_batch.fsutil import sha256_file
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.uncertainty import ConditionalConformal
+
+    path = Path(run["model"]["path"])
+    if not path.is_file() or sha256_file(path) != run["model"]["sha256"]:
+        raise InputError(
+            f"merge: the shards' model file {path} is missing or changed (sha256 differs); its card holds "
+            "the interval model that scores.parquet's bmd_lo/bmd_hi need"
+        )
+    return ConditionalConformal.from_training_summary(open_model(path).card.training_summary)[0]
+
+
 def _merged_lists(recons: list[dict[str, Any]], pseudonymized: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _FILE_LISTS:
@@ -321,8 +345,14 @@ def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> MergeResult:
     )
     fields = tuple(first["model"]["fields"])
     reference = first["options"]["reference"]
+    conformal = _conformal(first)
+    strata_p = shards[0]["dir"] / SHARD_DIR / "strata.parquet"
+    strata = pl.read_parquet(strata_p) if strata_p.is_file() else None
     out_r.mkdir(parents=True, exist_ok=True)
-    fin = finalize(out_dir, keys, quar, fields, reference, first["model"]["sha256"], run_id, part_files=parts)
+    fin = finalize(
+        out_dir, keys, quar, fields, reference, first["model"]["sha256"], run_id, part_files=parts,
+        conformal=conformal, interval=first["options"].get("interval", 0.9), strata=strata,
+    )  # fmt: skip
 
     recon_counts = _sum_counts([s["recon"]["counts"] for s in shards])
     pseudonymized = bool(first.get("pseudonymized"))
