@@ -11,7 +11,6 @@ inherit the parent's torch/onnxruntime thread pools.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.score.privacy import scrub
 
 
 @dataclass
@@ -37,7 +37,6 @@ class DecodedTask:
     ok: np.ndarray  # bool [k]
     failures: list[tuple[int, str, str]]  # (plan index, reason, message)
     seconds: float  # worker wall time for the task (decode + preprocess)
-    info: list[dict[str, Any]]  # compact DecodeInfo per ok item (transfer syntax, reduce level, ...)
 
 
 _STATE: dict[str, Any] = {}
@@ -91,22 +90,6 @@ def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int 
     _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
 
 
-def _info_dict(info: Any) -> dict[str, Any]:
-    if info is None:
-        return {}
-    if dataclasses.is_dataclass(info):
-        d = dataclasses.asdict(info)
-    elif isinstance(info, dict):
-        d = dict(info)
-    else:
-        d = (
-            {k: v for k, v in vars(info).items() if not k.startswith("_")}
-            if hasattr(info, "__dict__")
-            else {}
-        )
-    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool)) or v is None}
-
-
 def _reason(e: BaseException) -> str:
     from xbmd_batch.errors import InputError
 
@@ -123,14 +106,6 @@ def _reason(e: BaseException) -> str:
     return f"decode_error:{name}"
 
 
-def scrub(message: str, root: Path, rel: str) -> str:
-    """Drop the file's path from an error message: the failure row names the file in its own (possibly
-    pseudonymised) column, and folder names often carry subject IDs."""
-    for s in (str(root / rel), str((root / rel).resolve()), rel):
-        message = message.replace(s, "<file>")
-    return message[:500]
-
-
 def decode_task(idx: np.ndarray) -> DecodedTask:
     """Decode and preprocess the given plan indices (runs inside a worker, or inline with workers=0)."""
     from xbmd_batch.preprocess import load_and_preprocess
@@ -142,24 +117,22 @@ def decode_task(idx: np.ndarray) -> DecodedTask:
     images = np.zeros((k, 1, s, s), dtype=np.float32)
     ok = np.zeros(k, dtype=bool)
     failures: list[tuple[int, str, str]] = []
-    infos: list[dict[str, Any]] = []
     paths: pa.Array = _STATE["paths"]
     for n, i in enumerate(idx):
         rel = paths[int(i)].as_py()
         try:
-            arr, info = load_and_preprocess(_STATE["root"] / rel, cfg)
+            arr, _info = load_and_preprocess(_STATE["root"] / rel, cfg)
             arr = np.asarray(arr, dtype=np.float32).reshape(1, s, s)
             if not np.isfinite(arr).all():
                 raise ValueError("preprocessed image holds NaN/inf values")
             images[n] = arr
             ok[n] = True
-            infos.append(_info_dict(info))
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the cohort
             msg = scrub(
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _STATE["root"], rel
             )
             failures.append((int(i), _reason(e), msg))
-    return DecodedTask(np.asarray(idx, dtype=np.int64), images, ok, failures, time.perf_counter() - t0, infos)
+    return DecodedTask(np.asarray(idx, dtype=np.int64), images, ok, failures, time.perf_counter() - t0)
 
 
 class DecodePool:
@@ -260,10 +233,6 @@ class DecodePool:
                 pending.clear()
                 self.close(cancel=True)
 
-    def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
-        self.start(order)
-        return self.results()
-
 
 def _crashed(t: np.ndarray) -> DecodedTask:
     k = len(t)
@@ -274,5 +243,4 @@ def _crashed(t: np.ndarray) -> DecodedTask:
         np.zeros(k, dtype=bool),
         [(int(i), "worker_crashed", msg) for i in t],
         0.0,
-        [],
     )
