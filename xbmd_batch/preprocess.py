@@ -21,24 +21,7 @@ from PIL import Image
 from xbmd_batch.config import PreprocessConfig
 from xbmd_batch.dicom_io import DecodeInfo, read_image
 
-__all__ = ["preprocess_image", "load_and_preprocess", "preprocess_fingerprint", "pad_to_square", "resize"]
-
-
-def pad_to_square(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Centre ``img`` on a square canvas filled with its edge value; returns (canvas, (top, left, h, w)).
-
-    The fill is the median of the outermost rows and columns: the background (collimation / air) of the
-    radiograph, so the padding looks like more background rather than a hard black or white band, and keeps
-    the aspect ratio of the anatomy.
-    """
-    h, w = img.shape
-    if h == w:
-        return img, (0, 0, h, w)
-    m = max(h, w)
-    out = np.full((m, m), _edge_value(img, _band(img.shape, 1)), dtype=np.float32)
-    top, left = (m - h) // 2, (m - w) // 2
-    out[top : top + h, left : left + w] = img
-    return out, (top, left, h, w)
+__all__ = ["preprocess_image", "load_and_preprocess", "preprocess_fingerprint", "resize"]
 
 
 def resize(img: np.ndarray, size: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:

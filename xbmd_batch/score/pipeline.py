@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
-from xbmd_batch.errors import InputError
+from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest, privacy
 from xbmd_batch.score.decode import DecodePool
@@ -34,13 +34,6 @@ from xbmd_batch.score.loop import ScoringLoop
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.stopwatch import Stopwatch
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter, done_keys, load_or_create_state, prepare_out_dir
-
-# Exit codes (docs/outputs.md; the CLI's help repeats them).
-EXIT_OK = 0
-EXIT_ERROR = 1  # unexpected internal error
-EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError)
-EXIT_QUARANTINE = 3  # finished, but some inputs were quarantined (failures.parquet is not empty)
-EXIT_STRICT = 4  # --strict: reconciliation found quarantined inputs; nothing was decoded or scored
 
 # Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
 # SIGINT instead (Ctrl-C). Crash-safety tests only; read once, handed to the PartWriter.
