@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from xbmd_batch.config import DEFAULT_SCHEMA, MetadataSchema, PreprocessConfig
 from xbmd_batch.errors import InputError
@@ -246,18 +245,6 @@ def cache_key(paths: Sequence[str], cfg: PreprocessConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_one(job: tuple[int, str, dict[str, Any]]) -> tuple[int, np.ndarray | None, str | None]:
-    """Worker: one file -> (index, [1, S, S] float32 or None, error message or None)."""
-    from xbmd_batch.preprocess import load_and_preprocess
-
-    i, path, cfg_d = job
-    try:
-        arr, _info = load_and_preprocess(path, PreprocessConfig.from_dict(cfg_d))
-        return i, np.asarray(arr, dtype=np.float32), None
-    except Exception as e:  # a bad file must not stop the cohort; it is reported and excluded
-        return i, None, f"{type(e).__name__}: {e}"
-
-
 def build_image_cache(
     paths: Sequence[str],
     cfg: PreprocessConfig,
@@ -265,7 +252,7 @@ def build_image_cache(
     workers: int = 1,
     progress: bool = True,
 ) -> ImageCache:
-    """Return the cached array for (paths, cfg), decoding in a process pool if the key is new.
+    """Return the cached array for (paths, cfg), decoding with score's DecodePool if the key is new.
 
     Written to a temp name and renamed, so an interrupted decode never leaves a half cache behind.
     """
@@ -290,39 +277,31 @@ def build_image_cache(
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(uniq), 1, s, s))
     ok_u = np.zeros(len(uniq), dtype=bool)
     errors: dict[str, str] = {}
-    jobs = [(i, p, cfg.to_dict()) for i, p in enumerate(uniq)]
-
-    def _store(res: tuple[int, np.ndarray | None, str | None]) -> None:
-        i, arr, err = res
-        if arr is None or arr.shape != (1, s, s):
-            errors[uniq[i]] = err or f"unexpected shape {None if arr is None else arr.shape}"
-        else:
-            out[i] = arr
-            ok_u[i] = True
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
+    from xbmd_batch.score.decode import DecodePool
+
+    # score's own decode pool (forkserver workers, bounded in-flight tasks, crash retry): the same decode and
+    # preprocessing path, and the same rule that a file decoding to NaN/inf is a failure, not a training image
+    paths = pa.array(uniq, type=pa.large_string())  # absolute paths: Path("/") / p is p
+    with (
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+            transient=False,
+        ) as bar,
+        DecodePool(Path("/"), paths, cfg, workers if workers > 1 and len(uniq) >= 4 else 0) as pool,
+    ):
         task = bar.add_task(f"decode {len(uniq)} DICOMs -> {s}px", total=len(uniq))
-        if workers <= 1 or len(uniq) < 4:
-            for job in jobs:
-                _store(_decode_one(job))
-                bar.advance(task)
-        else:
-            # forkserver: workers never inherit the parent's torch/OpenMP state
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["xbmd_batch.preprocess"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                for res in pool.map(_decode_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
-                    _store(res)
-                    bar.advance(task)
+        pool.start(np.arange(len(uniq), dtype=np.int64))
+        for dec in pool.results():
+            out[dec.idx[dec.ok]] = dec.images[dec.ok]
+            ok_u[dec.idx[dec.ok]] = True
+            errors.update({uniq[i]: f"{reason}: {msg}" for i, reason, msg in dec.failures})
+            bar.advance(task, len(dec.idx))
     out.flush()  # the rename below is safe with the map still open (POSIX)
     commit(tmp, npy)
     atomic_write_json(
