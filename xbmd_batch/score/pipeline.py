@@ -38,6 +38,7 @@ from xbmd_batch.score.writer import ChunkBuffer, PartWriter, done_keys, load_or_
 # Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
 # SIGINT instead (Ctrl-C). Crash-safety tests only; read once, handed to the PartWriter.
 KILL_AFTER_PARTS_ENV = "XBMD_BATCH_TEST_KILL_AFTER_PARTS"
+RESUME_KEY = ("relative_path", "sop_instance_uid")  # a row already in a part (output form) is not redone
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,11 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _check_options(o: ScoreOptions) -> None:
+def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
+    if not dicom_dir.is_dir():
+        raise InputError(f"{dicom_dir}: DICOM folder does not exist or is not a directory")
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: metadata table not found")
     if o.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (got {o.batch_size})")
     if o.chunk_size < 1:
@@ -135,12 +140,8 @@ def score_cohort(
     from xbmd_batch.score.summary import final_table, print_tables, reconciliation_table
 
     opts = options or ScoreOptions()
-    _check_options(opts)
     dicom_dir, meta_path, model_path, out_dir = map(Path, (dicom_dir, meta_path, model_path, out_dir))
-    if not dicom_dir.is_dir():
-        raise InputError(f"{dicom_dir}: DICOM folder does not exist or is not a directory")
-    if not meta_path.is_file():
-        raise InputError(f"{meta_path}: metadata table not found")
+    _check_options(opts, dicom_dir, meta_path)
     console = _console(opts.quiet)
     sw = Stopwatch()
 
@@ -165,25 +166,12 @@ def score_cohort(
     # 1-4. discover, headers, META join, reconcile: before any pixel is decoded
     ing = ingest(dicom_dir, meta_path, card.schema, key_spec, opts.header_threads, sw)
     plan, join_desc = ing.plan, key_spec.describe(card.schema.subject_key)
-    recon = {
-        "run_id": run_id,
-        "created": now_iso(),
-        "join": join_desc,
-        "pseudonymized": pseudo.enabled,
-        "counts": plan.counts,
-        **privacy.listed_for_output(plan.listed, pseudo, ing.meta_keys()),
-        "metadata_warnings": list(ing.encoded.warnings),
-    }
-    atomic_write_json(out_dir / "reconciliation.json", recon)
+    _write_reconciliation(out_dir, run_id, ing, join_desc, pseudo)
     print_tables(console, [reconciliation_table(plan.counts, join_desc)])
     quarantine = privacy.failures_for_output(plan.quarantine, pseudo)
     ids = privacy.ids_for_output(plan.items, pseudo)
     plan_keys = pl.DataFrame(
-        {
-            "relative_path": ids["relative_path"].tolist(),
-            "sop_instance_uid": ids["sop_instance_uid"].tolist(),
-        },
-        schema={"relative_path": pl.String, "sop_instance_uid": pl.String},
+        {c: ids[c].tolist() for c in RESUME_KEY}, schema=dict.fromkeys(RESUME_KEY, pl.String)
     )
     run = manifest.run_manifest(
         run_id, resumed, state, dicom_dir, meta_path, model_path, model_sha, card, opts, pseudo, plan.counts
@@ -201,8 +189,8 @@ def score_cohort(
 
     # 5. what is left to do (resume skips rows already in parts)
     done = done_keys(out_dir)
-    rel_o, sop_o = ids["relative_path"], ids["sop_instance_uid"]
-    todo = np.array([i for i in range(plan.items.height) if (rel_o[i], sop_o[i]) not in done], dtype=np.int64)
+    keys = zip(*(ids[c] for c in RESUME_KEY), strict=True)
+    todo = np.array([i for i, k in enumerate(keys) if k not in done], dtype=np.int64)
     sw.lap("reconcile")
 
     # 6-7. decode pool (starts while the model loads), runner, then the loop: batches -> runner -> parts
@@ -216,18 +204,7 @@ def score_cohort(
         why = f" - {runner.reason}" if runner.reason else ""
         console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
         sw.lap("model_load")
-        loop = ScoringLoop(
-            runner,
-            card,
-            _chunk_buffer(ing, ids, card.schema.names, runner),
-            PartWriter(out_dir, after_write=kill_hook_from_env()),
-            np.asarray(ing.encoded.values, dtype=np.float32),
-            np.asarray(ing.encoded.mask, dtype=np.float32),
-            plan.items.get_column("meta_row").to_numpy().astype(np.int64),
-            opts.batch_size,
-            opts.chunk_size,
-            sw,
-        )
+        loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw)
         progress = _progress(console, opts.quiet)
         with progress:
             stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
@@ -272,21 +249,48 @@ def _open_runner(model_path: Path, o: ScoreOptions) -> Any:
     )
 
 
-def _chunk_buffer(
-    ing: Ingested, ids: dict[str, np.ndarray], names: tuple[str, ...], runner: Any
-) -> ChunkBuffer:
+def _write_reconciliation(
+    out_dir: Path, run_id: str, ing: Ingested, join_desc: str, pseudo: Pseudonymizer
+) -> None:
+    """OUT/reconciliation.json: the plan's counts and lists, every identifier in output form."""
+    recon = {
+        "run_id": run_id,
+        "created": now_iso(),
+        "join": join_desc,
+        "pseudonymized": pseudo.enabled,
+        "counts": ing.plan.counts,
+        **privacy.listed_for_output(ing.plan.listed, pseudo, ing.meta_keys()),
+        "metadata_warnings": list(ing.encoded.warnings),
+    }
+    atomic_write_json(out_dir / "reconciliation.json", recon)
+
+
+def _scoring_loop(
+    runner: Any,
+    card: Any,
+    ing: Ingested,
+    ids: dict[str, np.ndarray],
+    out_dir: Path,
+    o: ScoreOptions,
+    sw: Stopwatch,
+) -> ScoringLoop:
+    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
     items, enc = ing.plan.items, ing.encoded
-    return ChunkBuffer(
+    meta_row = items.get_column("meta_row").to_numpy().astype(np.int64)
+    buf = ChunkBuffer(
         ids,
-        items.get_column("meta_row").to_numpy().astype(np.int64),
+        meta_row,
         items.get_column("image_index_for_subject").to_numpy(),
         items.get_column("n_images_for_subject").to_numpy(),
         np.asarray(enc.missing, dtype=bool),
         np.asarray(enc.derived, dtype=bool),
-        names,
+        card.schema.names,
         runner.backend,
         runner.precision,
     )
+    writer = PartWriter(out_dir, after_write=kill_hook_from_env())
+    values, mask = np.asarray(enc.values, dtype=np.float32), np.asarray(enc.mask, dtype=np.float32)
+    return ScoringLoop(runner, card, buf, writer, values, mask, meta_row, o.batch_size, o.chunk_size, sw)
 
 
 def _console(quiet: bool) -> Any:
