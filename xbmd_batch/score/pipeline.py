@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
 from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest, privacy
@@ -100,6 +100,9 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError(f"--chunk-size must be >= 1 (got {o.chunk_size})")
     if o.workers is not None and o.workers < 0:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
+    vocab = (("--backend", o.backend, BACKENDS), ("--precision", o.precision, PRECISIONS))
+    for name, value, allowed in vocab:  # the CLI's Enums refuse these first; library callers get this
+        raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
     if o.key_column and o.path_column and o.key_column == o.path_column:
