@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from xbmd_batch import __version__
 from xbmd_batch.cli import _check_device, app
-from xbmd_batch.errors import InputError, XbmdError
+from xbmd_batch.errors import InputError, TensorRTUnavailableError
 
 runner = CliRunner()
 
@@ -102,7 +102,7 @@ def test_errors_map_to_exit_codes(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     ]
     for exc, code, text in (
         (InputError("meta.csv: row 3: bad"), 2, "error: meta.csv: row 3: bad"),
-        (XbmdError("TensorRT is not installed"), 1, "error: TensorRT is not installed"),
+        (TensorRTUnavailableError("TensorRT is not installed"), 1, "error: TensorRT is not installed"),
         (KeyboardInterrupt(), 130, "rerun the same command to resume"),
     ):
 

@@ -19,6 +19,14 @@ class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
 
 
+class StaleEngineError(ModelFileError):
+    """A TensorRT engine built for another GPU / TensorRT / ONNX file / precision / profile, or corrupt."""
+
+
+class TensorRTUnavailableError(XbmdError):
+    """tensorrt (or CUDA) is not installed / visible on this machine."""
+
+
 # Exit codes (docs/outputs.md; `xbmd-batch score --help` repeats them).
 EXIT_OK = 0
 EXIT_ERROR = 1  # an XbmdError that is not the user's input (or an unexpected internal error)

@@ -57,7 +57,7 @@ class ScoringLoop:
         self.sw = stopwatch
         self.image_name, self.meta_name, self.mask_name = card.input_names
         self.bmd_name, self.attn_name = card.output_names[0], card.output_names[1]
-        self.has_attention = bool(getattr(runner, "has_attention", card.has_attention))
+        self.has_attention = bool(runner.has_attention)
         self.stats = LoopStats()
 
     def run(self, pool: DecodePool, progress: Any = None, task: Any = None) -> LoopStats:

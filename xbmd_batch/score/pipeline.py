@@ -109,13 +109,6 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError("--key-column and --path-column must name different META columns")
 
 
-def read_card(model_path: Path) -> Any:
-    """The model card, read without building the model (reconciliation needs only schema + preprocessing)."""
-    from xbmd_batch.runners import load_card
-
-    return load_card(model_path)
-
-
 def kill_hook_from_env() -> Callable[[int], None] | None:
     """The crash-test hook (KILL_AFTER_PARTS_ENV) as a PartWriter ``after_write`` callback, or None."""
     spec = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
@@ -140,6 +133,7 @@ def score_cohort(
     raise, they become failure rows.
     """
     from xbmd_batch.fsutil import sha256_file
+    from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.score.summary import final_table, print_tables, reconciliation_table
 
     opts = options or ScoreOptions()
@@ -149,10 +143,10 @@ def score_cohort(
     sw = Stopwatch()
 
     # setup: model card, output folder, the run state that pins model / META / key across resumes
-    card = read_card(model_path)
+    model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
+    card, model_sha = model.card, model.sha256
     pseudo = Pseudonymizer.from_keyfile(opts.pseudonymize)
     prepare_out_dir(out_dir, dicom_dir, meta_path)
-    model_sha = sha256_file(model_path)
     key_spec = KeySpec(opts.key_column, opts.path_column)
     state, resumed = load_or_create_state(
         out_dir,
@@ -201,7 +195,7 @@ def score_cohort(
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts))
         pool.start(todo)
-        runner = stack.enter_context(_open_runner(model_path, opts))
+        runner = stack.enter_context(_open_runner(model, opts))
         run["runner"] = runner.provenance()
         run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
         why = f" - {runner.reason}" if runner.reason else ""
@@ -244,11 +238,18 @@ def _decode_pool(
     return DecodePool(dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight)
 
 
-def _open_runner(model_path: Path, o: ScoreOptions) -> Any:
-    from xbmd_batch.runners import open_runner
+def _open_runner(model: Any, o: ScoreOptions) -> Any:
+    """The runner for the already-opened model file (TensorRT takes its parity feeds from us, not synth)."""
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     return open_runner(
-        model_path, backend=o.backend, device=o.device, precision=o.precision, batch_size=o.batch_size
+        model,
+        backend=o.backend,
+        device=o.device,
+        precision=o.precision,
+        batch_size=o.batch_size,
+        parity_feeds=make_reference_feeds,
     )
 
 
