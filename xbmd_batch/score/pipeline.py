@@ -102,7 +102,8 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
     vocab = (("--backend", o.backend, BACKENDS), ("--precision", o.precision, PRECISIONS))
     for name, value, allowed in vocab:  # the CLI's Enums refuse these first; library callers get this
-        raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
+        if value not in allowed:
+            raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
     if o.key_column and o.path_column and o.key_column == o.path_column:
