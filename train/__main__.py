@@ -41,6 +41,10 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         schema,
         fusion=fusion,
         image_size=hp.image_size,
+        encoder=hp.encoder,
+        cnn_width=hp.cnn_width,
+        wide=hp.wide,
+        wide_side=hp.wide_side,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -87,9 +91,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="the paper's comparison on the same folds: XAttn vs concat ('fusion'), the four losses "
         "('loss'), or both (bare --compare)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="--compare fusion: repeats of K-fold CV with fresh fold assignments (default 5; 1 = off)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="--compare fusion: training seeds per fold and arm (default 3)",
+    )
     p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
     p.add_argument(
         "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
+    )
+    p.add_argument(
+        "--split-by",
+        default=None,
+        metavar="COLUMN",
+        help="leave-one-level-out validation on a label-table column, e.g. 'site' (leave-one-scanner-out)",
     )
     p.add_argument("--final", action="store_true", help="also train on all data -> <out>/final.pt")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
@@ -101,7 +123,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="torchvision ImageNet resnet34 state dict (a local file; nothing is downloaded) to start the "
+        "resnet34 encoder from (the RGB stem summed to one channel); paper preset",
+    )
+    p.add_argument(
         "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
+    )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.90,
+        help="screening operating points: cut-off on the estimate reaching this sensitivity, chosen on the "
+        "other folds and applied out of fold",
     )
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
     p.add_argument("--cache-dir", default=None, help="image cache folder (default: <out>/.xbmd_cache)")
@@ -139,6 +175,33 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
+def _repeats_seeds(args: argparse.Namespace) -> tuple[int, int]:
+    """--compare fusion defaults to 5 repeats x 3 seeds (issue 10); every other run to one CV, one seed."""
+    fusion = args.compare in ("all", "fusion")
+    repeats = args.repeats if args.repeats is not None else (5 if fusion else 1)
+    seeds = args.seeds if args.seeds is not None else (3 if fusion else 1)
+    return max(1, repeats), max(1, seeds)
+
+
+def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
+    """Issue 15's contract: one (calibrated out-of-fold estimate, label) pair per subject, plain floats.
+
+    ``oof`` is one variant's out-of-fold rows; a subject with several images gets the mean of its estimates.
+    """
+    per = (
+        oof.group_by("subject_id", maintain_order=True)
+        .agg(pl.col("y_pred").mean(), pl.col("y_true").first())
+        .sort("subject_id")
+    )
+    return {
+        "prediction": [float(x) for x in per["y_pred"].to_list()],
+        "target": [float(x) for x in per["y_true"].to_list()],
+        "calibrated": True,
+        "reference": reference,
+        "n": int(per.height),
+    }
+
+
 def vname(fusion: str, loss: str) -> str:
     return f"{fusion}-{loss}"
 
@@ -159,24 +222,6 @@ def command_line(args: argparse.Namespace) -> str:
             else:
                 argv += [act.option_strings[-1], str(val)]
     return "python -m train " + " ".join(shlex.quote(a) for a in argv)
-
-
-def baselines(
-    meta: np.ndarray, mask: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Test-fold predictions of two references: the training mean, and ridge on the encoded metadata.
-
-    They say what the network adds: beating the mean shows learning, beating metadata-ridge shows that the
-    image (or the fusion) contributes beyond a linear model of the clinical fields.
-    """
-    from sklearn.linear_model import RidgeCV
-
-    x = np.concatenate([meta, mask], axis=1)
-    ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x[tr], y[tr])
-    return {
-        "baseline-train-mean": np.full(len(te), float(y[tr].mean())),
-        "baseline-metadata-ridge": ridge.predict(x[te]),
-    }
 
 
 @dataclass
@@ -231,10 +276,18 @@ class CV:
     metrics: pl.DataFrame
     best_epochs: dict[str, list[int]]
     enc_cache: dict[int, Any]
+    base_oof: pl.DataFrame  # the reference predictors' out-of-fold rows (train.baselines)
 
 
 def _summary(
-    run: Run, data: Data, v: str, loss_name: str, fold: int | str, head: dict[str, Any], body: dict[str, Any]
+    run: Run,
+    data: Data,
+    v: str,
+    loss_name: str,
+    fold: int | str,
+    head: dict[str, Any],
+    body: dict[str, Any],
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """The training summary a checkpoint carries (fold and final models alike; it reaches the model card)."""
     args = run.args
@@ -250,6 +303,7 @@ def _summary(
         "synthetic_cohort": data.cohort.is_synthetic,
         **body,
         "reference": args.reference,
+        **extra,
         "seed": args.seed,
     }
 
@@ -262,9 +316,12 @@ def setup_run(args: argparse.Namespace) -> Run:
     from train.engine import pick_device
     from train.presets import get_preset
     from xbmd_batch.clinical import get_reference
+    from xbmd_batch.errors import InputError
 
     console = Console(stderr=True, quiet=False)
     get_reference(args.reference)  # validate early
+    if args.pretrained and not Path(args.pretrained).is_file():
+        raise InputError(f"{args.pretrained}: --pretrained weights file not found")
     hp = get_preset(args.preset).replace(
         image_size=args.image_size,
         epochs=args.epochs,
@@ -290,6 +347,7 @@ def setup_run(args: argparse.Namespace) -> Run:
 
 def prepare_data(run: Run) -> Data:
     """Cohort (score's ingest path), image cache, the rows that decoded, and the CV splits."""
+    from train.analysis import split_by_column
     from train.data import ArrayDataBuilder, build_image_cache, default_cache_dir, load_cohort
     from train.folds import holdout_split, make_folds
     from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
@@ -316,7 +374,15 @@ def prepare_data(run: Run) -> Data:
     if len(np.unique(groups)) < 4:
         raise InputError(f"{cohort.root}: only {len(np.unique(groups))} usable subjects; need at least 4")
 
-    if args.single_split:
+    if args.split_by:
+        splits, levels = split_by_column(
+            groups, args.labels or Path(args.cohort) / "truth.csv", args.split_by
+        )
+        protocol = (
+            f"leave-one-{args.split_by}-out: {len(levels)} folds, each holding out all subjects of one level "
+            f"({', '.join(levels)})"
+        )
+    elif args.single_split:
         splits = [holdout_split(y, groups, 0.1, args.seed, hp.n_bins)]
         protocol = f"single stratified, subject-grouped 90/10 split (seed {args.seed})"
     else:
@@ -340,9 +406,10 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
     from train.engine import evaluate, fit
     from train.folds import split_inside
     from train.metrics import all_metrics
+    from xbmd_batch.calibration import fit_calibration
     from xbmd_batch.checkpoint import save_checkpoint
-    from xbmd_batch.loss import make_loss
-    from xbmd_batch.model import build_model
+    from xbmd_batch.loss import make_loss, weight_params_for
+    from xbmd_batch.model import build_model, load_pretrained_resnet34, set_calibration
 
     args, hp, prog, cohort = run.args, run.hp, run.prog, data.cohort
     v = vname(fusion, loss_name)
@@ -354,7 +421,9 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
     mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[tr])
     torch.manual_seed(args.seed * 1000 + k)
     model = build_model(mcfg)
-    loss_fn = make_loss(loss_name)
+    if args.pretrained:
+        load_pretrained_resnet34(model, args.pretrained)
+    loss_fn = make_loss(loss_name, reference=args.reference)
     steps = prog.add_task(f"{v} fold {k + 1}/{k_total}", total=None)
 
     def on_epoch(rec: dict[str, float]) -> None:
@@ -378,6 +447,12 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
         on_step=lambda: prog.advance(steps),
     )
     prog.remove_task(steps)
+    # recalibrate on the inner-validation split (not trained on), inside the model itself
+    ev_raw = evaluate(model, loss_fn, arrays, te, hp.batch_size, run.device)
+    cal = fit_calibration(
+        evaluate(model, loss_fn, arrays, inner_val, hp.batch_size, run.device).pred, cohort.y[inner_val]
+    )
+    mcfg = set_calibration(model, cal["intercept"], cal["slope"])
     ev = evaluate(model, loss_fn, arrays, te, hp.batch_size, run.device)
     m = all_metrics(ev.y, ev.pred, args.reference)
     field_cols = [f"attn_{f}" for f in enc.schema.names]
@@ -390,6 +465,7 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
             "fold": np.full(len(ev.idx), k, dtype=np.int32),
             "y_true": ev.y,
             "y_pred": ev.pred,
+            "y_pred_raw": ev_raw.pred,
             **{c: ev.attention[:, j] for j, c in enumerate(field_cols)},
         }
     )
@@ -408,6 +484,10 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
             "epochs_run": res.epochs_run,
             "train_seconds": round(res.seconds, 1),
         },
+        {
+            "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+            "calibration": {**cal, "fitted_on": "inner-validation split"},
+        },
     )
     summary["test_metrics"] = _nan_to_none(m)
     save_checkpoint(vdir / f"fold_{k}.pt", model, mcfg, enc.schema, data.pp, summary)
@@ -419,7 +499,8 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
 
 
 def run_cv(run: Run, data: Data, runs_task: Any) -> CV:
-    """Every variant on every fold, then pooled out-of-fold metrics and the two reference baselines."""
+    """Every variant on every fold, then pooled out-of-fold metrics and the reference predictors."""
+    from train.baselines import pixel_features, reference_predictions
     from train.metrics import all_metrics
 
     cohort, args = data.cohort, run.args
@@ -445,15 +526,31 @@ def run_cv(run: Run, data: Data, runs_task: Any) -> CV:
         metric_rows.append(
             {"variant": v, "fusion": fusion, "loss": loss_name, "fold": -1, "scope": "pooled", **m}
         )
-    # reference rows on the same folds: the training mean, and ridge regression on the metadata alone
+    # reference rows on the same folds: training mean, ridge on metadata, on pixels, on both
+    cache, rows = data.builder.cache, data.rows
+    pix_ok = pixel_features(cache.images[cache.row_of[rows]])
+    pixels = np.zeros((cohort.n, pix_ok.shape[1]), dtype=np.float32)
+    pixels[rows] = pix_ok
+    base_parts: list[pl.DataFrame] = []
     for k, (tr, te) in enumerate(data.splits):
         enc = enc_cache[k]
-        for bname, pred in baselines(enc.values, enc.mask, cohort.y, tr, te).items():
+        for bname, pred in reference_predictions(pixels, enc.values, enc.mask, cohort.y, tr, te).items():
             m = all_metrics(cohort.y[te], pred, args.reference)
             metric_rows.append(
                 {"variant": bname, "fusion": "none", "loss": "none", "fold": k, "scope": "baseline", **m}
             )
-    return CV(oof, pl.DataFrame(metric_rows), best_epochs, enc_cache)
+            base_parts.append(
+                pl.DataFrame(
+                    {
+                        "variant": [bname] * len(te),
+                        "subject_id": cohort.subject_ids[te].tolist(),
+                        "fold": np.full(len(te), k, dtype=np.int32),
+                        "y_true": cohort.y[te].astype(np.float64),
+                        "y_pred": np.asarray(pred, dtype=np.float64),
+                    }
+                )
+            )
+    return CV(oof, pl.DataFrame(metric_rows), best_epochs, enc_cache, pl.concat(base_parts))
 
 
 def train_final(run: Run, data: Data, cv: CV) -> dict[str, Any]:
@@ -462,9 +559,10 @@ def train_final(run: Run, data: Data, cv: CV) -> dict[str, Any]:
 
     from train.engine import fit
     from train.metrics import mean_sd
+    from xbmd_batch.calibration import fit_calibration
     from xbmd_batch.checkpoint import save_checkpoint
-    from xbmd_batch.loss import make_loss
-    from xbmd_batch.model import build_model
+    from xbmd_batch.loss import make_loss, weight_params_for
+    from xbmd_batch.model import build_model, load_pretrained_resnet34, set_calibration
 
     args, hp, prog, rows = run.args, run.hp, run.prog, data.rows
     fusion, loss_name = run.variants[0]
@@ -474,10 +572,12 @@ def train_final(run: Run, data: Data, cv: CV) -> dict[str, Any]:
     mcfg = model_config_for(enc.schema, fusion, hp, data.cohort.y[rows])
     torch.manual_seed(args.seed * 1000 + 999)
     model = build_model(mcfg)
+    if args.pretrained:
+        load_pretrained_resnet34(model, args.pretrained)
     steps = prog.add_task(f"{v} final ({n_ep} epochs)", total=None)
     res = fit(
         model,
-        make_loss(loss_name),
+        make_loss(loss_name, reference=args.reference),
         data.builder.arrays(enc),
         rows,
         None,
@@ -489,13 +589,23 @@ def train_final(run: Run, data: Data, cv: CV) -> dict[str, Any]:
         on_step=lambda: prog.advance(steps),
     )
     prog.remove_task(steps)
+    # calibration of the final model: fitted on the CV fold models' raw out-of-fold estimates (the
+    # final model has no held-out data of its own); intercept + slope when >= MIN_N_SLOPE subjects
+    prim = cv.oof.filter(pl.col("variant") == v)
+    cal = fit_calibration(prim["y_pred_raw"].to_numpy(), prim["y_true"].to_numpy())
+    mcfg = set_calibration(model, cal["intercept"], cal["slope"])
     folds = cv.metrics.filter((pl.col("variant") == v) & (pl.col("scope") == "fold"))
     cv_summary = {
         f"cv_{key}_mean_sd": [None if not math.isfinite(x) else x for x in mean_sd(folds[key].to_list())[:2]]
         for key in ("mse", "mae", "r2", "pearson_r")
     }
     body = {"n_train": len(rows), "epochs": n_ep, "train_seconds": round(res.seconds, 1)}
-    final_info = {**_summary(run, data, v, loss_name, "all", {}, body), **cv_summary}
+    extra = {
+        "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+        "calibration": {**cal, "fitted_on": "raw out-of-fold estimates of the CV fold models"},
+        "oof_residuals": oof_residuals(prim, args.reference),
+    }
+    final_info = {**_summary(run, data, v, loss_name, "all", {}, body, extra), **cv_summary}
     save_checkpoint(run.out / "final.pt", model, mcfg, enc.schema, data.pp, final_info)
     return final_info
 
@@ -564,23 +674,80 @@ def write_plots(run: Run, data: Data, cv: CV, history: pl.DataFrame, fold_m: pl.
     return notes
 
 
+def repeated_fusion(run: Run, data: Data) -> dict[str, Any] | None:
+    """--compare fusion: repeated CV x seeds, corrected t-test + paired bootstrap (train/repeated.py)."""
+    from train.repeated import analyse as analyse_repeated
+    from train.repeated import repeated_fusion_cv
+
+    args, out = run.args, run.out
+    repeats, n_seeds = _repeats_seeds(args)
+    if args.compare not in ("all", "fusion") or repeats * n_seeds <= 1:
+        return None
+    rep_oof, rep_splits = repeated_fusion_cv(
+        cohort=data.cohort,
+        builder=data.builder,
+        rows=data.rows,
+        hp=run.hp,
+        device=run.device,
+        loss_name=args.loss,
+        reference=args.reference,
+        repeats=repeats,
+        seeds=n_seeds,
+        base_seed=args.seed,
+        model_config_for=model_config_for,
+        log=run.console.log,
+        pretrained=args.pretrained,
+    )
+    rep_oof.write_parquet(out / "fusion_repeated_oof.parquet")
+    rep_splits.write_parquet(out / "fusion_repeated_splits.parquet")
+    fusion_rep = analyse_repeated(rep_oof, rep_splits, seed=args.seed)
+    (out / "fusion_repeated.json").write_text(json.dumps(fusion_rep, indent=2, default=float))
+    return fusion_rep
+
+
+def epidemiology(run: Run, data: Data, cv: CV) -> dict[str, Any]:
+    """train.analysis on the primary variant: calibration, Bland-Altman, CIs, operating points, subgroups."""
+    from train import plots
+    from train.analysis import covariates_for, per_subject, run_analysis
+    from xbmd_batch.clinical import get_reference
+
+    args, out, cohort = run.args, run.out, data.cohort
+    tag = "synthetic cohort" if cohort.is_synthetic else ""
+    prim_oof = cv.oof.filter(pl.col("variant") == run.primary)
+    labels_path = Path(args.labels) if args.labels else Path(args.cohort) / "truth.csv"
+    covariates = covariates_for(cohort.subject_ids[data.rows], cohort.meta_df, labels_path)
+    epi = run_analysis(
+        prim_oof, cv.base_oof, get_reference(args.reference), covariates, target_sens=args.target_sensitivity
+    )
+    plots.calibration_plot(epi["deciles"], epi.get("deciles_raw"), out / "calibration.png", tag)
+    subj = per_subject(prim_oof)
+    plots.bland_altman_plot(
+        subj["y"].to_numpy(), subj["p"].to_numpy(), epi["bland_altman"], out / "bland_altman.png", tag
+    )
+    return epi
+
+
 def write_outputs(
     run: Run, data: Data, cv: CV, final_info: dict[str, Any] | None, wall_start: float
 ) -> dict[str, Any]:
     """Tables, plots and report.md; returns the run summary (paths, per-variant mean metrics, wall time)."""
     from train.metrics import mean_sd
+    from train.repeated import markdown as repeated_markdown
     from train.report import write_report
 
     args, out, cohort, rows = run.args, run.out, data.cohort, data.rows
     fold_m = cv.metrics.filter(pl.col("scope") == "fold")
     paired = paired_tests(args, fold_m)
+    fusion_rep = repeated_fusion(run, data)
     cv.oof.write_parquet(out / "oof.parquet")
+    cv.base_oof.write_parquet(out / "baselines_oof.parquet")
     cv.metrics.write_parquet(out / "metrics.parquet")
     history = pl.DataFrame(run.hist_rows)
     history.write_parquet(out / "history.parquet")
     if paired is not None:
         paired.write_parquet(out / "paired_tests.parquet")
     notes = data.notes + write_plots(run, data, cv, history, fold_m)
+    epi = epidemiology(run, data, cv)
     k_total = len(data.splits)
     if args.compare and k_total < 6:
         notes.append(
@@ -614,6 +781,10 @@ def write_outputs(
         wall_seconds=wall,
         notes=notes,
         final=final_info,
+        epi=epi,
+        extra_sections=repeated_markdown(fusion_rep, "SYNTHETIC " if cohort.is_synthetic else "")
+        if fusion_rep
+        else (),
     )
     means = {
         vname(*x): {
