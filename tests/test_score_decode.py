@@ -129,3 +129,38 @@ def test_corrupt_pixels_become_failure_rows(tiny_model: Path, tmp_path: Path, wo
     assert set(s["subject_key"]) | set(f["subject_key"].drop_nulls()) == {"GOOD", "BAD", "COLOUR"}
     assert res.exit_code == 3
     assert (f["stage"] == "decode").all()
+
+
+def test_malformed_pixel_data_failure_reasons(tmp_path: Path) -> None:
+    """Malformed uncompressed pixel data becomes failure rows with accurate reasons (issue 13), not
+    ``unsupported_transfer_syntax``; the good file next to them is decoded."""
+    import pyarrow as pa
+    from dicom_factory import make_dataset
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score.decode import _init_worker, decode_task
+
+    root = tmp_path / "d"
+    root.mkdir()
+    make_dicom(root / "good.dcm", rows=64, cols=64)
+    short = make_dataset(rows=64, cols=64)
+    short.PixelData = short.PixelData[:100]
+    bits = make_dataset(rows=64, cols=64)
+    bits.BitsStored = 17
+    huge = make_dataset(rows=64, cols=64)
+    huge.Rows = huge.Columns = 60000
+    tiny = make_dataset(pixels=np.zeros((1, 1), np.uint16))
+    for name, ds in (("short", short), ("bits", bits), ("huge", huge), ("tiny", tiny)):
+        ds.save_as(root / f"{name}.dcm", enforce_file_format=True)
+    names = ["good.dcm", "short.dcm", "bits.dcm", "huge.dcm", "tiny.dcm"]
+    _init_worker(str(root), pa.array(names), PreprocessConfig(image_size=32).to_dict())
+    task = decode_task(np.arange(len(names)))
+    assert task.ok.tolist() == [True, False, False, False, False]
+    reasons = {names[i]: r for i, r, _ in task.failures}
+    assert reasons == {
+        "short.dcm": "pixel_data_length_mismatch",
+        "bits.dcm": "invalid_bit_depth",
+        "huge.dcm": "image_too_large",
+        "tiny.dcm": "image_too_small",
+    }
+    assert all("<file>" in m and str(root) not in m for _, _, m in task.failures)

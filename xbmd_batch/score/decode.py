@@ -112,6 +112,8 @@ def _reason(e: BaseException) -> str:
 
     name = type(e).__name__
     text = str(e).lower()
+    if isinstance(getattr(e, "reason", None), str):  # errors.ImageError: the reader knows exactly what broke
+        return e.reason  # type: ignore[attr-defined]
     if isinstance(e, MemoryError):
         return "out_of_memory"
     if "transfer syntax" in text or "no pixel data handler" in text or "unable to decode" in text:
