@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +47,9 @@ __all__ = [
     "pad_to_square",
     "block_factor",
     "block_reduce",
+    "reduce_stored",
+    "finish",
+    "Reduced",
     "LEGACY_VERSIONS",
 ]
 
@@ -85,19 +89,21 @@ def block_factor(shape: tuple[int, int], image_size: int) -> int:
     return k
 
 
-def block_reduce(x: np.ndarray, k: int, bits_stored: int = 32) -> np.ndarray:
-    """float32 k x k block means of a 2-D array; the last partial block row/column is the mean of what it has.
+def block_reduce(x: np.ndarray, k: int, bits_stored: int = 32, keep_integers: bool = False) -> np.ndarray:
+    """k x k block means of a 2-D array; the last partial block row/column is the mean of what it has.
 
-    uint16/int16 with >= 10 stored bits are averaged by OpenCV in integers (result rounded to the nearest
-    stored value); other inputs in float32.
+    uint16/int16 with >= 10 stored bits are averaged by OpenCV in integers, every mean rounded to the
+    nearest stored value (returned as that integer type with ``keep_integers``: half the bytes to hand over);
+    other inputs in float32.
     """
     import cv2
 
+    integer = x.dtype in (np.uint16, np.int16) and bits_stored >= 10
     if k == 1:
-        return np.asarray(x, dtype=np.float32)
+        return x if integer and keep_integers else np.asarray(x, dtype=np.float32)
     h, w = x.shape
     hb, wb = h // k, w // k
-    if not (x.dtype in (np.uint16, np.int16) and bits_stored >= 10):
+    if not integer:
         x = np.asarray(x, dtype=np.float32)
     out = np.empty((-(-h // k), -(-w // k)), np.float32)
     if hb and wb:
@@ -113,6 +119,12 @@ def block_reduce(x: np.ndarray, k: int, bits_stored: int = 32) -> np.ndarray:
         if pad:
             counts[-1] = (w % k) * tail.shape[0]
         out[hb, :] = sums / counts
+    if integer:
+        if h % k or w % k:  # partial blocks: rounded like OpenCV's (identical result on every path)
+            out[hb:, :] = np.rint(out[hb:, :])
+            out[:, wb:] = np.rint(out[:, wb:])
+        if keep_integers:
+            return out.astype(x.dtype)
     return out
 
 
@@ -178,33 +190,73 @@ def _resample(r: np.ndarray, rows: _Chunks, cols: _Chunks, out: int) -> np.ndarr
     return y
 
 
-def preprocess_stored(st: StoredImage, cfg: PreprocessConfig) -> np.ndarray:
-    """A decoded image (``dicom_io.StoredImage``) -> model input float32 [1, S, S] (module doc)."""
-    x = st.pixels
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"preprocess expects a non-empty 2-D array, got shape {x.shape}")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+@dataclass(frozen=True)
+class Reduced:
+    """A decoded image after step 1 (block means): what is left is the same for every image of a batch, so
+    it can run batched on the model's device (``preprocess_torch.finish_batch``) or here (``finish``)."""
+
+    pixels: np.ndarray  # [h, w] block means; uint16/int16 (OpenCV-rounded) or float32
+    fill: float  # padding value, stored units
+    scale: float  # grayscale = scale * stored + offset
+    offset: float
+    step: int  # full-resolution pixels per sample (subsample * k)
+    phase: float
+    full_shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    mh: int  # canvas (padded) rows, columns and the image's offset in it
+    mw: int
+    top: int
+    left: int
+    area: tuple[int, int, int, int]  # image area in output pixels (r0, r1, c0, c1): percentiles only there
+
+
+def geometry(full_shape: tuple[int, int], cfg: PreprocessConfig) -> _Geometry:
     s = int(cfg.image_size)
-    fh, fw = st.full_shape
+    fh, fw = full_shape
     if cfg.pad_to_square:
         mh = mw = max(fh, fw)
         top, left = (mh - fh) // 2, (mw - fw) // 2
     else:
         mh, mw, top, left = fh, fw, 0, 0
-    fill = _edge_value(x, _band((fh, fw), st.subsample))
-    k = block_factor(x.shape, s)
-    r = block_reduce(x, k, st.bits_stored)
-    step, phase = st.subsample * k, st.phase
-    rows, sv = _axis_weights(mh, s, top, fh, step, phase, r.shape[0])
-    cols, sh = _axis_weights(mw, s, left, fw, step, phase, r.shape[1])
-    y = _resample(r, rows, cols, s).astype(np.float64)
-    y += fill * (1.0 - np.outer(sv, sh))  # the padding's share of each output pixel
-    y = st.scale * y + st.offset  # stored units -> grayscale (affine: commutes with the weighted means)
-    # Image area in output pixels (the padding must not shift the percentiles).
     r0, r1 = int(round(top * s / mh)), int(round((top + fh) * s / mh))
     c0, c1 = int(round(left * s / mw)), int(round((left + fw) * s / mw))
-    r1, c1 = max(r1, r0 + 1), max(c1, c0 + 1)
+    return _Geometry(mh, mw, top, left, (r0, max(r1, r0 + 1), c0, max(c1, c0 + 1)))
+
+
+def reduce_stored(st: StoredImage, cfg: PreprocessConfig) -> Reduced:
+    """Step 1 and the padding value: the CPU part (runs in the decode workers)."""
+    x = st.pixels
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"preprocess expects a non-empty 2-D array, got shape {x.shape}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    fill = float(_edge_value(x, _band(st.full_shape, st.subsample)))
+    k = block_factor(x.shape, int(cfg.image_size))
+    r = block_reduce(x, k, st.bits_stored, keep_integers=True)
+    return Reduced(r, fill, st.scale, st.offset, st.subsample * k, st.phase, st.full_shape)
+
+
+def axis_weights(red: Reduced, cfg: PreprocessConfig) -> tuple[_Chunks, np.ndarray, _Chunks, np.ndarray]:
+    """(row chunks, row image-weight sums, column chunks, column sums) for ``red`` (cached per geometry)."""
+    s = int(cfg.image_size)
+    g = geometry(red.full_shape, cfg)
+    fh, fw = red.full_shape
+    rows, sv = _axis_weights(g.mh, s, g.top, fh, red.step, red.phase, red.pixels.shape[0])
+    cols, sh = _axis_weights(g.mw, s, g.left, fw, red.step, red.phase, red.pixels.shape[1])
+    return rows, sv, cols, sh
+
+
+def finish(red: Reduced, cfg: PreprocessConfig) -> np.ndarray:
+    """Steps 2-4 on the CPU: resize (with the padding's share), affine to grayscale, percentiles, scale."""
+    s = int(cfg.image_size)
+    rows, sv, cols, sh = axis_weights(red, cfg)
+    y = _resample(np.asarray(red.pixels, dtype=np.float32), rows, cols, s).astype(np.float64)
+    y += red.fill * (1.0 - np.outer(sv, sh))  # the padding's share of each output pixel
+    y = red.scale * y + red.offset  # stored units -> grayscale (affine: commutes with the weighted means)
+    r0, r1, c0, c1 = geometry(red.full_shape, cfg).area
     lo, hi = np.percentile(y[r0:r1, c0:c1], cfg.clip_percentiles)
     if hi > lo:
         y = np.clip((y - lo) / (hi - lo), 0.0, 1.0)
@@ -212,6 +264,11 @@ def preprocess_stored(st: StoredImage, cfg: PreprocessConfig) -> np.ndarray:
         y = np.zeros_like(y)
     y = (y - cfg.norm_mean) / cfg.norm_std
     return y.astype(np.float32)[None, :, :]  # (1, S, S)
+
+
+def preprocess_stored(st: StoredImage, cfg: PreprocessConfig) -> np.ndarray:
+    """A decoded image (``dicom_io.StoredImage``) -> model input float32 [1, S, S] (module doc)."""
+    return finish(reduce_stored(st, cfg), cfg)
 
 
 def preprocess_image(
