@@ -3,16 +3,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import hip_phantom, make_dicom  # noqa: E402
-
-from xbmd_batch.config import PreprocessConfig  # noqa: E402
+from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.testing import hip_phantom, make_dicom
 
 torch = pytest.importorskip("torch")
 

@@ -3,19 +3,16 @@ model-input units), on CPU torch, for a mixed batch: MONOCHROME1/2, rescaled, no
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import uid
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import hip_phantom, make_dicom  # noqa: E402
-
-from xbmd_batch.config import PreprocessConfig  # noqa: E402
-from xbmd_batch.dicom_io import read_stored  # noqa: E402
-from xbmd_batch.preprocess import finish, reduce_stored  # noqa: E402
+from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.dicom_io import read_stored
+from xbmd_batch.preprocess import finish, reduce_stored
+from xbmd_batch.testing import hip_phantom, make_dicom
 
 torch = pytest.importorskip("torch")
 

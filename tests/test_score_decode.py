@@ -134,10 +134,10 @@ def test_malformed_pixel_data_failure_reasons(tmp_path: Path) -> None:
     """Malformed uncompressed pixel data becomes failure rows with accurate reasons (issue 13), not
     ``unsupported_transfer_syntax``; the good file next to them is decoded."""
     import pyarrow as pa
-    from dicom_factory import make_dataset
 
     from xbmd_batch.config import PreprocessConfig
     from xbmd_batch.score.decode import _init_worker, decode_task
+    from xbmd_batch.testing import make_dataset
 
     root = tmp_path / "d"
     root.mkdir()
