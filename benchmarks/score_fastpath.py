@@ -168,8 +168,8 @@ def _score(cohort: Path, model: Path, out: Path, extra: list[str]) -> dict[str, 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from xbmd_batch.bench import BenchOptions, bench_headers, bench_model, bench_plain_loop
+    from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.preprocess import load_and_preprocess
-    from xbmd_batch.runners import load_card
 
     if not (args.cohort / "meta.csv").is_file():
         subprocess.run([sys.executable, "-m", "xbmd_batch", "synth", str(args.cohort), "--n", "256", "--size",
@@ -178,14 +178,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     load0 = load_average()
     t_start = time.time()
     ckpt, onnx_path, parity = _model(args.work, files[: args.parity_n])
-    card = load_card(onnx_path)
+    onnx_model, ckpt_model = open_model(onnx_path), open_model(ckpt)
+    card = onnx_model.card
     o = BenchOptions(batch_size=args.batch_size, model_iters=args.model_iters, plain_loop_n=args.plain_n)
     images = np.stack([load_and_preprocess(p, card.preprocess)[0] for p in files[:16]])
     nf = len(card.schema.fields)
     res: dict[str, Any] = {"parity": parity}
-    m1 = bench_model(onnx_path, "onnxruntime", o, images, nf)
+    m1 = bench_model(onnx_model, "onnxruntime", o, images, nf)
     ort = _score(args.cohort, onnx_path, args.work / "out_ort", ["-b", str(args.batch_size)])
-    m2 = bench_model(onnx_path, "onnxruntime", o, images, nf)
+    m2 = bench_model(onnx_model, "onnxruntime", o, images, nf)
     model_only = (m1["items_per_s"] + m2["items_per_s"]) / 2
     res["onnxruntime"] = {
         "model_only_images_per_s": [round(m1["items_per_s"], 2), round(m2["items_per_s"], 2)],
@@ -195,8 +196,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.skip_torch:
         _, headers = bench_headers(args.cohort / "dicom")
-        plain = bench_plain_loop(args.cohort / "dicom", headers, ckpt, "torch", card, o)
-        tm = bench_model(ckpt, "torch", o, images, nf)
+        plain = bench_plain_loop(args.cohort / "dicom", headers, ckpt_model, "torch", o)
+        tm = bench_model(ckpt_model, "torch", o, images, nf)
         extra = ["-b", str(args.batch_size), "--backend", "torch"]
         tor = _score(args.cohort, ckpt, args.work / "out_torch", extra)
         res["torch"] = {

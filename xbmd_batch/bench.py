@@ -16,13 +16,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.score.manifest import is_synthetic
+
+if TYPE_CHECKING:
+    from xbmd_batch.infer.model_file import ModelFile
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "bench_table", "is_synthetic", "run_bench"]
 
@@ -115,8 +118,9 @@ def bench_decode(
     return rows, np.stack(images) if images else np.zeros((0,))
 
 
-def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndarray, n_fields: int) -> dict:
-    from xbmd_batch.runners import open_runner
+def bench_model(model: ModelFile, backend: str, o: BenchOptions, images: np.ndarray, n_fields: int) -> dict:
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     b = o.batch_size
     reps = int(np.ceil(b / max(1, len(images))))
@@ -126,7 +130,7 @@ def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndar
         "meta": np.zeros((b, n_fields), np.float32),
         "meta_mask": np.ones((b, n_fields), np.float32),
     }
-    with open_runner(model_path, backend=backend, device=o.device, precision=o.precision, batch_size=b) as r:
+    with open_runner(model, backend, o.device, o.precision, b, parity_feeds=make_reference_feeds) as r:
         for _ in range(3):
             r.infer(feeds)  # warm-up (and, for TensorRT/CUDA, synchronised by returning host arrays)
         t0 = time.perf_counter()
@@ -136,7 +140,7 @@ def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndar
         n = b * o.model_iters
         return _row(
             stage="model_only", backend=r.backend, precision=r.precision, batch_size=b, n=n, seconds=dt,
-            items_per_s=n / dt, note=getattr(r, "reason", None),
+            items_per_s=n / dt, note=r.reason,
         )  # fmt: skip
 
 
@@ -168,7 +172,7 @@ def bench_end_to_end(
 
 
 def bench_plain_loop(
-    dicom_dir: Path, headers: pl.DataFrame, model_path: Path, backend: str, card: Any, o: BenchOptions
+    dicom_dir: Path, headers: pl.DataFrame, model: ModelFile, backend: str, o: BenchOptions
 ) -> dict:
     """The reference a user would write by hand, on the same files and model: for each file
     ``pydicom.dcmread(...).pixel_array`` -> OpenCV ``INTER_AREA`` resize to the model's size -> percentile
@@ -177,8 +181,10 @@ def bench_plain_loop(
     import cv2
     import pydicom
 
-    from xbmd_batch.runners import open_runner
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
+    card = model.card
     s = card.preprocess.image_size
     lo_q, hi_q = card.preprocess.clip_percentiles
     mean, std = card.preprocess.norm_mean, card.preprocess.norm_std
@@ -186,7 +192,7 @@ def bench_plain_loop(
     ok = headers.filter(pl.col("header_error").is_null() & pl.col("rows").is_not_null())
     paths = [Path(dicom_dir) / r for r in ok.get_column("relative_path").to_list()[: o.plain_loop_n]]
     meta, mask = np.zeros((1, nf), np.float32), np.ones((1, nf), np.float32)
-    with open_runner(model_path, backend=backend, device=o.device, precision=o.precision, batch_size=1) as r:
+    with open_runner(model, backend, o.device, o.precision, 1, parity_feeds=make_reference_feeds) as r:
 
         def one(p: Path) -> None:
             a = pydicom.dcmread(p).pixel_array
@@ -208,13 +214,11 @@ def bench_plain_loop(
         )  # fmt: skip
 
 
-def model_for_backend(models: list[Path], backend: str) -> Path:
+def model_for_backend(models: list[ModelFile], backend: str) -> ModelFile:
     """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given."""
-    from xbmd_batch.runners import detect_model_kind
-
     want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
     for m in models:
-        if want is None or detect_model_kind(m) == want:
+        if want is None or m.kind == want:
             return m
     from xbmd_batch.errors import InputError
 
@@ -227,14 +231,14 @@ def run_bench(
     """Measure every stage; write OUT/bench.parquet and OUT/bench.json; return the table.
 
     ``model_path`` may list the same model as checkpoint and ONNX, so torch and onnxruntime compare."""
-    from xbmd_batch.runners import load_card
+    from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.score.manifest import machine_info, versions
 
     o = o or BenchOptions()
-    models = [Path(m) for m in (model_path if isinstance(model_path, list) else [model_path])]
+    models = [open_model(m) for m in (model_path if isinstance(model_path, list) else [model_path])]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = load_card(models[0])
+    card = models[0].card
     rows: list[dict[str, Any]] = []
     hrow, headers = bench_headers(dicom_dir)
     rows.append(hrow)
@@ -243,7 +247,7 @@ def run_bench(
     plain: float | None = None
     if o.plain_loop_n > 0:
         pb = o.backends[0]
-        p_row = bench_plain_loop(dicom_dir, headers, model_for_backend(models, pb), pb, card, o)
+        p_row = bench_plain_loop(dicom_dir, headers, model_for_backend(models, pb), pb, o)
         rows.append(p_row)
         plain = p_row["items_per_s"]
     for backend in o.backends:
@@ -251,7 +255,7 @@ def run_bench(
         m = bench_model(mp, backend, o, images, len(card.schema.fields))
         rows.append(m)
         if o.end_to_end:
-            e = bench_end_to_end(dicom_dir, meta, mp, out_dir / f"e2e_{m['backend']}", backend, o)
+            e = bench_end_to_end(dicom_dir, meta, mp.path, out_dir / f"e2e_{m['backend']}", backend, o)
             e["ratio_to_model_only"] = (
                 (e["items_per_s"] or 0.0) / m["items_per_s"] if m["items_per_s"] else None
             )
@@ -261,13 +265,11 @@ def run_bench(
             r["ratio_to_plain_loop"] = r["items_per_s"] / plain
     df = pl.DataFrame(rows, schema=BENCH_SCHEMA)
     synthetic = is_synthetic(dicom_dir)
-    from xbmd_batch.checkpoint import sha256_file
-
     info = {
         "synthetic_cohort": synthetic,
         "machine": machine_info(),
         "versions": versions(),
-        "models": [{"path": str(m), "sha256": sha256_file(m)} for m in models],
+        "models": [{"path": str(m.path), "sha256": m.sha256} for m in models],
         "image_size": card.preprocess.image_size,
         "options": {**o.__dict__, "plot": str(o.plot) if o.plot else None, "backends": list(o.backends)},
         "rows": df.to_dicts(),

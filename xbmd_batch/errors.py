@@ -21,3 +21,11 @@ class ImageError(InputError):
     def __init__(self, message: str, reason: str = "invalid_image") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StaleEngineError(ModelFileError):
+    """A TensorRT engine built for another GPU / TensorRT / ONNX file / precision / profile, or corrupt."""
+
+
+class TensorRTUnavailableError(XbmdError):
+    """tensorrt (or CUDA) is not installed / visible on this machine."""
