@@ -88,6 +88,9 @@ def score(
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
     reference: Reference = typer.Option("nhanes3-hologic", help="T-score reference."),
+    interval: float = typer.Option(
+        0.9, help="Level of the bmd_lo/bmd_hi conformal interval: 0.8 | 0.9 | 0.95."
+    ),
     key_column: str | None = typer.Option(None, help="META column matched to PatientID [subject_id]."),
     path_column: str | None = typer.Option(
         None, help="META column holding each row's file (path relative to DIR, or a unique file name)."
@@ -98,7 +101,8 @@ def score(
     strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
-    """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
+    """Score every hip X-ray under DIR with its META row: scores.parquet (with conformal intervals and
+    predictive probabilities), cohort_summary.parquet, failures.parquet, run.json in OUT.
 
     Example: xbmd-batch score cohort/dicom cohort/meta.csv --model model.onnx --out results/
 
@@ -120,6 +124,7 @@ def score(
         workers=workers,
         chunk_size=chunk_size,
         reference=reference.value,
+        interval=interval,
         key_column=key_column,
         path_column=path_column,
         pseudonymize=pseudonymize,
@@ -130,7 +135,8 @@ def score(
         res = score_cohort(dicom_dir, meta, model, out, opts)
     if not quiet:
         typer.echo(
-            f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"
+            f"results in {res.out_dir}: scores.parquet, cohort_summary.parquet, failures.parquet, run.json "
+            f"(exit {res.exit_code}); HTML report: xbmd-batch report {res.out_dir}"
         )
     raise typer.Exit(res.exit_code)
 
@@ -150,8 +156,11 @@ def bench(
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
     no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end score runs."),
+    plain_loop_n: int = typer.Option(
+        32, "--plain-loop-n", help="Files for the plain-loop reference (pydicom, resize, batch 1); 0 skips."
+    ),
 ) -> None:
-    """Per-stage throughput: header read, decode per transfer syntax, model-only, end-to-end, ratio.
+    """Per-stage throughput: header read, decode per transfer syntax, model-only, end-to-end, plain loop.
 
     Example: xbmd-batch bench cohort/dicom cohort/meta.csv -m model.onnx -o bench/ --backend onnxruntime
 
@@ -169,11 +178,30 @@ def bench(
         workers=workers,
         end_to_end=not no_e2e,
         plot=plot,
+        plain_loop_n=plain_loop_n,
     )
     with _exits():
         df = run_bench(dicom_dir, meta, list(model), out, opts)
     Console().print(bench_table(df, is_synthetic(dicom_dir)))
     typer.echo(f"results: {out}/bench.parquet, {out}/bench.json")
+
+
+@app.command(no_args_is_help=True)
+def report(
+    results: Path = typer.Argument(..., help="A `score` output folder (scores.parquet, run.json, ...)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file [RESULTS/report.html]."),
+) -> None:
+    """One self-contained HTML cohort report (figures embedded, no network) plus its PNGs beside it.
+
+    Example: xbmd-batch report results/ --out results/report.html
+
+    Exit codes: 0 written | 2 RESULTS is not a finished score output.
+    """
+    from xbmd_batch.report import write_report
+
+    with _exits():
+        path = write_report(results, out)
+    typer.echo(f"report: {path} (PNGs in {path.parent / (path.stem + '_figures')})")
 
 
 @app.command()

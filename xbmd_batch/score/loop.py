@@ -114,13 +114,17 @@ class ScoringLoop:
         bmd = np.asarray(out[self.bmd_name], dtype=np.float32).reshape(len(idx))
         attn = out.get(self.attn_name) if self.has_attention else None
         attn = None if attn is None else np.asarray(attn, dtype=np.float32).reshape(len(idx), -1)
+        sd = out.get("bmd_sd_models")  # a fold ensemble's between-model SD (export --ensemble)
+        sd = None if sd is None else np.asarray(sd, dtype=np.float32).reshape(len(idx))
         good = np.isfinite(bmd)
         if attn is not None:
             good &= np.isfinite(attn).all(axis=1)
         if good.all():
-            self.buf.add_scored(idx, bmd, attn)
+            self.buf.add_scored(idx, bmd, attn, sd)
             return
-        self.buf.add_scored(idx[good], bmd[good], None if attn is None else attn[good])
+        self.buf.add_scored(
+            idx[good], bmd[good], None if attn is None else attn[good], None if sd is None else sd[good]
+        )
         bad = idx[~good]
         why = "the model returned NaN/inf for this image"
         self.buf.add_failed(bad, "infer", ["nonfinite_prediction"] * len(bad), [why] * len(bad))

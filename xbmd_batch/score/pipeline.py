@@ -60,6 +60,7 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -108,6 +109,12 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
+    from xbmd_batch.uncertainty import check_level
+
+    try:
+        check_level(o.interval)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def kill_hook_from_env() -> Callable[[int], None] | None:
@@ -135,6 +142,7 @@ def score_cohort(
     """
     from xbmd_batch.fsutil import sha256_file
     from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.score.cohort_summary import rich_table
     from xbmd_batch.score.summary import final_table, print_tables, reconciliation_table
 
     opts = options or ScoreOptions()
@@ -174,10 +182,14 @@ def score_cohort(
     run = manifest.run_manifest(
         run_id, resumed, state, dicom_dir, meta_path, model_path, model_sha, card, opts, pseudo, plan.counts
     )
+    conformal, strata, run["uncertainty"] = _uncertainty(card, ing, opts, console)
     sw.lap("reconcile")
 
     if opts.strict and plan.n_quarantined:
-        finalize(out_dir, plan_keys.clear(), quarantine, card.schema.names, opts.reference, model_sha, run_id)
+        finalize(
+            out_dir, plan_keys.clear(), quarantine, card.schema.names, opts.reference, model_sha, run_id,
+            conformal=conformal, interval=opts.interval, strata=strata,
+        )  # fmt: skip
         manifest.write_run_json(out_dir, manifest.refused_strict(run, plan.n_quarantined, sw.timings))
         console.print(
             f"[bold red]--strict: {plan.n_quarantined} input(s) quarantined before scoring; nothing scored. "
@@ -210,13 +222,16 @@ def score_cohort(
     sw.restart()
 
     # 8. finalize: parts + plan -> scores.parquet, failures.parquet; then run.json and the summary table
-    fin = finalize(out_dir, plan_keys, quarantine, card.schema.names, opts.reference, model_sha, run_id)
+    fin = finalize(
+        out_dir, plan_keys, quarantine, card.schema.names, opts.reference, model_sha, run_id,
+        conformal=conformal, interval=opts.interval, strata=strata,
+    )  # fmt: skip
     sw.lap("finalize")
     result = manifest.result_info(runner, plan, fin, stats, todo, workers, sw.timings, sw.elapsed())
     manifest.write_run_json(out_dir, {**run, **result})
-    print_tables(
-        console, final_table({**result, "reference": opts.reference, "synthetic": run["synthetic_cohort"]})
-    )
+    synthetic = run["synthetic_cohort"]
+    print_tables(console, final_table({**result, "reference": opts.reference, "synthetic": synthetic}))
+    print_tables(console, [rich_table(pl.read_parquet(out_dir / "cohort_summary.parquet"), synthetic)])
     quarantined = fin["failures_total"] > 0 or fin["not_processed"] > 0
     return ScoreResult(
         EXIT_QUARANTINE if quarantined else EXIT_OK,
@@ -252,6 +267,20 @@ def _open_runner(model: Any, o: ScoreOptions) -> Any:
         batch_size=o.batch_size,
         parity_feeds=make_reference_feeds,
     )
+
+
+def _uncertainty(card: Any, ing: Ingested, o: ScoreOptions, console: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The card's out-of-fold residual model (None when the card has none), the cohort-summary strata and
+    run.json's "uncertainty" entry (xbmd_batch.uncertainty, issue 15)."""
+    from xbmd_batch.score.cohort_summary import strata_table
+    from xbmd_batch.uncertainty import ConditionalConformal
+
+    strata = strata_table(ing.encoded.raw_values, card.schema)
+    conformal, why_not = ConditionalConformal.from_training_summary(card.training_summary)
+    if conformal is None:
+        console.print(f"[yellow]uncertainty: {why_not}[/]")
+        return None, strata, {"available": False, "reason": why_not}
+    return conformal, strata, {**conformal.describe(o.interval), "available": True}
 
 
 def _write_reconciliation(

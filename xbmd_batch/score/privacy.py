@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 
 from xbmd_batch.errors import InputError
+
+if TYPE_CHECKING:
+    import polars as pl  # decode workers import this module for scrub(): keep polars out of them
 
 MIN_KEY_BYTES = 16
 
@@ -91,6 +93,8 @@ def ids_for_output(items: pl.DataFrame, pseudo: Pseudonymizer) -> dict[str, np.n
 
 def failures_for_output(quarantine: pl.DataFrame, pseudo: Pseudonymizer) -> pl.DataFrame:
     """Quarantine rows with relative_path, subject_key and sop_instance_uid in output form."""
+    import polars as pl
+
     return quarantine.with_columns(
         pl.Series(c, pseudo.many(quarantine.get_column(c).to_list()), pl.String)
         for c in ("relative_path", "subject_key", "sop_instance_uid")
