@@ -1,11 +1,8 @@
 """Benchmark of scale-out on this machine (not a test). Every cohort here is SYNTHETIC.
 
-On one SYNTHETIC cohort (generator v1, --n subjects, --size px, tiny 64 px model, torch CPU):
-1. Ray start-up overhead: `ray.init(num_cpus=2)` + one trivial task, wall seconds.
-2. Local engine (decode process pool, --workers 2) vs `--engine ray` on the same local Ray runtime (2 CPUs):
-   scoring-loop images/s of each and their ratio (ray / local), measured in one invocation, one after
-   the other.
-3. `--shard 1/3, 2/3, 3/3` + `merge` vs the single run: same rows? max |bmd difference|, same failure reasons,
+On one SYNTHETIC cohort (generator v1, --n subjects, --size px, tiny 64 px model, torch CPU), the local
+engine (--workers 2) once, then
+1. `--shard 1/3, 2/3, 3/3` + `merge` vs the single run: same rows? max |bmd difference|, same failure reasons,
    same reconciliation counts; summed shard wall time vs single wall time (shards run one after another here).
 
 Run:  nice -n 10 .venv/bin/python benchmarks/scale_out.py [--n 96] [--size 512]
@@ -52,24 +49,12 @@ def main() -> None:
     res: dict = {"synthetic": True, "n_subjects": a.n, "size": a.size, "load_avg_before": load_average(),
                  "cpu": cpu_model(), "cpus": os.cpu_count(), "command": " ".join(sys.argv)}  # fmt: skip
 
-    import ray
-
-    t = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.get(ray.remote(lambda: 1).remote())
-    res["ray_startup_s"] = round(time.perf_counter() - t, 2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
     def run(name: str, **kw: object) -> dict:
         t0 = time.perf_counter()
         r = score_cohort(dicom, meta, model, a.work / name, ScoreOptions(quiet=True, **kw))  # type: ignore[arg-type]
         return {"wall_s": round(time.perf_counter() - t0, 2), **r.throughput, "exit": r.exit_code}
 
     res["local"] = run("local", workers=2)
-    res["ray"] = run("ray", engine="ray")
-    res["ray_over_local_images_per_s"] = round(res["ray"]["images_per_s"] / res["local"]["images_per_s"], 3)
-    res["ray_over_local_wall"] = round(res["ray"]["wall_s"] / res["local"]["wall_s"], 3)
-    ray.shutdown()
 
     shards = [run(f"s{k}", workers=2, shard=f"{k}/3") for k in (1, 2, 3)]
     t0 = time.perf_counter()
@@ -77,7 +62,7 @@ def main() -> None:
     res["merge_s"] = round(time.perf_counter() - t0, 2)
     res["shards_wall_s"] = [s["wall_s"] for s in shards]
     s1 = pl.read_parquet(a.work / "local" / "scores.parquet")
-    for other in ("merged", "ray"):
+    for other in ("merged",):
         s2 = pl.read_parquet(a.work / other / "scores.parquet")
         same = s2["relative_path"].to_list() == s1["relative_path"].to_list()
         d = float(np.max(np.abs(s2["bmd_pred"].to_numpy() - s1["bmd_pred"].to_numpy()))) if same else None

@@ -1,4 +1,8 @@
-"""Exception types. The CLI maps InputError (bad user input, config) to exit code 2."""
+"""Exception types and the exit codes the `xbmd-batch` CLI maps them to (one mapper: ``exit_code``).
+
+InputError (bad user input, config, model file) -> 2; any other XbmdError (e.g. TensorRT missing, an engine
+that fails parity) -> 1 with its message, never a traceback; Ctrl-C -> 130.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,37 @@ class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
 
 
+class ImageError(InputError):
+    """A DICOM image that cannot be scored; ``reason`` is its failure-table reason code (docs/outputs.md)."""
+
+    def __init__(self, message: str, reason: str = "invalid_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StaleEngineError(ModelFileError):
     """A TensorRT engine built for another GPU / TensorRT / ONNX file / precision / profile, or corrupt."""
 
 
 class TensorRTUnavailableError(XbmdError):
     """tensorrt (or CUDA) is not installed / visible on this machine."""
+
+
+# Exit codes (docs/outputs.md; `xbmd-batch score --help` repeats them).
+EXIT_OK = 0
+EXIT_ERROR = 1  # an XbmdError that is not the user's input (or an unexpected internal error)
+EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError), bad option values
+EXIT_QUARANTINE = 3  # score finished, but some inputs were quarantined (failures.parquet is not empty)
+EXIT_STRICT = 4  # score --strict: reconciliation found quarantined inputs; nothing was decoded or scored
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code for an exception the CLI reports as one line; None for anything else (a real bug)."""
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(e, InputError):
+        return EXIT_USAGE
+    if isinstance(e, XbmdError):
+        return EXIT_ERROR
+    return None

@@ -46,8 +46,6 @@ PERF_ONLY_OPTIONS = frozenset(
         "header_threads",
         "batch_size",
         "shard",
-        "engine",
-        "ray_address",
     }
 )
 _META_LEVEL_COUNTS = (
