@@ -180,7 +180,9 @@ pins_step() {  # the GPU extra's pins (requirements/gpu-pins.txt) in a small ven
   else
     "$WORK/pins/bin/pip" install -q -r "$ROOT/requirements/gpu-pins.txt" || return 1
   fi
-  PYTHONPATH="$ROOT" "$WORK/pins/bin/python" "$ROOT/tests/fp16_pins_probe.py"
+  local model=()
+  [[ -f $WORK/model.onnx ]] && model=(--model "$WORK/model.onnx")
+  PYTHONPATH="$ROOT" "$WORK/pins/bin/python" "$ROOT/tests/fp16_pins_probe.py" "${model[@]}"
 }
 
 bench_call() {  # NAME PRECISION BATCH E2E(0/1) BACKEND...
@@ -216,9 +218,10 @@ xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS
   3. gpu_pkgs    optional: onnxruntime-gpu 1.31.1 / tensorrt when absent
   4. doctor      python -m xbmd_batch doctor --json
   5. pytest_gpu  pytest -m gpu (junit_gpu.xml); must not skip on a CUDA box
-  6. fp16_tests  pytest tests/test_onnx_fp16.py + fp16 export tests; pins venv (requirements/gpu-pins.txt) probe
+  6. fp16_tests  pytest tests/test_onnx_fp16.py + the fp16/IR export tests
   7. cohort      xbmd-batch synth: ${COHORT_N} SYNTHETIC subjects at ${COHORT_SIZE} px
-  8. model       random ${MODEL_SIZE}-px checkpoint -> python -m export onnx --fp16 (parity-gated)
+  8. model       random ${MODEL_SIZE}-px checkpoint -> python -m export onnx --fp16 (parity-gated); then the
+                 pins venv (requirements/gpu-pins.txt, optional) probes the fp16 conversion of that model
   9. engines     if tensorrt imports: python -m export tensorrt, fp16 and fp32, profile 1/${E2E_BATCH}/256 (build time)
  10. bench       for precision in ${PRECISIONS}; batch in ${BATCHES}: xbmd-batch bench --device cuda per available
                  backend (bf16: torch only), end-to-end at batch ${E2E_BATCH}; GPU sampled every 0.25 s
@@ -257,12 +260,13 @@ run_step gpu_pkgs 0 60 gpu_pkgs_step
 [[ -f $WORK/trt.path ]] && export PYTHONPATH="$(cat "$WORK/trt.path"):$PYTHONPATH"
 run_step doctor 0 20 bash -c "\"$PY\" -m xbmd_batch doctor --json > \"$WORK/doctor.json\""
 run_step pytest_gpu 1 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml="$OUT/junit_gpu.xml" "$ROOT/tests"
-run_step fp16_tests 1 60 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_onnx_fp16.py"
-run_step pins_fp16 0 60 pins_step
+run_step fp16_tests 1 90 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_onnx_fp16.py" \
+  "$ROOT/tests/test_export.py" -k "fp16 or ir_version"
 run_step cohort 1 40 "$PY" -m xbmd_batch synth "$WORK/cohort" --n "$COHORT_N" --size "$COHORT_SIZE" --seed 0 \
   --workers "$NPROC" --j2k-fraction "$(has_module openjpeg && echo 0.1 || echo 0)"
 run_step model 1 20 "$PY" "$HELPER" make-model "$WORK/model.pt" --size "$MODEL_SIZE"
 run_step export 1 90 "$PY" -m export onnx "$WORK/model.pt" --out "$WORK/model.onnx" --fp16 --parity-cohort "$WORK/cohort"
+run_step pins_fp16 0 60 pins_step
 if has_module tensorrt && cuda_ok; then
   for prec in fp16 fp32; do
     run_step "engine_$prec" 1 150 "$PY" -m export tensorrt "$WORK/model.onnx" --precision "$prec" \

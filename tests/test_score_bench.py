@@ -31,3 +31,28 @@ def test_bench_all_stages(cohort_session: Path, tiny_model: Path, tiny_onnx: Pat
     assert info["machine"]["cpu_count"] >= 1
     assert (out / "b.png").stat().st_size > 1000
     assert pl.read_parquet(out / "bench.parquet").height == df.height
+
+
+def test_model_for_backend_picks_the_graph_of_the_precision(
+    tiny_onnx: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """onnxruntime runs a graph as stored: with --precision fp16 bench must hand it the .fp16.onnx file, and
+    TensorRT (which converts by itself) the fp32 graph, whatever order the files were given in."""
+    import onnx
+
+    from xbmd_batch.bench import model_for_backend
+    from xbmd_batch.onnx_card import embed_card, read_onnx_card
+
+    card = read_onnx_card(tiny_onnx)
+    m16 = onnx.load(str(tiny_onnx))
+    embed_card(
+        m16, card.with_extra(onnx_precision="fp16")
+    )  # the card is what decides; the graph is irrelevant
+    fp16 = tmp_path / "tiny.fp16.onnx"
+    onnx.save(m16, str(fp16))
+    models = [fp16, tiny_model, tiny_onnx]
+    assert model_for_backend(models, "onnxruntime", "fp16") == fp16
+    assert model_for_backend(models, "onnxruntime", "fp32") == tiny_onnx
+    assert model_for_backend(models, "tensorrt", "fp16") == tiny_onnx
+    assert model_for_backend(models, "torch", "fp16") == tiny_model
+    assert model_for_backend([fp16], "onnxruntime", "fp32") == fp16  # only one: let the runner say why not

@@ -163,17 +163,29 @@ def bench_end_to_end(
     )  # fmt: skip
 
 
-def model_for_backend(models: list[Path], backend: str) -> Path:
-    """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given."""
+def model_for_backend(models: list[Path], backend: str, precision: str = "auto") -> Path:
+    """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given.
+
+    onnxruntime runs an ONNX graph in the precision it was stored in, so with ``--precision fp16`` it takes
+    the ``.fp16.onnx`` file when one was given (else the fp32 graph); TensorRT converts by itself and takes
+    the fp32 graph first, so one engine cache serves every precision."""
     from xbmd_batch.runners import detect_model_kind
 
     want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
-    for m in models:
-        if want is None or detect_model_kind(m) == want:
-            return m
-    from xbmd_batch.errors import InputError
+    candidates = [m for m in models if want is None or detect_model_kind(m) == want]
+    if not candidates:
+        from xbmd_batch.errors import InputError
 
-    raise InputError(f"--backend {backend} needs a {want} model file; pass it with another --model")
+        raise InputError(f"--backend {backend} needs a {want} model file; pass it with another --model")
+    if want == "onnx" and len(candidates) > 1:
+        from xbmd_batch.onnx_card import read_onnx_card
+
+        graph = {m: str(read_onnx_card(m).extra.get("onnx_precision", "fp32")) for m in candidates}
+        prefer = precision if backend == "onnxruntime" and precision in ("fp16", "fp32") else "fp32"
+        for m in candidates:
+            if graph[m] == prefer:
+                return m
+    return candidates[0]
 
 
 def run_bench(
@@ -196,7 +208,7 @@ def run_bench(
     drows, images = bench_decode(dicom_dir, headers, card, o.decode_sample)
     rows.extend(drows)
     for backend in o.backends:
-        mp = model_for_backend(models, backend)
+        mp = model_for_backend(models, backend, o.precision)
         m = bench_model(mp, backend, o, images, len(card.schema.fields))
         rows.append(m)
         if o.end_to_end:
