@@ -40,18 +40,21 @@ def test_model_for_backend_picks_the_graph_of_the_precision(
     import onnx
 
     from xbmd_batch.bench import model_for_backend
+    from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.onnx_card import embed_card, read_onnx_card
 
     card = read_onnx_card(tiny_onnx)
     m16 = onnx.load(str(tiny_onnx))
-    embed_card(
-        m16, card.with_extra(onnx_precision="fp16")
-    )  # the card is what decides; the graph is irrelevant
+    embed_card(m16, card.with_extra(onnx_precision="fp16"))  # the card decides; the graph is irrelevant here
     fp16 = tmp_path / "tiny.fp16.onnx"
     onnx.save(m16, str(fp16))
-    models = [fp16, tiny_model, tiny_onnx]
-    assert model_for_backend(models, "onnxruntime", "fp16") == fp16
-    assert model_for_backend(models, "onnxruntime", "fp32") == tiny_onnx
-    assert model_for_backend(models, "tensorrt", "fp16") == tiny_onnx
-    assert model_for_backend(models, "torch", "fp16") == tiny_model
-    assert model_for_backend([fp16], "onnxruntime", "fp32") == fp16  # only one: let the runner say why not
+    models = [open_model(p) for p in (fp16, tiny_model, tiny_onnx)]
+
+    def pick(backend: str, precision: str, ms: list = models) -> Path:
+        return model_for_backend(ms, backend, precision).path
+
+    assert pick("onnxruntime", "fp16") == fp16
+    assert pick("onnxruntime", "fp32") == tiny_onnx
+    assert pick("tensorrt", "fp16") == tiny_onnx
+    assert pick("torch", "fp16") == tiny_model
+    assert pick("onnxruntime", "fp32", models[:1]) == fp16  # only one: let the runner say why not
