@@ -50,6 +50,9 @@ def score(
     precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 (backend permitting)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
+    engine_cache: Path | None = typer.Option(
+        None, "--engine-cache", metavar="DIR", help="TensorRT engine cache [$XBMD_ENGINE_CACHE or ~/.cache]."
+    ),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
     reference: str = typer.Option("nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar."),
     key_column: str | None = typer.Option(None, help="META column matched to PatientID [subject_id]."),
@@ -71,9 +74,10 @@ def score(
 
     Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
     (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
-    config or input error | 130 interrupted (finished rows kept; rerun to resume).
+    config or input error | 5 the GPU failed (sticky CUDA error; finished rows kept, rerun to resume) |
+    130 interrupted (finished rows kept; rerun to resume).
     """
-    from xbmd_batch.errors import InputError
+    from xbmd_batch.errors import DeviceError, InputError
     from xbmd_batch.score import ScoreOptions, score_cohort
 
     opts = ScoreOptions(
@@ -89,12 +93,16 @@ def score(
         pseudonymize=pseudonymize,
         strict=strict,
         quiet=quiet,
+        engine_cache=engine_cache,
     )
     try:
         res = score_cohort(dicom_dir, meta, model, out, opts)
     except InputError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except DeviceError as e:
+        typer.echo(f"GPU failure: {e}", err=True)
+        raise typer.Exit(5) from None
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume", err=True
@@ -116,7 +124,7 @@ def bench(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.parquet, bench.json (+ e2e runs)."),
     backend: list[str] = typer.Option(["auto"], help="Repeat to compare backends."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
-from xbmd_batch.errors import InputError
+from xbmd_batch.errors import DeviceError, InputError, is_device_error
 from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest
 from xbmd_batch.score.batcher import Batcher
@@ -47,6 +47,7 @@ EXIT_ERROR = 1  # unexpected internal error
 EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError)
 EXIT_QUARANTINE = 3  # finished, but some inputs were quarantined (failures.parquet is not empty)
 EXIT_STRICT = 4  # --strict: reconciliation found quarantined inputs; nothing was decoded or scored
+EXIT_DEVICE = 5  # the GPU failed (sticky CUDA error): stopped; finished rows kept, rerun resumes
 
 # Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
 # SIGINT instead (Ctrl-C). Crash-safety tests only.
@@ -72,10 +73,12 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pseudonymize"] = bool(self.pseudonymize)  # never the key's location
+        d["engine_cache"] = os.fspath(self.engine_cache) if self.engine_cache else None
         return d
 
 
@@ -367,7 +370,8 @@ def score_cohort(
         pool.start(todo)
         runner = stack.enter_context(
             open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
-                        batch_size=o.batch_size, parity_feeds=make_reference_feeds)
+                        batch_size=o.batch_size, parity_feeds=make_reference_feeds,
+                        engine_cache_dir=o.engine_cache, log=lambda m: console.print(f"[dim]{m}[/]"))
         )  # fmt: skip
         backend, precision, reason = runner.backend, runner.precision, runner.reason
         prov = runner.provenance()
@@ -404,13 +408,23 @@ def score_cohort(
                     os.kill(os.getpid(), kill_sig)
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
 
+        def device_failure(e: BaseException) -> DeviceError:
+            return DeviceError(
+                f"{runner.name}: the GPU failed ({type(e).__name__}: {str(e)[:300]}); a CUDA context in this "
+                f"state fails every later call, so scoring stops here instead of marking the rest of the "
+                f"cohort as failed. Finished rows are kept in {out_dir}; rerun the same command to resume "
+                f"(or with --device cpu)."
+            )
+
         def infer(idx: np.ndarray, images: np.ndarray) -> None:
             ti = time.perf_counter()
             rows = meta_row[idx]
             try:
                 out = runner.infer({"image": images, "meta": values[rows], "meta_mask": mask[rows]})
                 _accept(idx, out)
-            except Exception:  # noqa: BLE001 - isolate the bad image: retry one by one
+            except Exception as e:  # noqa: BLE001 - isolate the bad image: retry one by one
+                if is_device_error(e):
+                    raise device_failure(e) from e
                 for k in range(len(idx)):
                     try:
                         out = runner.infer(
@@ -421,9 +435,11 @@ def score_cohort(
                             }  # fmt: skip
                         )
                         _accept(idx[k : k + 1], out)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e1:  # noqa: BLE001
+                        if is_device_error(e1):
+                            raise device_failure(e1) from e1
                         buf.add_failed(
-                            idx[k : k + 1], "infer", ["inference_error"], [f"{type(e).__name__}: {e}"[:500]]
+                            idx[k : k + 1], "infer", ["inference_error"], [f"{type(e1).__name__}: {e1}"[:500]]
                         )
             timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - ti
 
