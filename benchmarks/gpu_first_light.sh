@@ -87,7 +87,13 @@ run_step() {
   log "RUN  $name: $*"
   local start end rc
   start=$(now)
-  timeout --kill-after=10 "$remaining" "$@" >> "$LOG" 2>&1
+  # `timeout` runs programs, not shell functions: functions go through `bash -c` (they and the variables they
+  # read are exported below)
+  if declare -F "$1" >/dev/null; then
+    timeout --kill-after=10 "$remaining" bash -c '"$@"' _ "$@" >> "$LOG" 2>&1
+  else
+    timeout --kill-after=10 "$remaining" "$@" >> "$LOG" 2>&1
+  fi
   rc=$?
   end=$(now)
   if (( rc == 0 )); then
@@ -109,11 +115,13 @@ ort_cuda_ok() {
     >/dev/null 2>&1
 }
 
-# what the project needs at run time: import name -> pip distribution(s)
-declare -A DIST=(
-  [numpy]=numpy [torch]=torch [torchvision]=torchvision [pydicom]=pydicom [polars]="polars polars-runtime-32"
-  [pyarrow]=pyarrow [typer]=typer [rich]=rich [onnx]=onnx [PIL]=pillow [psutil]=psutil [pytest]=pytest
-)
+dist_of() {  # import name -> pip distribution(s) the project needs at run time
+  case "$1" in
+    polars) echo "polars polars-runtime-32" ;;
+    PIL) echo pillow ;;
+    *) echo "$1" ;;
+  esac
+}
 
 pip_install_target() {  # DEST DIST... : from the wheelhouse when given, else the index (unless PIP_NO_INDEX)
   local dest=$1; shift
@@ -130,7 +138,7 @@ pip_install_target() {  # DEST DIST... : from the wheelhouse when given, else th
 env_step() {
   mkdir -p "$SITE"
   local missing=()
-  for mod in numpy torch torchvision pydicom polars pyarrow typer rich onnx PIL psutil pytest; do
+  for mod in numpy torch torchvision pydicom polars pyarrow typer rich onnx PIL psutil pytest filelock; do
     has_module "$mod" || missing+=("$mod")
   done
   if [[ " ${missing[*]} " == *" torch "* ]]; then
@@ -139,7 +147,7 @@ env_step() {
   fi
   if (( ${#missing[@]} )); then
     local dists=()
-    for m in "${missing[@]}"; do read -r -a d <<< "${DIST[$m]}"; dists+=("${d[@]}"); done
+    for m in "${missing[@]}"; do read -r -a d <<< "$(dist_of "$m")"; dists+=("${d[@]}"); done
     echo "missing: ${missing[*]} -> installing ${dists[*]} into $SITE"
     pip_install_target "$SITE" "${dists[@]}" || return 1
   fi
@@ -207,6 +215,9 @@ backends_for() {  # PRECISION -> the backends that can run it here
   echo "${out[@]}"
 }
 
+export ROOT PY WORK SITE DEVICE WORKERS WHEELHOUSE PIP_NO_INDEX
+export -f dist_of has_module cuda_ok ort_cuda_ok pip_install_target env_step gpu_pkgs_step pins_step bench_call
+
 print_plan() {
   cat <<EOF
 xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS} decode workers)
@@ -255,7 +266,7 @@ print_plan | tee -a "$LOG"
 run_step facts 1 10 "$PY" "$HELPER" facts "$WORK/facts.json"
 run_step env 1 90 env_step
 if [[ $DEVICE == cuda ]] && ! cuda_ok; then log "torch sees no CUDA device: this is not a GPU run"; FAILED+=("no_cuda"); fi
-run_step gpu_pkgs 0 60 gpu_pkgs_step
+if [[ $DEVICE == cuda ]]; then run_step gpu_pkgs 0 60 gpu_pkgs_step; else skip_step gpu_pkgs "FIRST_LIGHT_DEVICE=cpu"; fi
 [[ -f $WORK/ortgpu.path ]] && export PYTHONPATH="$(cat "$WORK/ortgpu.path"):$PYTHONPATH"
 [[ -f $WORK/trt.path ]] && export PYTHONPATH="$(cat "$WORK/trt.path"):$PYTHONPATH"
 run_step doctor 0 20 bash -c "\"$PY\" -m xbmd_batch doctor --json > \"$WORK/doctor.json\""

@@ -336,3 +336,70 @@ def test_ort_iobinding_path_matches_plain_run(tiny_onnx: Path) -> None:
             for k in ref:
                 assert got[k].shape == ref[k].shape
                 np.testing.assert_allclose(got[k], ref[k], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ on a GPU (skip here)
+
+
+def _n_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# skipif (not a skip inside the test): the fixtures (an ONNX export) are not built on a CPU box
+needs_gpu = pytest.mark.skipif(_n_gpus() < 1, reason="no CUDA device")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_trt_min_batch_padding_and_overlapped_batches(tmp_path: Path, tiny_onnx: Path) -> None:
+    """--min-batch 2 engine: batch 1 is padded, 21 rows run as 8+8+5 with two batches in flight; all agree
+    with onnxruntime-CPU on the fp32 graph."""
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (xbmd-batch[tensorrt])")
+    from xbmd_batch.infer.compare import compare_runners
+    from xbmd_batch.infer.ort_runner import OrtRunner
+    from xbmd_batch.infer.trt_runner import TensorRTRunner
+    from xbmd_batch.parity_feeds import make_reference_feeds
+
+    with (
+        OrtRunner(tiny_onnx) as ref,
+        TensorRTRunner(
+            tiny_onnx,
+            precision="fp32",
+            batch_size=4,
+            max_batch=8,
+            min_batch=2,
+            engine_cache_dir=tmp_path,
+            parity_feeds=make_reference_feeds,
+        ) as t,
+    ):
+        feeds = make_reference_feeds(ref.card, n=21)
+        res = compare_runners(ref, t, feeds, (1, 5, 8, 21))
+        assert max(v["max_abs_bmd"] for v in res.batches.values()) <= 5e-3
+        assert t.max_batch == 8
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_torch_fp32_runs_without_tf32() -> None:
+    import torch
+
+    from xbmd_batch.infer.torch_runner import ieee_fp32
+
+    seen = []
+    conv = torch.nn.Conv2d(1, 1, 3).cuda()
+    conv.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.conv.fp32_precision))
+    with ieee_fp32(torch):
+        conv(torch.randn(1, 1, 8, 8, device="cuda"))
+    assert seen == ["ieee"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_n_gpus() < 2, reason="needs two CUDA devices")
+def test_device_index_is_honoured_on_a_second_gpu(tiny_model: Path) -> None:
+    import torch
+
+    r = select.open_runner(tiny_model, backend="torch", device="cuda:1", precision="fp32")
+    with r:
+        assert next(r._fwd.parameters()).device == torch.device("cuda", 1)

@@ -371,7 +371,8 @@ def score_cohort(
         runner = stack.enter_context(
             open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
                         batch_size=o.batch_size, parity_feeds=make_reference_feeds,
-                        engine_cache_dir=o.engine_cache, log=lambda m: console.print(f"[dim]{m}[/]"))
+                        engine_cache_dir=o.engine_cache,
+                        log=lambda m: console.print(m, style="dim", markup=False))
         )  # fmt: skip
         backend, precision, reason = runner.backend, runner.precision, runner.reason
         prov = runner.provenance()
