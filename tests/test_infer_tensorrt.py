@@ -196,8 +196,9 @@ def test_get_or_build_takes_parity_feeds_from_the_caller(tmp_path: Path, monkeyp
 
     hit = get_or_build_engine(model, opt_batch=8, max_batch=16, cache_dir=cache, parity_feeds=never)
     assert not hit.built and hit.engine_path == stored.engine_path
+    # (1, 4, 16) would be served by the 1/8/16 engine (D7: its profile covers it); 32 is beyond it: a miss
     with pytest.raises(InputError, match="no parity inputs"):
-        get_or_build_engine(model, opt_batch=4, max_batch=16, cache_dir=cache)
+        get_or_build_engine(model, opt_batch=4, max_batch=32, cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------------------ real GPU
