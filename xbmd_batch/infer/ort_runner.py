@@ -162,17 +162,20 @@ class OrtRunner(BaseRunner):
             )
         check_io_against_card(sess, self.card, source=str(self.model_path))
         self.session = sess
-        self._out_names = list(self.card.output_names)
+        from xbmd_batch.onnx_card import extra_output_names
+
+        self._out_names = [*self.card.output_names, *extra_output_names(self.card)]
         if self.use_iobinding:
             self._bind(ort)
 
     def _bind(self, ort: Any) -> None:
         """Preallocated input/output OrtValues on the provider's device, bound once (shapes fixed at B)."""
-        from xbmd_batch.onnx_card import expected_io
+        from xbmd_batch.onnx_card import expected_io, extra_output_names
 
         b = int(self.max_batch or self.batch_size)
         where = "cuda" if self.provider == "cuda" else "cpu"
         ins, outs = expected_io(self.card)
+        outs = {**outs, **{n: (None,) for n in extra_output_names(self.card)}}  # per-image extras: (B,)
         binding = self.session.io_binding()
         for name, shape in ins.items():
             v = ort.OrtValue.ortvalue_from_shape_and_type([b, *shape[1:]], np.float32, where, self.device_id)
