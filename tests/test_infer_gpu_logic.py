@@ -289,7 +289,7 @@ def test_sticky_cuda_error_stops_score_with_exit_5(
          "--chunk-size", "2", "-q"],
     )  # fmt: skip
     assert r.exit_code == 5, r.output
-    assert "GPU failure" in r.output and "rerun the same command to resume" in r.output
+    assert "the GPU failed" in r.output and "rerun the same command to resume" in r.output
     parts = sorted((out / "parts").glob("*.parquet"))
     assert parts, "the first batch's rows are kept"
     rows = pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed")

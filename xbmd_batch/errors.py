@@ -1,4 +1,8 @@
-"""Exception types. The CLI maps InputError (bad user input, config) to exit code 2."""
+"""Exception types and the exit codes the `xbmd-batch` CLI maps them to (one mapper: ``exit_code``).
+
+InputError (bad user input, config, model file) -> 2; any other XbmdError (e.g. TensorRT missing, an engine
+that fails parity) -> 1 with its message, never a traceback; Ctrl-C -> 130.
+"""
 
 from __future__ import annotations
 
@@ -66,3 +70,26 @@ def is_device_error(e: BaseException) -> bool:
         return "out of memory" not in msg
     msg = str(e).lower()
     return any(m in msg for m in _STICKY_CUDA_MARKERS)
+
+
+# Exit codes (docs/outputs.md; `xbmd-batch score --help` repeats them).
+EXIT_OK = 0
+EXIT_ERROR = 1  # an XbmdError that is not the user's input (or an unexpected internal error)
+EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError), bad option values
+EXIT_QUARANTINE = 3  # score finished, but some inputs were quarantined (failures.parquet is not empty)
+EXIT_STRICT = 4  # score --strict: reconciliation found quarantined inputs; nothing was decoded or scored
+EXIT_DEVICE = 5  # the GPU failed (sticky CUDA error): stopped; finished rows kept, rerun resumes
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code for an exception the CLI reports as one line; None for anything else (a real bug)."""
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(e, InputError):
+        return EXIT_USAGE
+    if isinstance(e, DeviceError):
+        return EXIT_DEVICE
+    if isinstance(e, XbmdError):
+        return EXIT_ERROR
+    return None
