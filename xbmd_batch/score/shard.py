@@ -46,6 +46,7 @@ PERF_ONLY_OPTIONS = frozenset(
         "header_threads",
         "batch_size",
         "shard",
+        "engine_cache",
     }
 )
 _META_LEVEL_COUNTS = (
