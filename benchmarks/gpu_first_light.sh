@@ -84,7 +84,9 @@ run_step() {
     (( mandatory )) && FAILED+=("$name(skipped)")
     return 0
   fi
-  log "RUN  $name: $*"
+  local cap=$(( 2 * est > 60 ? 2 * est : 60 ))  # one slow step must not eat the others' budget
+  (( cap < remaining )) && remaining=$cap
+  log "RUN  $name (limit ${remaining}s): $*"
   local start end rc
   start=$(now)
   # `timeout` runs programs, not shell functions: functions go through `bash -c` (they and the variables they
