@@ -86,6 +86,9 @@ def score(
     precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
+    engine_cache: Path | None = typer.Option(
+        None, "--engine-cache", metavar="DIR", help="TensorRT engine cache [$XBMD_ENGINE_CACHE or ~/.cache]."
+    ),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
     reference: Reference = typer.Option("nhanes3-hologic", help="T-score reference."),
     interval: float = typer.Option(
@@ -111,8 +114,9 @@ def score(
 
     Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
     (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
-    config or input error | 1 other error, e.g. TensorRT missing (one line, no traceback) | 130 interrupted
-    (finished rows kept; rerun to resume).
+    config or input error | 5 the GPU failed (sticky CUDA error; finished rows kept, rerun to resume) |
+    1 other error, e.g. TensorRT missing (one line, no traceback) | 130 interrupted (finished rows kept;
+    rerun to resume).
     """
     from xbmd_batch.score import ScoreOptions, score_cohort
 
@@ -130,6 +134,7 @@ def score(
         pseudonymize=pseudonymize,
         strict=strict,
         quiet=quiet,
+        engine_cache=engine_cache,
     )
     with _exits(f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume"):
         res = score_cohort(dicom_dir, meta, model, out, opts)

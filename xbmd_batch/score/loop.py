@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from xbmd_batch.errors import DeviceError, is_device_error
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.decode import DecodePool
 from xbmd_batch.score.stopwatch import Stopwatch
@@ -101,14 +102,27 @@ class ScoringLoop:
         t0 = time.perf_counter()
         try:
             self._accept(idx, self.runner.infer(self._feeds(idx, images)))
-        except Exception:  # noqa: BLE001 - isolate the bad image: retry one by one
+        except Exception as e:  # noqa: BLE001 - isolate the bad image: retry one by one
+            if is_device_error(e):
+                raise self._device_failure(e) from e
             for k in range(len(idx)):
                 one = idx[k : k + 1]
                 try:
                     self._accept(one, self.runner.infer(self._feeds(one, images[k : k + 1])))
-                except Exception as e:  # noqa: BLE001
-                    self.buf.add_failed(one, "infer", ["inference_error"], [f"{type(e).__name__}: {e}"[:500]])
+                except Exception as e1:  # noqa: BLE001
+                    if is_device_error(e1):
+                        raise self._device_failure(e1) from e1
+                    msg = f"{type(e1).__name__}: {e1}"[:500]
+                    self.buf.add_failed(one, "infer", ["inference_error"], [msg])
         self.sw.add("infer", time.perf_counter() - t0)
+
+    def _device_failure(self, e: BaseException) -> DeviceError:
+        """A sticky CUDA error fails every later call: stop (exit 5), not fail the rest of the cohort."""
+        return DeviceError(
+            f"{self.runner.name}: the GPU failed ({type(e).__name__}: {str(e)[:300]}); a CUDA context in "
+            f"this state fails every later call, so scoring stops here instead of marking the rest of the "
+            f"cohort as failed. Finished rows are kept; rerun the same command to resume (or --device cpu)."
+        )
 
     def _accept(self, idx: np.ndarray, out: dict[str, np.ndarray]) -> None:
         bmd = np.asarray(out[self.bmd_name], dtype=np.float32).reshape(len(idx))

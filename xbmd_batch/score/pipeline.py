@@ -60,11 +60,13 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
     interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pseudonymize"] = bool(self.pseudonymize)  # never the key's location
+        d["engine_cache"] = os.fspath(self.engine_cache) if self.engine_cache else None
         return d
 
 
@@ -208,7 +210,7 @@ def score_cohort(
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts))
         pool.start(todo)
-        runner = stack.enter_context(_open_runner(model, opts))
+        runner = stack.enter_context(_open_runner(model, opts, console))
         run["runner"] = runner.provenance()
         run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
         why = f" - {runner.reason}" if runner.reason else ""
@@ -254,8 +256,9 @@ def _decode_pool(
     return DecodePool(dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight)
 
 
-def _open_runner(model: Any, o: ScoreOptions) -> Any:
-    """The runner for the already-opened model file (TensorRT takes its parity feeds from us, not synth)."""
+def _open_runner(model: Any, o: ScoreOptions, console: Any = None) -> Any:
+    """The runner for the already-opened model file (TensorRT takes its parity feeds from us, not synth); an
+    engine build prints what it does (miss, build time, parity) through ``console``."""
     from xbmd_batch.infer.select import open_runner
     from xbmd_batch.parity_feeds import make_reference_feeds
 
@@ -265,7 +268,9 @@ def _open_runner(model: Any, o: ScoreOptions) -> Any:
         device=o.device,
         precision=o.precision,
         batch_size=o.batch_size,
+        engine_cache_dir=o.engine_cache,
         parity_feeds=make_reference_feeds,
+        log=None if console is None else (lambda m: console.print(m, style="dim", markup=False)),
     )
 
 
