@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.score.privacy import scrub
 
 
 @dataclass
@@ -156,14 +157,6 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, InputError):
         return "invalid_image"
     return f"decode_error:{name}"
-
-
-def scrub(message: str, root: Path, rel: str) -> str:
-    """Drop the file's path from an error message: the failure row names the file in its own (possibly
-    pseudonymised) column, and folder names often carry subject IDs."""
-    for s in (str(root / rel), str((root / rel).resolve()), rel):
-        message = message.replace(s, "<file>")
-    return message[:500]
 
 
 def _image_view(slot: np.ndarray, s: int) -> np.ndarray:

@@ -12,6 +12,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from xbmd_batch.score.privacy import scrub
+
 # HeaderInfo attribute -> output column (all strings except rows/columns).
 HEADER_FIELDS: tuple[str, ...] = (
     "patient_id",
@@ -50,8 +52,6 @@ def _read_one(root: Path, rel: str) -> dict[str, object]:
         h = dicom_io.read_header(root / rel)
     except Exception as e:  # noqa: BLE001 - any unreadable header is a per-file failure, never a crash
         row.update({f: None for f in HEADER_FIELDS + SIZE_FIELDS})
-        from xbmd_batch.score.decode import scrub
-
         row["header_error"] = scrub(f"{type(e).__name__}: {e}", root, rel)
         return row
     for f in HEADER_FIELDS:

@@ -1,8 +1,9 @@
-"""Orchestration of `xbmd-batch score`: one function, stages in data-flow order, nothing clever in between.
+"""Orchestration of `xbmd-batch score`: `score_cohort` reads as the table of contents of one run.
 
-discover -> headers -> META join -> reconcile (printed, saved; --strict may stop here) -> decode pool ->
-batcher -> runner -> parts -> finalize -> run.json. Every finished row reaches a part file within
-``chunk_size`` rows, so an interrupted run loses at most one chunk of work and the same command resumes it.
+setup (options, model card, --out, run state) -> stages 1-4 (`ingest`: discover, headers, META join,
+reconcile; printed, saved; --strict may stop here) -> what resume leaves to do -> decode pool + runner ->
+`ScoringLoop` (batches -> runner -> parts) -> finalize -> run.json. Every finished row reaches a part file
+within ``chunk_size`` rows, so an interrupted run loses at most one chunk and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import signal
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,37 +21,24 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
-from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
-from xbmd_batch.errors import InputError
+from xbmd_batch.clinical import REFERENCES
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
+from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
-from xbmd_batch.score import manifest
-from xbmd_batch.score.batcher import Batcher
+from xbmd_batch.score import manifest, privacy
 from xbmd_batch.score.decode import DecodePool
-from xbmd_batch.score.discover import discover
 from xbmd_batch.score.finalize import finalize
-from xbmd_batch.score.headers import read_headers
-from xbmd_batch.score.join import KeySpec, join_metadata
+from xbmd_batch.score.ingest import Ingested, ingest
+from xbmd_batch.score.join import KeySpec
+from xbmd_batch.score.loop import ScoringLoop
 from xbmd_batch.score.privacy import Pseudonymizer
-from xbmd_batch.score.reconcile import Plan, build_plan
-from xbmd_batch.score.writer import (
-    ChunkBuffer,
-    PartWriter,
-    done_keys,
-    load_or_create_state,
-    prepare_out_dir,
-)
-
-# Exit codes (docs/outputs.md; the CLI's help repeats them).
-EXIT_OK = 0
-EXIT_ERROR = 1  # unexpected internal error
-EXIT_USAGE = 2  # usage / config / input error (InputError, ModelFileError)
-EXIT_QUARANTINE = 3  # finished, but some inputs were quarantined (failures.parquet is not empty)
-EXIT_STRICT = 4  # --strict: reconciliation found quarantined inputs; nothing was decoded or scored
+from xbmd_batch.score.stopwatch import Stopwatch
+from xbmd_batch.score.writer import ChunkBuffer, PartWriter, done_keys, load_or_create_state, prepare_out_dir
 
 # Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
-# SIGINT instead (Ctrl-C). Crash-safety tests only.
+# SIGINT instead (Ctrl-C). Crash-safety tests only; read once, handed to the PartWriter.
 KILL_AFTER_PARTS_ENV = "XBMD_BATCH_TEST_KILL_AFTER_PARTS"
+RESUME_KEY = ("relative_path", "sop_instance_uid")  # a row already in a part (output form) is not redone
 
 
 @dataclass(frozen=True)
@@ -72,11 +60,13 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
     interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pseudonymize"] = bool(self.pseudonymize)  # never the key's location
+        d["engine_cache"] = os.fspath(self.engine_cache) if self.engine_cache else None
         return d
 
 
@@ -102,13 +92,21 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _check_options(o: ScoreOptions) -> None:
+def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
+    if not dicom_dir.is_dir():
+        raise InputError(f"{dicom_dir}: DICOM folder does not exist or is not a directory")
+    if not meta_path.is_file():
+        raise InputError(f"{meta_path}: metadata table not found")
     if o.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1 (got {o.batch_size})")
     if o.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1 (got {o.chunk_size})")
     if o.workers is not None and o.workers < 0:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
+    vocab = (("--backend", o.backend, BACKENDS), ("--precision", o.precision, PRECISIONS))
+    for name, value, allowed in vocab:  # the CLI's Enums refuse these first; library callers get this
+        if value not in allowed:
+            raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
     if o.key_column and o.path_column and o.key_column == o.path_column:
@@ -121,60 +119,19 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(str(e)) from None
 
 
-def _plain_issue(x: Any) -> dict[str, Any]:
-    """A metadata validation issue as a JSON object (the metadata module's own record, made plain)."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
-                for k, v in dataclasses.asdict(x).items()}  # fmt: skip
-    if hasattr(x, "_asdict"):  # NamedTuple, e.g. metadata.InvalidValue
-        x = x._asdict()
-    if isinstance(x, dict):
-        return {
-            str(k): v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in x.items()
-        }
-    return {"issue": str(x)}
+def kill_hook_from_env() -> Callable[[int], None] | None:
+    """The crash-test hook (KILL_AFTER_PARTS_ENV) as a PartWriter ``after_write`` callback, or None."""
+    spec = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
+    after = int(spec[0] or 0)
+    if not after:
+        return None
+    sig = getattr(signal, f"SIG{spec[1]}") if len(spec) > 1 else signal.SIGKILL
 
+    def hook(n_written: int) -> None:
+        if n_written >= after:
+            os.kill(os.getpid(), sig)
 
-def _pseudo_listed(plan: Plan, pseudo: Pseudonymizer, meta_keys: list[str | None]) -> dict[str, Any]:
-    """Reconciliation lists with every identifier in output form (HMACed under --pseudonymize)."""
-    ls = plan.listed
-    out: dict[str, Any] = {
-        "non_dicom_files": pseudo.many(ls["non_dicom_files"]),
-        "hidden_files": pseudo.many(ls["hidden_files"]),
-        "non_image_dicoms": pseudo.many(ls["non_image_dicoms"]),
-        "metadata_rows_without_images": [
-            {"meta_row": i, "subject_key": pseudo(meta_keys[i]) if i < len(meta_keys) else None}
-            for i in ls["metadata_rows_without_images"]
-        ],
-        "metadata_duplicate_keys": [
-            {"key": pseudo(d["key"]), "rows": d["rows"]} for d in ls["metadata_duplicate_keys"]
-        ],
-        "metadata_invalid_values": [],
-    }
-    for issue in ls["metadata_invalid_values"]:
-        d = dict(issue)
-        for k in list(d):
-            if k in ("subject", "subject_key", "subject_id", "key", "patient_id"):
-                d[k] = pseudo(None if d[k] is None else str(d[k]))
-            elif pseudo.enabled and k in ("message", "value") and isinstance(d[k], str):
-                for mk in meta_keys:  # a message quoting a key must not leak it
-                    if mk and mk in d[k]:
-                        d[k] = d[k].replace(mk, "<subject>")
-        out["metadata_invalid_values"].append(d)
-    return out
-
-
-def _out_ids(plan: Plan, pseudo: Pseudonymizer) -> dict[str, np.ndarray]:
-    ids = {}
-    for c in ("relative_path", "subject_key", "sop_instance_uid", "study_instance_uid"):
-        ids[c] = np.array(pseudo.many(plan.items.get_column(c).to_list()), dtype=object)
-    return ids
-
-
-def _console(quiet: bool) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet)
+    return hook
 
 
 def score_cohort(
@@ -187,35 +144,21 @@ def score_cohort(
     """
     from xbmd_batch.fsutil import sha256_file
     from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.score.cohort_summary import rich_table
+    from xbmd_batch.score.summary import final_table, print_tables, reconciliation_table
 
-    o = options or ScoreOptions()
-    _check_options(o)
-    dicom_dir, meta_path, model_path, out_dir = (
-        Path(dicom_dir),
-        Path(meta_path),
-        Path(model_path),
-        Path(out_dir),
-    )
-    if not dicom_dir.is_dir():
-        raise InputError(f"{dicom_dir}: DICOM folder does not exist or is not a directory")
-    if not meta_path.is_file():
-        raise InputError(f"{meta_path}: metadata table not found")
-    console = _console(o.quiet)
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
+    opts = options or ScoreOptions()
+    dicom_dir, meta_path, model_path, out_dir = map(Path, (dicom_dir, meta_path, model_path, out_dir))
+    _check_options(opts, dicom_dir, meta_path)
+    console = _console(opts.quiet)
+    sw = Stopwatch()
 
-    def lap(name: str, t0: float) -> float:
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + (now - t0)
-        return now
-
-    t = time.perf_counter()
+    # setup: model card, output folder, the run state that pins model / META / key across resumes
     model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
-    card = model.card
-    pseudo = Pseudonymizer.from_keyfile(o.pseudonymize)
+    card, model_sha = model.card, model.sha256
+    pseudo = Pseudonymizer.from_keyfile(opts.pseudonymize)
     prepare_out_dir(out_dir, dicom_dir, meta_path)
-    model_sha = model.sha256
-    key_spec = KeySpec(o.key_column, o.path_column)
+    key_spec = KeySpec(opts.key_column, opts.path_column)
     state, resumed = load_or_create_state(
         out_dir,
         {
@@ -226,135 +169,30 @@ def score_cohort(
         },
     )
     run_id = state["run_id"]
-    t = lap("setup", t)
+    sw.lap("setup")
 
-    # 1-2. discover and read headers
-    disc = discover(dicom_dir, threads=o.header_threads)
-    t = lap("discover", t)
-    headers = read_headers(dicom_dir, disc.dicom, threads=o.header_threads)
-    t = lap("headers", t)
-
-    # 3. META: typed and validated by the card's schema, joined on the subject key
-    from xbmd_batch import metadata
-
-    schema = card.schema
-    read_key = o.key_column or (o.path_column if o.path_column else schema.subject_key)
-    meta_df = metadata.read_table(meta_path, subject_key=read_key)
-    enc = metadata.validate_and_encode(meta_df, schema)
-    joined = join_metadata(
-        headers.get_column("relative_path").to_list(),
-        headers.get_column("patient_id").to_list(),
-        meta_df,
-        key_spec,
-        schema.subject_key,
-        meta_name=meta_path.name,
-    )
-    t = lap("metadata_join", t)
-
-    # 4. plan + reconcile, before any pixel is decoded
-    issues = [_plain_issue(x) for x in (getattr(enc, "invalid", None) or [])]
-    derived = np.asarray(enc.derived, dtype=bool)
-    missing = np.asarray(enc.missing, dtype=bool)
-    plan = build_plan(disc, headers, joined, meta_df.height, issues, int(derived.sum()))
-    key_col = joined.meta_key_column
-    meta_keys = (
-        [None if v is None else str(v).strip() for v in meta_df.get_column(key_col).cast(pl.String).to_list()]
-        if key_col and key_col in meta_df.columns
-        else [None] * meta_df.height
-    )
-    recon = {
-        "run_id": run_id,
-        "created": now_iso(),
-        "join": key_spec.describe(schema.subject_key),
-        "pseudonymized": pseudo.enabled,
-        "counts": plan.counts,
-        **_pseudo_listed(plan, pseudo, meta_keys),
-        "metadata_warnings": list(getattr(enc, "warnings", []) or []),
-    }
-    atomic_write_json(out_dir / "reconciliation.json", recon)
-    from xbmd_batch.score.summary import print_tables, reconciliation_table
-
-    print_tables(console, [reconciliation_table(plan.counts, key_spec.describe(schema.subject_key))])
-    quarantine = plan.quarantine.with_columns(
-        pl.Series(
-            "relative_path", pseudo.many(plan.quarantine.get_column("relative_path").to_list()), pl.String
-        ),
-        pl.Series("subject_key", pseudo.many(plan.quarantine.get_column("subject_key").to_list()), pl.String),
-        pl.Series(
-            "sop_instance_uid",
-            pseudo.many(plan.quarantine.get_column("sop_instance_uid").to_list()),
-            pl.String,
-        ),
-    )
-    t = lap("reconcile", t)
-
-    from xbmd_batch.score.cohort_summary import strata_table
-    from xbmd_batch.uncertainty import ConditionalConformal
-
-    strata = strata_table(enc.raw_values, schema)
-    conformal, no_interval_reason = ConditionalConformal.from_training_summary(card.training_summary)
-    if conformal is None:
-        console.print(f"[yellow]uncertainty: {no_interval_reason}[/]")
-    uncertainty_info = (
-        {**conformal.describe(o.interval), "available": True}
-        if conformal is not None
-        else {"available": False, "reason": no_interval_reason}
-    )
-
-    ids = _out_ids(plan, pseudo)
+    # 1-4. discover, headers, META join, reconcile: before any pixel is decoded
+    ing = ingest(dicom_dir, meta_path, card.schema, key_spec, opts.header_threads, sw)
+    plan, join_desc = ing.plan, key_spec.describe(card.schema.subject_key)
+    _write_reconciliation(out_dir, run_id, ing, join_desc, pseudo)
+    print_tables(console, [reconciliation_table(plan.counts, join_desc)])
+    quarantine = privacy.failures_for_output(plan.quarantine, pseudo)
+    ids = privacy.ids_for_output(plan.items, pseudo)
     plan_keys = pl.DataFrame(
-        {
-            "relative_path": ids["relative_path"].tolist(),
-            "sop_instance_uid": ids["sop_instance_uid"].tolist(),
-        },
-        schema={"relative_path": pl.String, "sop_instance_uid": pl.String},
+        {c: ids[c].tolist() for c in RESUME_KEY}, schema=dict.fromkeys(RESUME_KEY, pl.String)
     )
-    synthetic = manifest.is_synthetic(dicom_dir)
-    base_manifest: dict[str, Any] = {
-        "format": "xbmd-batch-run",
-        "run_id": run_id,
-        "resumed": resumed,
-        "sessions": len(state.get("sessions", [])),
-        "created": state.get("created"),
-        "finished": None,
-        "inputs": {
-            "dicom_dir": str(dicom_dir.resolve()),
-            "meta": str(meta_path.resolve()),
-            "meta_sha256": state["meta_sha256"],
-        },  # fmt: skip
-        "model": {
-            "path": str(model_path.resolve()),
-            "sha256": model_sha,
-            "checkpoint_sha256": getattr(card, "checkpoint_sha256", ""),
-            "engine_sha256": None,
-            "image_size": card.preprocess.image_size,
-            "fields": list(schema.names),
-            "training_synthetic": bool((card.training_summary or {}).get("synthetic", False)),
-        },
-        "reference": REFERENCES[o.reference].to_dict(),
-        "synthetic_cohort": synthetic,
-        "pseudonymized": pseudo.enabled,
-        "pseudonym_key_fingerprint": pseudo.fingerprint,
-        "options": o.to_dict(),
-        "versions": manifest.versions(),
-        "machine": manifest.machine_info(),
-        "reconciliation": plan.counts,
-        "uncertainty": uncertainty_info,
-    }
+    run = manifest.run_manifest(
+        run_id, resumed, state, dicom_dir, meta_path, model_path, model_sha, card, opts, pseudo, plan.counts
+    )
+    conformal, strata, run["uncertainty"] = _uncertainty(card, ing, opts, console)
+    sw.lap("reconcile")
 
-    if o.strict and plan.n_quarantined:
-        finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id,
-                 conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
-        manifest.write_run_json(
-            out_dir,
-            {
-                **base_manifest,
-                "status": "refused_strict",
-                "finished": now_iso(),
-                "counts": {"quarantined_before_scoring": plan.n_quarantined},
-                "timings_s": timings,
-            },  # fmt: skip
-        )
+    if opts.strict and plan.n_quarantined:
+        finalize(
+            out_dir, plan_keys.clear(), quarantine, card.schema.names, opts.reference, model_sha, run_id,
+            conformal=conformal, interval=opts.interval, strata=strata,
+        )  # fmt: skip
+        manifest.write_run_json(out_dir, manifest.refused_strict(run, plan.n_quarantined, sw.timings))
         console.print(
             f"[bold red]--strict: {plan.n_quarantined} input(s) quarantined before scoring; nothing scored. "
             f"See {out_dir / 'failures.parquet'} and reconciliation.json.[/]"
@@ -363,205 +201,141 @@ def score_cohort(
 
     # 5. what is left to do (resume skips rows already in parts)
     done = done_keys(out_dir)
-    rel_o, sop_o = ids["relative_path"], ids["sop_instance_uid"]
-    todo = np.array([i for i in range(plan.items.height) if (rel_o[i], sop_o[i]) not in done], dtype=np.int64)
-    n_skipped = plan.items.height - len(todo)
-    t = lap("reconcile", t)
+    keys = zip(*(ids[c] for c in RESUME_KEY), strict=True)
+    todo = np.array([i for i, k in enumerate(keys) if k not in done], dtype=np.int64)
+    sw.lap("reconcile")
 
-    # 6-7. runner, decode pool, batches, parts
-    from xbmd_batch.infer.select import open_runner
-    from xbmd_batch.parity_feeds import make_reference_feeds
-
-    workers = default_workers() if o.workers is None else o.workers
-    values = np.asarray(enc.values, dtype=np.float32)
-    mask = np.asarray(enc.mask, dtype=np.float32)
-    meta_row = plan.items.get_column("meta_row").to_numpy().astype(np.int64)
-    session = {"scored": 0, "failed": 0, "parts": 0}
-    decode_worker_s = 0.0
-    wait_s = 0.0
-    paths_arr = pa.array(plan.items.get_column("relative_path").to_list(), type=pa.large_string())
-    t_loop = time.perf_counter()
+    # 6-7. decode pool (starts while the model loads), runner, then the loop: batches -> runner -> parts
+    workers = default_workers() if opts.workers is None else opts.workers
     with contextlib.ExitStack() as stack:
-        # Decode workers start (and decode the first tasks) while the model loads.
-        pool = stack.enter_context(
-            DecodePool(dicom_dir, paths_arr, card.preprocess, workers, o.task_size, o.max_inflight)
-        )
+        pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts))
         pool.start(todo)
-        runner = stack.enter_context(
-            open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
-                        batch_size=o.batch_size, parity_feeds=make_reference_feeds)
-        )  # fmt: skip
-        backend, precision, reason = runner.backend, runner.precision, runner.reason
-        prov = runner.provenance()
-        base_manifest["runner"] = prov
-        base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
-        has_attn = runner.has_attention
-        console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
-        t = lap("model_load", t)
+        runner = stack.enter_context(_open_runner(model, opts, console))
+        run["runner"] = runner.provenance()
+        run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
+        why = f" - {runner.reason}" if runner.reason else ""
+        console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
+        sw.lap("model_load")
+        loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw)
+        progress = _progress(console, opts.quiet)
+        with progress:
+            stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
+    sw.add("decode_wait", stats.decode_wait_s)
+    sw.restart()
 
-        buf = ChunkBuffer(
-            ids,
-            meta_row,
-            plan.items.get_column("image_index_for_subject").to_numpy(),
-            plan.items.get_column("n_images_for_subject").to_numpy(),
-            missing,
-            derived,
-            schema.names,
-            backend,
-            precision,
-        )
-        writer = PartWriter(out_dir)
-        hook = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
-        kill_after = int(hook[0] or 0)
-        kill_sig = getattr(signal, f"SIG{hook[1]}") if len(hook) > 1 else signal.SIGKILL
-
-        def write_part() -> None:
-            nonlocal t
-            tw = time.perf_counter()
-            table = buf.take()
-            if table is not None:
-                writer.write(table)
-                session["parts"] += 1
-                if kill_after and session["parts"] >= kill_after:
-                    os.kill(os.getpid(), kill_sig)
-            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
-
-        def infer(idx: np.ndarray, images: np.ndarray) -> None:
-            ti = time.perf_counter()
-            rows = meta_row[idx]
-            try:
-                out = runner.infer({"image": images, "meta": values[rows], "meta_mask": mask[rows]})
-                _accept(idx, out)
-            except Exception:  # noqa: BLE001 - isolate the bad image: retry one by one
-                for k in range(len(idx)):
-                    try:
-                        out = runner.infer(
-                            {
-                                "image": images[k : k + 1],
-                                "meta": values[rows[k : k + 1]],
-                                "meta_mask": mask[rows[k : k + 1]],
-                            }  # fmt: skip
-                        )
-                        _accept(idx[k : k + 1], out)
-                    except Exception as e:  # noqa: BLE001
-                        buf.add_failed(
-                            idx[k : k + 1], "infer", ["inference_error"], [f"{type(e).__name__}: {e}"[:500]]
-                        )
-            timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - ti
-
-        def _accept(idx: np.ndarray, out: dict[str, np.ndarray]) -> None:
-            bmd = np.asarray(out["bmd"], dtype=np.float32).reshape(len(idx))
-            attn = out.get("field_attention") if has_attn else None
-            attn = None if attn is None else np.asarray(attn, dtype=np.float32).reshape(len(idx), -1)
-            sd = out.get("bmd_sd_models")  # a fold ensemble's between-model SD (export --ensemble)
-            sd = None if sd is None else np.asarray(sd, dtype=np.float32).reshape(len(idx))
-            good = np.isfinite(bmd)
-            if attn is not None:
-                good &= np.isfinite(attn).all(axis=1)
-            if good.all():
-                buf.add_scored(idx, bmd, attn, sd)
-            else:
-                buf.add_scored(idx[good], bmd[good], None if attn is None else attn[good],
-                               None if sd is None else sd[good])  # fmt: skip
-                bad = idx[~good]
-                buf.add_failed(bad, "infer", ["nonfinite_prediction"] * len(bad),
-                               ["the model returned NaN/inf for this image"] * len(bad))  # fmt: skip
-
-        batcher = Batcher(o.batch_size, card.preprocess.image_size)
-        progress = _progress(console, o.quiet)
-        task = progress.add_task("scoring", total=len(todo), rate=0.0)
-        n_done = 0
-        t_loop = time.perf_counter()
-        try:
-            with progress:
-                for dec in pool.results():
-                    decode_worker_s += dec.seconds
-                    if dec.failures:
-                        f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
-                        buf.add_failed(
-                            f_idx, "decode", [f[1] for f in dec.failures], [f[2] for f in dec.failures]
-                        )
-                    ok = dec.ok
-                    for b in batcher.add(dec.idx[ok], dec.images[ok]):
-                        infer(b.idx, b.images)
-                    n_done += len(dec.idx)
-                    el = time.perf_counter() - t_loop
-                    progress.update(task, completed=n_done, rate=n_done / el if el > 0 else 0.0)
-                    if buf.n_rows >= o.chunk_size:
-                        write_part()
-                last = batcher.flush()
-                if last is not None:
-                    infer(last.idx, last.images)
-                write_part()
-                wait_s = pool.wait_seconds
-        except BaseException:
-            write_part()  # KeyboardInterrupt / crash: keep every finished row (atomic part), then stop
-            raise
-        session["scored"], session["failed"] = buf.n_scored, buf.n_failed
-    loop_s = time.perf_counter() - t_loop
-    timings["decode_wait"] = wait_s
-    t = time.perf_counter()
-
-    # 8. finalize
-    fin = finalize(out_dir, plan_keys, quarantine, schema.names, o.reference, model_sha, run_id,
-                   conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
-    t = lap("finalize", t)
-    scores = pl.read_parquet(out_dir / "scores.parquet", columns=["who_class"])
-    who = {c: int((scores.get_column("who_class") == c).sum()) for c in WHO_CLASSES}
-    n_fail = int(pl.read_parquet(out_dir / "failures.parquet", columns=["stage"]).height)
-    wall = time.perf_counter() - t_all
-    counts = {
-        **plan.counts,
-        "scored": fin["scored"],
-        "failed_in_scoring": fin["failed_in_scoring"],
-        "failures_total": n_fail,
-        "not_processed": fin["not_processed"],
-        "skipped_resume": n_skipped,
-        "scored_this_session": session["scored"],
-        "failed_this_session": session["failed"],
-        "parts_written_this_session": session["parts"],
-    }
-    main_stages = {k: round(v, 4) for k, v in timings.items()}
-    through = {
-        "images_per_s": round(len(todo) / loop_s, 3) if loop_s > 0 and len(todo) else 0.0,
-        "scoring_loop_s": round(loop_s, 3),
-        "wall_s": round(wall, 3),
-        "decode_worker_s": round(decode_worker_s, 3),
-        "decode_workers": workers,
-        "images_this_session": int(len(todo)),
-    }
-    result_info = {
-        "status": "complete" if fin["not_processed"] == 0 else "incomplete",
-        "finished": now_iso(),
-        "backend": backend,
-        "backend_reason": reason,
-        "precision": precision,
-        "counts": counts,
-        "timings_s": main_stages,
-        "stage_shares": manifest.stage_shares(main_stages),
-        "throughput": through,
-        "who_distribution": who,
-    }
-    manifest.write_run_json(out_dir, {**base_manifest, **result_info})
-    from xbmd_batch.score.summary import final_table
-
-    print_tables(console, final_table({**result_info, "reference": o.reference, "synthetic": synthetic}))
-    from xbmd_batch.score.cohort_summary import rich_table
-
+    # 8. finalize: parts + plan -> scores.parquet, failures.parquet; then run.json and the summary table
+    fin = finalize(
+        out_dir, plan_keys, quarantine, card.schema.names, opts.reference, model_sha, run_id,
+        conformal=conformal, interval=opts.interval, strata=strata,
+    )  # fmt: skip
+    sw.lap("finalize")
+    result = manifest.result_info(runner, plan, fin, stats, todo, workers, sw.timings, sw.elapsed())
+    manifest.write_run_json(out_dir, {**run, **result})
+    synthetic = run["synthetic_cohort"]
+    print_tables(console, final_table({**result, "reference": opts.reference, "synthetic": synthetic}))
     print_tables(console, [rich_table(pl.read_parquet(out_dir / "cohort_summary.parquet"), synthetic)])
-    quarantined = n_fail > 0 or fin["not_processed"] > 0
+    quarantined = fin["failures_total"] > 0 or fin["not_processed"] > 0
     return ScoreResult(
         EXIT_QUARANTINE if quarantined else EXIT_OK,
         out_dir,
-        counts,
-        backend,
-        precision,
-        reason,
-        through,
-        main_stages,
+        result["counts"],
+        runner.backend,
+        runner.precision,
+        runner.reason,
+        result["throughput"],
+        result["timings_s"],
         resumed,
         run_id,
     )
+
+
+def _decode_pool(
+    dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions
+) -> DecodePool:
+    paths = pa.array(items.get_column("relative_path").to_list(), type=pa.large_string())
+    return DecodePool(dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight)
+
+
+def _open_runner(model: Any, o: ScoreOptions, console: Any = None) -> Any:
+    """The runner for the already-opened model file (TensorRT takes its parity feeds from us, not synth); an
+    engine build prints what it does (miss, build time, parity) through ``console``."""
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
+
+    return open_runner(
+        model,
+        backend=o.backend,
+        device=o.device,
+        precision=o.precision,
+        batch_size=o.batch_size,
+        engine_cache_dir=o.engine_cache,
+        parity_feeds=make_reference_feeds,
+        log=None if console is None else (lambda m: console.print(m, style="dim", markup=False)),
+    )
+
+
+def _uncertainty(card: Any, ing: Ingested, o: ScoreOptions, console: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The card's out-of-fold residual model (None when the card has none), the cohort-summary strata and
+    run.json's "uncertainty" entry (xbmd_batch.uncertainty, issue 15)."""
+    from xbmd_batch.score.cohort_summary import strata_table
+    from xbmd_batch.uncertainty import ConditionalConformal
+
+    strata = strata_table(ing.encoded.raw_values, card.schema)
+    conformal, why_not = ConditionalConformal.from_training_summary(card.training_summary)
+    if conformal is None:
+        console.print(f"[yellow]uncertainty: {why_not}[/]")
+        return None, strata, {"available": False, "reason": why_not}
+    return conformal, strata, {**conformal.describe(o.interval), "available": True}
+
+
+def _write_reconciliation(
+    out_dir: Path, run_id: str, ing: Ingested, join_desc: str, pseudo: Pseudonymizer
+) -> None:
+    """OUT/reconciliation.json: the plan's counts and lists, every identifier in output form."""
+    recon = {
+        "run_id": run_id,
+        "created": now_iso(),
+        "join": join_desc,
+        "pseudonymized": pseudo.enabled,
+        "counts": ing.plan.counts,
+        **privacy.listed_for_output(ing.plan.listed, pseudo, ing.meta_keys()),
+        "metadata_warnings": list(ing.encoded.warnings),
+    }
+    atomic_write_json(out_dir / "reconciliation.json", recon)
+
+
+def _scoring_loop(
+    runner: Any,
+    card: Any,
+    ing: Ingested,
+    ids: dict[str, np.ndarray],
+    out_dir: Path,
+    o: ScoreOptions,
+    sw: Stopwatch,
+) -> ScoringLoop:
+    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
+    items, enc = ing.plan.items, ing.encoded
+    meta_row = items.get_column("meta_row").to_numpy().astype(np.int64)
+    buf = ChunkBuffer(
+        ids,
+        meta_row,
+        items.get_column("image_index_for_subject").to_numpy(),
+        items.get_column("n_images_for_subject").to_numpy(),
+        np.asarray(enc.missing, dtype=bool),
+        np.asarray(enc.derived, dtype=bool),
+        card.schema.names,
+        runner.backend,
+        runner.precision,
+    )
+    writer = PartWriter(out_dir, after_write=kill_hook_from_env())
+    values, mask = np.asarray(enc.values, dtype=np.float32), np.asarray(enc.mask, dtype=np.float32)
+    return ScoringLoop(runner, card, buf, writer, values, mask, meta_row, o.batch_size, o.chunk_size, sw)
+
+
+def _console(quiet: bool) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
 
 
 def _progress(console: Any, quiet: bool) -> Any:
