@@ -61,6 +61,7 @@ def _feeds(model: onnx.ModelProto, batch: int = 3) -> dict[str, np.ndarray]:
 
 def probe(model: onnx.ModelProto, keep: tuple[str, ...]) -> dict[str, Any]:
     import onnxruntime as ort
+
     from xbmd_batch.onnx_fp16 import ONNX_IR_VERSION, to_fp16_onnx
 
     m16 = to_fp16_onnx(model, keep)
