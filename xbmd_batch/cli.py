@@ -59,6 +59,15 @@ def score(
         None, metavar="KEYFILE", help="HMAC-SHA256 subject keys, paths and UIDs with the key in KEYFILE."
     ),
     strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
+    max_missing: float = typer.Option(
+        0.2, help="Largest share of subjects (0-1) a metadata field may be missing/invalid for (else exit 2)."
+    ),
+    allow_missing: list[str] = typer.Option(
+        [], "--allow-missing", metavar="FIELD", help="Accept FIELD missing beyond --max-missing (repeatable)."
+    ),
+    follow_symlinks: bool = typer.Option(
+        False, help="Follow symlinks that leave DIR (default: listed as skipped, never opened)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
     """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
@@ -88,6 +97,9 @@ def score(
         pseudonymize=pseudonymize,
         strict=strict,
         quiet=quiet,
+        max_missing=max_missing,
+        allow_missing=tuple(allow_missing),
+        follow_symlinks=follow_symlinks,
     )
     try:
         res = score_cohort(dicom_dir, meta, model, out, opts)

@@ -71,6 +71,9 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    max_missing: float = 0.2  # a field missing/invalid for more of the subjects to score is an error...
+    allow_missing: tuple[str, ...] = ()  # ...unless named here (--allow-missing FIELD)
+    follow_symlinks: bool = False  # follow links that leave DIR (links inside DIR are always followed)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,6 +112,8 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
+    if not 0.0 <= o.max_missing <= 1.0:
+        raise InputError(f"--max-missing must be a share between 0 and 1 (got {o.max_missing})")
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
 
@@ -152,6 +157,8 @@ def _pseudo_listed(plan: Plan, pseudo: Pseudonymizer, meta_keys: list[str | None
     }
     for issue in ls["metadata_invalid_values"]:
         d = dict(issue)
+        if pseudo.enabled:
+            d.pop("raw", None)  # META cell text can be an identifier typed into the wrong column
         for k in list(d):
             if k in ("subject", "subject_key", "subject_id", "key", "patient_id"):
                 d[k] = pseudo(None if d[k] is None else str(d[k]))
@@ -232,12 +239,11 @@ def score_cohort(
     t = lap("headers", t)
 
     # 3. META: typed and validated by the card's schema, joined on the subject key
-    from xbmd_batch import metadata
+    from xbmd_batch.score import metacheck
 
     schema = card.schema
     read_key = o.key_column or (o.path_column if o.path_column else schema.subject_key)
-    meta_df = metadata.read_table(meta_path, subject_key=read_key)
-    enc = metadata.validate_and_encode(meta_df, schema)
+    meta_df, meta_info, enc = metacheck.load_meta(meta_path, schema, read_key)
     joined = join_metadata(
         headers.get_column("relative_path").to_list(),
         headers.get_column("patient_id").to_list(),
@@ -249,10 +255,18 @@ def score_cohort(
     t = lap("metadata_join", t)
 
     # 4. plan + reconcile, before any pixel is decoded
-    issues = [_plain_issue(x) for x in (getattr(enc, "invalid", None) or [])]
+    issues = metacheck.invalid_records(enc, meta_info, pseudo.enabled)
     derived = np.asarray(enc.derived, dtype=bool)
     missing = np.asarray(enc.missing, dtype=bool)
     plan = build_plan(disc, headers, joined, meta_df.height, issues, int(derived.sum()))
+    meta_report, meta_accepted = metacheck.check_meta(
+        enc,
+        meta_df,
+        plan.items.get_column("meta_row").to_numpy(),
+        max_missing=o.max_missing,
+        allow=tuple(o.allow_missing),
+        source=meta_path.name,
+    )
     key_col = joined.meta_key_column
     meta_keys = (
         [None if v is None else str(v).strip() for v in meta_df.get_column(key_col).cast(pl.String).to_list()]
@@ -266,12 +280,17 @@ def score_cohort(
         "pseudonymized": pseudo.enabled,
         "counts": plan.counts,
         **_pseudo_listed(plan, pseudo, meta_keys),
-        "metadata_warnings": list(getattr(enc, "warnings", []) or []),
+        "metadata_warnings": [*enc.warnings, *meta_accepted],
+        "metadata_table": meta_info.describe(),
+        "metadata_missingness": meta_report,
     }
     atomic_write_json(out_dir / "reconciliation.json", recon)
     from xbmd_batch.score.summary import print_tables, reconciliation_table
 
     print_tables(console, [reconciliation_table(plan.counts, key_spec.describe(schema.subject_key))])
+    print_tables(console, metacheck.meta_tables(meta_report, issues, meta_info, o.max_missing))
+    for w in [*enc.warnings, *meta_accepted]:
+        console.print(f"[yellow]META: {w}[/]")
     quarantine = plan.quarantine.with_columns(
         pl.Series(
             "relative_path", pseudo.many(plan.quarantine.get_column("relative_path").to_list()), pl.String
