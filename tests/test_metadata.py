@@ -315,7 +315,9 @@ def test_missingness_threshold_allow_and_no_fields(tmp_path: Path) -> None:
         check_missingness(list(rep.values()), allow=["weight"])
     renamed = _write(tmp_path / "r.csv", [["subject_id", "Gender", "Age"], ["S1", "F", "70"]])
     df, info = read_table_info(renamed)
-    with pytest.raises(InputError, match=r"none of the model's 10 metadata fields.*columns: subject_id, Gender"):
+    with pytest.raises(
+        InputError, match=r"none of the model's 10 metadata fields.*columns: subject_id, Gender"
+    ):
         check_missingness(missingness_report(validate_and_encode(df, DEFAULT_SCHEMA)), columns=df.columns)
 
 

@@ -145,6 +145,8 @@ def _pseudo_listed(plan: Plan, pseudo: Pseudonymizer, meta_keys: list[str | None
     out: dict[str, Any] = {
         "non_dicom_files": pseudo.many(ls["non_dicom_files"]),
         "hidden_files": pseudo.many(ls["hidden_files"]),
+        "skipped_links": [{**d, "path": pseudo(d["path"])} for d in ls["skipped_links"]],
+        "special_files": [{**d, "path": pseudo(d["path"])} for d in ls["special_files"]],
         "non_image_dicoms": pseudo.many(ls["non_image_dicoms"]),
         "metadata_rows_without_images": [
             {"meta_row": i, "subject_key": pseudo(meta_keys[i]) if i < len(meta_keys) else None}
@@ -233,7 +235,7 @@ def score_cohort(
     t = lap("setup", t)
 
     # 1-2. discover and read headers
-    disc = discover(dicom_dir, threads=o.header_threads)
+    disc = discover(dicom_dir, threads=o.header_threads, follow_symlinks=o.follow_symlinks)
     t = lap("discover", t)
     headers = read_headers(dicom_dir, disc.dicom, threads=o.header_threads)
     t = lap("headers", t)
