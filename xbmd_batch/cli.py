@@ -83,6 +83,9 @@ def score(
     """
     from xbmd_batch.errors import InputError
     from xbmd_batch.score import ScoreOptions, score_cohort
+    from xbmd_batch.score.privacy import silence_dicom_warnings
+
+    silence_dicom_warnings()
 
     opts = ScoreOptions(
         backend=backend,

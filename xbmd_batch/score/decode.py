@@ -80,6 +80,9 @@ def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int 
         import signal
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from xbmd_batch.score.privacy import silence_dicom_warnings
+
+        silence_dicom_warnings()  # a worker's warnings go straight to the user's stderr
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it saves a part
         _watch_parent(main_pid)
         import sys

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import warnings
 from pathlib import Path
 
 from xbmd_batch.errors import InputError
@@ -58,3 +59,16 @@ class Pseudonymizer:
 
     def many(self, values: list[str | None]) -> list[str | None]:
         return [self(v) for v in values] if self._key is not None else list(values)
+
+
+def silence_dicom_warnings() -> None:
+    """Stop pydicom's per-file warnings reaching stderr during a cohort run.
+
+    They quote raw header values and file paths ("Invalid value for VR UI: '1.2.840.PID_Smith_John.1'"), so
+    under ``--pseudonymize`` they would leak identifiers, and on a 100k cohort they bury the summary. Every
+    file that cannot be used becomes a failure row with a reason instead. Installed by the CLI and in each
+    decode worker (both are whole processes of our own); idempotent.
+    """
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    # pydicom warns with stacklevel > 1, which attributes some warnings to our reading code
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"xbmd_batch\.(dicom_io|preprocess|score)")
