@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, TRT_PRECISIONS
 from xbmd_batch.errors import InputError, XbmdError
 
 EPILOG_ONNX = """example:
@@ -67,11 +68,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("onnx", type=Path, help="exported ONNX file (with its model card)")
     t.add_argument(
-        "--opt-batch", type=int, default=32, help="batch size the kernels are tuned for (= score batch)"
+        "--opt-batch",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="batch size the kernels are tuned for (= score batch)",
     )
     t.add_argument("--max-batch", type=int, default=None, help="largest batch (default: --opt-batch)")
     t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    t.add_argument("--precision", choices=TRT_PRECISIONS, default=TRT_PRECISIONS[0])
     t.add_argument(
         "--cache-dir", type=Path, default=None, help="engine cache (default $XBMD_ENGINE_CACHE or ~/.cache)"
     )

@@ -336,7 +336,7 @@ def _export_fp16(
 ) -> None:
     """The fp16 variant: same card (onnx_precision fp16, its own parity), converted graph, same checks."""
     from xbmd_batch.onnx_card import embed_card
-    from xbmd_batch.trt_engine import to_fp16_onnx
+    from xbmd_batch.onnx_fp16 import to_fp16_onnx
 
     out16 = fp16_path_for(result.path)
     t0 = time.perf_counter()

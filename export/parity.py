@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import XbmdError
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from xbmd_batch.modelcard import ModelCard
 
-DEFAULT_BATCH_SIZES = (1, 3, 32)
+DEFAULT_BATCH_SIZES = (1, 3, DEFAULT_BATCH_SIZE)
 FP32_TOLERANCE = 1e-4  # g/cm^2
 FP16_TOLERANCE = 5e-3  # g/cm^2 (DXA precision is ~1.5-2 %, i.e. ~0.012 g/cm^2)
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.score.manifest import is_synthetic
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "bench_table", "is_synthetic", "run_bench"]
@@ -53,7 +54,7 @@ class BenchOptions:
     backends: tuple[str, ...] = ("auto",)
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
     decode_sample: int = 24  # files per transfer syntax for the decode stage
     model_iters: int = 10

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from xbmd_batch import __version__
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 
 app = typer.Typer(
     name="xbmd-batch",
@@ -47,7 +48,7 @@ def score(
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 (backend permitting)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per model call."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
     reference: str = typer.Option("nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar."),
@@ -132,7 +133,7 @@ def bench(
     backend: list[str] = typer.Option(["auto"], help="Repeat to compare backends."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per model call."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
     no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end score runs."),

@@ -21,6 +21,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from xbmd_batch.defaults import (
+    BACKENDS,
+    DEFAULT_BATCH_SIZE,
+    DEVICES,
+    ORT_PROVIDERS,
+    PRECISIONS,
+    TORCH_PRECISIONS,
+    TRT_PRECISIONS,
+)
 from xbmd_batch.errors import InputError, ModelFileError, XbmdError
 
 if TYPE_CHECKING:
@@ -28,10 +37,6 @@ if TYPE_CHECKING:
 
     from xbmd_batch.modelcard import ModelCard
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-DEFAULT_BATCH_SIZE = 32
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -306,8 +311,8 @@ class TorchRunner(BaseRunner):
         device = "cuda:0" if device == "cuda" else device
         if device == "cpu" and precision != "fp32":
             raise InputError(f"torch on CPU runs fp32 only (asked for {precision})")
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise InputError(f"unknown precision {precision!r} (fp32, fp16, bf16)")
+        if precision not in TORCH_PRECISIONS:
+            raise InputError(f"unknown precision {precision!r} ({', '.join(TORCH_PRECISIONS)})")
         super().__init__(card, device, precision, path, max_batch)
         self.channels_last = device.startswith("cuda") if channels_last is None else channels_last
         self.compile = compile
@@ -432,7 +437,7 @@ def ort_provider_chain(
             ("CUDAExecutionProvider", cuda_opts),
             "CPUExecutionProvider",
         ]
-    raise InputError(f"unknown onnxruntime provider {provider!r} (cpu, cuda, tensorrt)")
+    raise InputError(f"unknown onnxruntime provider {provider!r} ({', '.join(ORT_PROVIDERS)})")
 
 
 _PROVIDER_NAME = {
@@ -468,7 +473,7 @@ class OrtRunner(BaseRunner):
         trt_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if provider not in _PROVIDER_NAME:
-            raise InputError(f"unknown onnxruntime provider {provider!r} (cpu, cuda, tensorrt)")
+            raise InputError(f"unknown onnxruntime provider {provider!r} ({', '.join(ORT_PROVIDERS)})")
         path = Path(onnx_path)
         if card is None:
             from xbmd_batch.onnx_card import read_onnx_card
@@ -578,9 +583,9 @@ class TensorRTRunner(BaseRunner):
 
             card = read_onnx_card(path)
         if precision in ("auto", None):
-            precision = "fp16"
-        if precision not in ("fp16", "fp32"):
-            raise InputError(f"TensorRT runner precision must be fp16 or fp32, got {precision!r}")
+            precision = TRT_PRECISIONS[0]
+        if precision not in TRT_PRECISIONS:
+            raise InputError(f"TensorRT runner precision must be one of {TRT_PRECISIONS}, got {precision!r}")
         super().__init__(card, f"cuda:{device_id}", precision, path, max_batch or batch_size)
         self.batch_size, self.min_batch = batch_size, min_batch
         self.engine_cache_dir, self.device_id, self.rebuild, self.log = (
@@ -814,7 +819,7 @@ def _stale_types() -> tuple[type[BaseException], ...]:
 
 def make_reference_feeds(
     card: ModelCard,
-    n: int = 32,
+    n: int = DEFAULT_BATCH_SIZE,
     cohort_dir: str | os.PathLike[str] | None = None,
     *,
     n_subjects: int = 8,
@@ -894,7 +899,10 @@ def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
 
 
 def compare_runners(
-    reference: BaseRunner, candidate: BaseRunner, feeds: Feeds, batch_sizes: tuple[int, ...] = (1, 3, 32)
+    reference: BaseRunner,
+    candidate: BaseRunner,
+    feeds: Feeds,
+    batch_sizes: tuple[int, ...] = (1, 3, DEFAULT_BATCH_SIZE),
 ) -> dict[str, dict[str, float]]:
     """Per batch size: max |delta| of each output, candidate vs reference, on the first B rows of feeds."""
     res: dict[str, dict[str, float]] = {}

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from xbmd_batch.checkpoint import sha256_file
 from xbmd_batch.config import INPUT_NAMES
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, TRT_PRECISIONS
 from xbmd_batch.errors import InputError, ModelFileError, XbmdError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from xbmd_batch.modelcard import ModelCard
 
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = TRT_PRECISIONS
 DEFAULT_TOLERANCE = 5e-3  # g/cm^2, max |delta BMD| of the engine against onnxruntime fp32
 # ONNX op types kept in fp32 on the retry (strongly typed path) and the matching TensorRT layer types.
 FP32_ONNX_OPS = ("LayerNormalization", "Softmax", "ReduceMean")
@@ -77,8 +78,8 @@ class EngineSpec:
     onnx_sha256: str
     precision: str = "fp16"
     min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 32
+    opt_batch: int = DEFAULT_BATCH_SIZE
+    max_batch: int = DEFAULT_BATCH_SIZE
     image_size: int = 224
     in_chans: int = 1
     n_fields: int = 10
@@ -99,7 +100,7 @@ class EngineSpec:
         onnx_sha256: str,
         card: ModelCard,
         precision: str = "fp16",
-        opt_batch: int = 32,
+        opt_batch: int = DEFAULT_BATCH_SIZE,
         max_batch: int | None = None,
         min_batch: int = 1,
     ) -> EngineSpec:
@@ -371,53 +372,6 @@ def is_strongly_typed_only(trt: Any) -> bool:
     return not hasattr(trt.BuilderFlag, "FP16")
 
 
-def to_fp16_onnx(model_proto: Any, keep_fp32_ops: tuple[str, ...] = ()) -> Any:
-    """An fp16 copy of an fp32 ONNX graph, I/O kept float32, ``keep_fp32_ops`` left in fp32.
-
-    Uses onnxruntime's converter (onnxconverter-common is not a dependency). The converter appends its Cast
-    nodes at the end and leaves stale value_info, which onnx.checker rejects; both are repaired here. Also
-    used by ``python -m export onnx --fp16``.
-    """
-    from onnxruntime.transformers import float16
-
-    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
-    m16 = float16.convert_float_to_float16(model_proto, keep_io_types=True, op_block_list=block)
-    toposort_graph(m16.graph)
-    del m16.graph.value_info[:]
-    return m16
-
-
-def toposort_graph(graph: Any) -> None:
-    """Reorder ``graph.node`` topologically in place (Kahn); raises if the graph has a cycle."""
-    import collections
-
-    nodes = list(graph.node)
-    producer: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            producer[o] = i
-    users: dict[int, list[int]] = collections.defaultdict(list)
-    indeg = [0] * len(nodes)
-    for i, n in enumerate(nodes):
-        deps = {producer[x] for x in n.input if x in producer}
-        for d in deps:
-            users[d].append(i)
-        indeg[i] = len(deps)
-    ready = collections.deque(i for i, d in enumerate(indeg) if d == 0)
-    order: list[int] = []
-    while ready:
-        i = ready.popleft()
-        order.append(i)
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    if len(order) != len(nodes):
-        raise ValueError("ONNX graph has a cycle; cannot sort it")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
 def build_engine(
     onnx_path: str | os.PathLike[str],
     spec: EngineSpec,
@@ -442,6 +396,8 @@ def build_engine(
 
     proto = onnx.load(os.fspath(onnx_path))
     if spec.precision == "fp16" and strongly_typed:
+        from xbmd_batch.onnx_fp16 import to_fp16_onnx
+
         proto = to_fp16_onnx(proto, FP32_ONNX_OPS if keep_fp32_layers else ())
     model_bytes = proto.SerializeToString()
 
@@ -627,7 +583,7 @@ def get_or_build_engine(
     onnx_path: str | os.PathLike[str],
     *,
     precision: str = "fp16",
-    opt_batch: int = 32,
+    opt_batch: int = DEFAULT_BATCH_SIZE,
     max_batch: int | None = None,
     min_batch: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -704,7 +660,7 @@ def get_or_build_engine(
 def spec_for(
     onnx_path: str | os.PathLike[str],
     precision: str = "fp16",
-    opt_batch: int = 32,
+    opt_batch: int = DEFAULT_BATCH_SIZE,
     max_batch: int | None = None,
     min_batch: int = 1,
 ) -> EngineSpec:
@@ -747,6 +703,5 @@ __all__ = [
     "engine_parity",
     "get_or_build_engine",
     "spec_for",
-    "to_fp16_onnx",
     "verify_engine_file",
 ]

@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import InputError
 from xbmd_batch.score import manifest
 from xbmd_batch.score.batcher import Batcher
@@ -59,7 +60,7 @@ class ScoreOptions:
     backend: str = "auto"
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None  # decode processes; None = one per core; 0 = decode in the main process
     chunk_size: int = 1024  # rows per part file (the most an interruption can lose)
     reference: str = "nhanes3-hologic"

@@ -1,0 +1,19 @@
+"""The one home for defaults and option vocabularies shared by the CLI, scoring, benchmarks and export.
+
+Plain constants (no imports): ``cli.py`` reads them for option defaults and help text, the runners for
+validation, so a new backend or precision is added in one place.
+"""
+
+from __future__ import annotations
+
+DEFAULT_BATCH_SIZE = 32  # images per model call; also the TensorRT profile's opt batch
+
+# what `score --backend/--device/--precision` accept ("auto" lets open_runner choose)
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+# what each backend can run
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")  # fp16/bf16 via CUDA autocast; CPU is fp32 only
+TRT_PRECISIONS = ("fp16", "fp32")  # TensorRT engines; the first is its default
+ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")  # onnxruntime execution providers we configure
