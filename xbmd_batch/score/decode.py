@@ -126,6 +126,12 @@ def _reason(e: BaseException) -> str:
     return f"decode_error:{name}"
 
 
+def _is_file_error(e: BaseException) -> bool:
+    """Exceptions one file can cause: every Exception, plus a Rust decoder's panic (pyo3's PanicException
+    derives from BaseException, so a malformed RLE/JPEG file would otherwise stop the whole cohort)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 def scrub(message: str, root: Path, rel: str) -> str:
     """Drop the file's path from an error message: the failure row names the file in its own (possibly
     pseudonymised) column, and folder names often carry subject IDs."""
@@ -157,7 +163,9 @@ def decode_task(idx: np.ndarray) -> DecodedTask:
             images[n] = arr
             ok[n] = True
             infos.append(_info_dict(info))
-        except Exception as e:  # noqa: BLE001 - one bad file must never stop the cohort
+        except BaseException as e:  # noqa: BLE001 - one bad file must never stop the cohort
+            if not _is_file_error(e):
+                raise
             msg = scrub(
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _STATE["root"], rel
             )
