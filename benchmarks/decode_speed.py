@@ -1,8 +1,9 @@
 """Decode speed: uncompressed, RLE, JPEG 2000 lossless/lossy at full resolution and at each reduce level.
 
 Run: ``.venv/bin/python benchmarks/decode_speed.py [--size 2000 1955] [--repeat 5] [--target 224]``.
-Single-threaded, warm (one untimed decode first), best-of-N and median in ms. Prints a table and returns a
-flat list of dicts; also reports the parity of preprocess(reduced) vs preprocess(full) for each reduce level.
+Single-threaded, warm (one untimed decode first), best-of-N and median in ms. Every time is a whole public
+``read_image`` call (header parse, decode at that wavelet level, modality LUT, inversion). Prints a table and
+returns a flat list of dicts; also reports the parity of preprocess(reduced) vs preprocess(full) per level.
 Not a test: numbers depend on the machine and its load (say which when you quote them).
 """
 
@@ -12,7 +13,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +21,13 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
 from pydicom import uid  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dicom_factory import hip_phantom, make_dicom  # noqa: E402
 
 from xbmd_batch import dicom_io  # noqa: E402
 from xbmd_batch.config import PreprocessConfig  # noqa: E402
-from xbmd_batch.dicom_io import read_image  # noqa: E402
+from xbmd_batch.dicom_io import J2K_OVERSAMPLE, read_image  # noqa: E402
 from xbmd_batch.preprocess import preprocess_image  # noqa: E402
+from xbmd_batch.testing import hip_phantom, make_dicom  # noqa: E402
 
 
 def _time(fn: Any, repeat: int) -> tuple[float, float]:
@@ -81,24 +77,24 @@ def run(rows: int, cols: int, repeat: int, target: int, bits: int = 12) -> list[
             )
             if not name.startswith("j2k"):
                 continue
-            ds = pydicom.dcmread(p)
-            frame = dicom_io._first_frame_bytes(ds)
-            params = dicom_io._j2k_params(frame)
-            assert params is not None
-            for level in range(1, params.levels + 1):
-
-                def dec(level: int = level, frame: bytes = frame, params=params, ds=ds) -> np.ndarray:  # noqa: ANN001
-                    return dicom_io._decode_j2k_reduced(frame, level, params, ds)
-
-                best, med = _time(dec, repeat)
-                red = dec().astype(np.float32)
+            # Each wavelet level through the public read_image: the target size that makes it choose level L
+            # (short side / 2**L / J2K_OVERSAMPLE); stop once a smaller target no longer reduces further.
+            level, short = 0, min(rows, cols)
+            while True:
+                want = level + 1
+                tgt = max(1, short // (2**want * J2K_OVERSAMPLE))
+                red, info = read_image(p, target_size=tgt)
+                if info.reduce_level != want:
+                    break
+                level = want
+                best, med = _time(lambda p=p, tgt=tgt: read_image(p, target_size=tgt), repeat)
                 pre = preprocess_image(red, cfg, subsample=2**level, full_shape=(rows, cols))
                 diff = np.abs(pre - full_pre)
-                chosen = dicom_io.choose_reduce_level(rows, cols, target, params.levels) == level
+                chosen = read_image(p, target_size=target)[1].reduce_level == level
                 out.append(
                     {
                         "case": name,
-                        "decoder": "pillow-openjpeg",
+                        "decoder": info.decoder,
                         "level": level,
                         "shape": red.shape,
                         "best_ms": best,

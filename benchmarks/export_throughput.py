@@ -14,7 +14,6 @@ spike from other processes hits both alike. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from _machine import cpu_model, load_average  # noqa: E402  (benchmarks/ is on sys.path)
+
+from xbmd_batch.fsutil import now_iso
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     report = {
         "benchmark": "export_throughput",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "machine": machine_info(),
         "load_average_before": load_before,

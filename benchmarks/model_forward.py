@@ -9,7 +9,6 @@ timings do not depend on the values.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from _machine import cpu_model, load_average  # noqa: E402  (benchmarks/ is on sys.path)
+
+from xbmd_batch.fsutil import now_iso
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -116,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     result = {
         "benchmark": "model_forward",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": machine,
         "note": note,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
 import os
 import shutil
@@ -280,13 +279,14 @@ def rss(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from xbmd_batch.fsutil import now_iso
     from xbmd_batch.score.manifest import machine_info, versions
 
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "benchmark": "score_pipeline",
         "synthetic": True,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "versions": versions(),

@@ -21,10 +21,8 @@ ReduceMean stay fp32, I/O stay fp32), checked against torch fp32 with a 5e-3 g/c
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import hashlib
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -44,6 +42,7 @@ from export.parity import (
     reference_feeds,
 )
 from xbmd_batch.errors import XbmdError
+from xbmd_batch.fsutil import commit, now_iso, temp_beside, write_synced
 
 if TYPE_CHECKING:
     import onnx
@@ -184,19 +183,7 @@ def graph_sha256(proto: onnx.ModelProto) -> str:
 
 
 def _tmp_beside(out: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp makes 0600; the final file should have normal permissions
+    return temp_beside(out, suffix=".tmp.onnx")
 
 
 def _check_file(path: Path, card: ModelCard) -> None:
@@ -228,7 +215,7 @@ def _finalize(
         if len(data) == size:
             break
         size = len(data)
-    _write(tmp, data)
+    write_synced(tmp, data)
     import onnx
 
     again = onnx.load(os.fspath(tmp), load_external_data=False)
@@ -236,7 +223,7 @@ def _finalize(
         raise ExportError(f"{out}: graph changed between the parity check and the final write")
     if read_onnx_card(tmp) != final:
         raise ExportError(f"{out}: the embedded model card does not read back equal")
-    os.replace(tmp, out)
+    commit(tmp, out)  # staged, verified, then renamed (the atomic-write steps of xbmd_batch.fsutil)
     return len(data), final
 
 
@@ -283,7 +270,7 @@ def export_onnx(
         "opset": opset,
         "example_batch": EXAMPLE_BATCH,
         "export_time_s": export_s,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "versions": versions,
         "checker": "onnx.checker.check_model(full_check=True) passed",
         "notes": notes,
@@ -299,7 +286,7 @@ def export_onnx(
     tmp = _tmp_beside(out)
     try:
         embed_card(proto, card)
-        _write(tmp, proto.SerializeToString())
+        write_synced(tmp, proto.SerializeToString())
         _check_file(tmp, card)
         tested = graph_sha256(proto)
         if model_hook is not None:
@@ -356,7 +343,7 @@ def _export_fp16(
     tmp = _tmp_beside(out16)
     try:
         embed_card(m16, card16)
-        _write(tmp, m16.SerializeToString())
+        write_synced(tmp, m16.SerializeToString())
         _check_file(tmp, card16)
         tested = graph_sha256(m16)
         report = check_onnx_parity(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +9,16 @@ import pydicom
 import pytest
 from pydicom import uid
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import hip_phantom, make_dataset, make_dicom  # noqa: E402
-
-from xbmd_batch import dicom_io  # noqa: E402
-from xbmd_batch.dicom_io import (  # noqa: E402
+from xbmd_batch import dicom_io
+from xbmd_batch.dicom_io import (
     J2K_OVERSAMPLE,
     choose_reduce_level,
     is_dicom,
     read_header,
     read_image,
 )
-from xbmd_batch.errors import InputError  # noqa: E402
+from xbmd_batch.errors import InputError
+from xbmd_batch.testing import hip_phantom, make_dataset, make_dicom
 
 
 def _stored(path: Path) -> np.ndarray:

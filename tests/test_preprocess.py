@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import uid
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_factory import hip_phantom, make_dicom  # noqa: E402
-
-from xbmd_batch.config import PreprocessConfig  # noqa: E402
-from xbmd_batch.dicom_io import read_image  # noqa: E402
-from xbmd_batch.preprocess import (  # noqa: E402
+from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.dicom_io import read_image
+from xbmd_batch.preprocess import (
     load_and_preprocess,
     pad_to_square,
     preprocess_fingerprint,
     preprocess_image,
 )
+from xbmd_batch.testing import hip_phantom, make_dicom
 
 CFG = PreprocessConfig(image_size=64)
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import polars as pl
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.bench import BENCH_SCHEMA, BenchOptions, is_synthetic, run_bench
 

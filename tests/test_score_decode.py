@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dicom_factory import hip_phantom, make_dicom
 from pydicom import uid as _uid
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
-from test_score_fixtures import IMAGE_SIZE, make_cohort
 
+from tests.helpers.score import IMAGE_SIZE, make_cohort
 from xbmd_batch.score import ScoreOptions, score_cohort
+from xbmd_batch.testing import hip_phantom, make_dicom
 
 META_HEADER = ["subject_id", "sex", "age_xray", "age_dxa", "height_cm", "weight_kg", "bmi", "smoking"]
 

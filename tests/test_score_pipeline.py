@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference
 from xbmd_batch.config import DEFAULT_SCHEMA
@@ -173,3 +172,10 @@ def test_cli_score_exit_codes(cohort: Path, tiny_model: Path, tmp_path: Path):
         f.write("EXTRA0001,F,75,75,160,60,,never,1,50,50\n")
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "d"), "--workers", "0", "--quiet"])
     assert r.exit_code == 3, r.output
+
+
+def test_fixture_cohort_layout(cohort_session: Path) -> None:
+    """The synthetic cohort has what the score tests rely on (DICOM folder, META with subject_id)."""
+    assert (cohort_session / "dicom").is_dir()
+    header = (cohort_session / "meta.csv").read_text().splitlines()[0]
+    assert header.startswith("subject_id,")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import polars as pl
 import pydicom
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.score import ScoreOptions, score_cohort
 from xbmd_batch.score.pipeline import EXIT_QUARANTINE

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
-from test_score_fixtures import make_model
 
+from tests.helpers.score import make_model
 from xbmd_batch.errors import ModelFileError
 from xbmd_batch.score import ScoreOptions, score_cohort
 from xbmd_batch.score.pipeline import KILL_AFTER_PARTS_ENV

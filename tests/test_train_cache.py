@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dicom_factory import hip_phantom, make_dicom
 from train.data import build_image_cache, cache_key
 from xbmd_batch.config import PreprocessConfig
 from xbmd_batch.preprocess import load_and_preprocess
+from xbmd_batch.testing import hip_phantom, make_dicom
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ key and a fresh decode; anything else reuses the array, across epochs, folds, va
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import multiprocessing as mp
@@ -28,6 +27,7 @@ import polars as pl
 
 from xbmd_batch.config import DEFAULT_SCHEMA, MetadataSchema, PreprocessConfig
 from xbmd_batch.errors import InputError
+from xbmd_batch.fsutil import atomic_write_json, commit, now_iso
 
 if TYPE_CHECKING:
     import torch
@@ -405,23 +405,20 @@ def build_image_cache(
                     _store(res)
                     bar.advance(task)
     out.flush()  # the rename below is safe with the map still open (POSIX)
-    os.replace(tmp, npy)
-    side_tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    side_tmp.write_text(
-        json.dumps(
-            {
-                "key": key,
-                "preprocess": cfg.to_dict(),
-                "n": len(uniq),
-                "n_ok": int(ok_u.sum()),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "paths": uniq,
-                "ok": ok_u.tolist(),
-                "errors": errors,
-            }
-        )
+    commit(tmp, npy)
+    atomic_write_json(
+        side,
+        {
+            "key": key,
+            "preprocess": cfg.to_dict(),
+            "n": len(uniq),
+            "n_ok": int(ok_u.sum()),
+            "created": now_iso(),
+            "paths": uniq,
+            "ok": ok_u.tolist(),
+            "errors": errors,
+        },
     )
-    os.replace(side_tmp, side)
     if errors:
         warnings.warn(f"{len(errors)} file(s) failed to decode and are excluded (see {side})", stacklevel=2)
     arr = np.load(npy, mmap_mode="r")

@@ -7,17 +7,15 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xbmd_batch import __version__
 from xbmd_batch.config import MetadataSchema, ModelConfig, PreprocessConfig
 from xbmd_batch.errors import ModelFileError
+from xbmd_batch.fsutil import atomic_open, now_iso, sha256_file
 from xbmd_batch.modelcard import ModelCard, card_from_checkpoint
 
 if TYPE_CHECKING:
@@ -26,15 +24,6 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "xbmd-batch-checkpoint"
 CHECKPOINT_VERSION = 1
 _REQUIRED_KEYS = ("state_dict", "model_config", "metadata_schema", "preprocess")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (the model card and run manifests identify models by it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(obj: Any) -> Any:
@@ -79,21 +68,13 @@ def save_checkpoint(
         "metadata_schema": schema.to_dict(),
         "preprocess": preprocess.to_dict(),
         "training_summary": _plain(training_summary or {}),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "versions": {"xbmd_batch": __version__, "torch": str(torch.__version__)},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(ckpt, f)
     return path
 
 

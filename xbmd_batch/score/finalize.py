@@ -13,8 +13,9 @@ import numpy as np
 import polars as pl
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference, who_class
+from xbmd_batch.fsutil import atomic_write_parquet
 from xbmd_batch.score.reconcile import FAILURE_SCHEMA
-from xbmd_batch.score.writer import atomic_write_parquet, list_parts
+from xbmd_batch.score.writer import list_parts
 
 ID_COLUMNS = ("subject_key", "relative_path", "sop_instance_uid", "study_instance_uid")
 

@@ -6,7 +6,6 @@ chosen, precision, options, reconciliation counts, per-stage timings and shares,
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xbmd_batch import __version__
-from xbmd_batch.score.writer import atomic_write_json
+from xbmd_batch.fsutil import atomic_write_json
 
 _DISTS = (
     "numpy", "pydicom", "polars", "pyarrow", "pillow", "torch", "torchvision", "onnx", "onnxruntime",
@@ -69,10 +68,6 @@ def is_synthetic(dicom_dir: Path) -> bool:
             except OSError:
                 return False
     return False
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_run_json(out_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ import pyarrow as pa
 from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import InputError
+from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.decode import DecodePool
@@ -35,7 +36,6 @@ from xbmd_batch.score.reconcile import Plan, build_plan
 from xbmd_batch.score.writer import (
     ChunkBuffer,
     PartWriter,
-    atomic_write_json,
     done_keys,
     load_or_create_state,
     prepare_out_dir,
@@ -194,7 +194,7 @@ def score_cohort(
     Raises InputError / ModelFileError for bad inputs (before anything is scored); per-file problems never
     raise, they become failure rows.
     """
-    from xbmd_batch.checkpoint import sha256_file
+    from xbmd_batch.fsutil import sha256_file
 
     o = options or ScoreOptions()
     _check_options(o)
@@ -278,7 +278,7 @@ def score_cohort(
     )
     recon = {
         "run_id": run_id,
-        "created": manifest.now_iso(),
+        "created": now_iso(),
         "join": key_spec.describe(schema.subject_key),
         "pseudonymized": pseudo.enabled,
         "counts": plan.counts,
@@ -354,7 +354,7 @@ def score_cohort(
             {
                 **base_manifest,
                 "status": "refused_strict",
-                "finished": manifest.now_iso(),
+                "finished": now_iso(),
                 "counts": {"quarantined_before_scoring": plan.n_quarantined},
                 "timings_s": timings,
             },  # fmt: skip
@@ -536,7 +536,7 @@ def score_cohort(
     }
     result_info = {
         "status": "complete" if fin["not_processed"] == 0 else "incomplete",
-        "finished": manifest.now_iso(),
+        "finished": now_iso(),
         "backend": backend,
         "backend_reason": reason,
         "precision": precision,

@@ -1,17 +1,16 @@
 """Stage 7: atomic parquet parts under OUT/parts/, the run state, and what resume may skip.
 
 A parquet file without its footer is unreadable and polars cannot append, so every chunk of finished rows
-(scored and failed alike, one ``status`` column) becomes its own part: written to ``part-XXXXX.parquet.tmp``,
-fsynced, then ``os.replace``d into place and the folder fsynced. A kill -9 at any instant leaves only whole
-parts (plus a stray .tmp that resume deletes). Resume skips every (relative_path, sop_instance_uid) a part
-holds; OUT/run_state.json pins the model, META and pseudonym key so a resumed run cannot mix them.
+(scored and failed alike, one ``status`` column) becomes its own part, written atomically
+(``xbmd_batch.fsutil``: a temp file beside it, fsync, ``os.replace``, folder fsync). A kill -9 at any instant
+leaves only whole parts (plus a stray .tmp that resume deletes). Resume skips every (relative_path,
+sop_instance_uid) a part holds; OUT/run_state.json pins the model, META and pseudonym key so a resumed run
+cannot mix them.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
 import re
 import uuid
 from pathlib import Path
@@ -22,46 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xbmd_batch.errors import InputError, ModelFileError
+from xbmd_batch.fsutil import atomic_write_json, atomic_write_parquet, now_iso
 
 STATE_FORMAT = "xbmd-batch-score-state"
 STATE_VERSION = 1
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class PartWriter:
@@ -99,10 +63,6 @@ def done_keys(out_dir: Path) -> set[tuple[str, str]]:
         t = pq.read_table(p, columns=["relative_path", "sop_instance_uid"])
         keys.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
     return keys
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def prepare_out_dir(out_dir: Path, dicom_dir: Path, meta_path: Path) -> None:
@@ -148,16 +108,16 @@ def load_or_create_state(out_dir: Path, expect: dict[str, Any]) -> tuple[dict[st
         for k, why in labels.items():
             if state.get(k) != expect.get(k):
                 raise InputError(f"{out_dir}: cannot resume: {why}; use the original options or a new --out")
-        state.setdefault("sessions", []).append({"started": _now()})
+        state.setdefault("sessions", []).append({"started": now_iso()})
         atomic_write_json(path, state)
         return state, True
     state = {
         "format": STATE_FORMAT,
         "format_version": STATE_VERSION,
         "run_id": uuid.uuid4().hex[:16],
-        "created": _now(),
+        "created": now_iso(),
         **expect,
-        "sessions": [{"started": _now()}],
+        "sessions": [{"started": now_iso()}],
     }
     atomic_write_json(path, state)
     return state, False

@@ -1,4 +1,4 @@
-"""Build small, valid DICOM files for tests (importable by any test module).
+"""Build small, valid DICOM files for tests and benchmarks (the one DICOM factory; not used by scoring).
 
 ``make_dicom`` writes one file with the chosen photometric interpretation, rescale, VOI, bit depth and
 transfer syntax; ``hip_phantom`` gives a realistic-looking image (anatomy + texture + noise) so that

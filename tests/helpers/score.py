@@ -1,28 +1,15 @@
-"""Shared fixtures for the score tests: a tiny model (.pt and .onnx) and tiny synthetic cohorts.
+"""Builders behind the score fixtures (tests/conftest.py): a tiny model (.pt and .onnx) and tiny cohorts.
 
-Imported by the other tests/test_score_*.py modules (pytest puts tests/ on sys.path). Built once per session:
-a 64-pixel XAttn-BMD with d_model 32 and a 24-subject, 256-pixel synthetic cohort with some JPEG 2000 and
+A 64-pixel XAttn-BMD with d_model 32 and a 24-subject, 256-pixel synthetic cohort with some JPEG 2000 and
 MONOCHROME1 files, so every score test runs in seconds on 2 cores.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
-
 IMAGE_SIZE = 64
-__all__ = [
-    "IMAGE_SIZE",
-    "cohort",
-    "cohort_session",
-    "export_onnx",
-    "make_cohort",
-    "make_model",
-    "tiny_model",
-    "tiny_onnx",
-]
+__all__ = ["IMAGE_SIZE", "export_onnx", "make_cohort", "make_model"]
 
 
 def make_model(path: Path, seed: int = 0) -> Path:
@@ -77,34 +64,3 @@ def make_cohort(out: Path, n: int = 24, seed: int = 1, **kw: object) -> Path:
     cfg.update(kw)
     generate_cohort(out, SynthConfig(**cfg), progress=False)  # type: ignore[arg-type]
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("onnxruntime")
-    return export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
-
-
-@pytest.fixture(scope="session")
-def cohort_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_cohort(tmp_path_factory.mktemp("cohort") / "c")
-
-
-@pytest.fixture()
-def cohort(cohort_session: Path, tmp_path: Path) -> Path:
-    """A private copy of the session cohort (tests may plant files in it)."""
-    dst = tmp_path / "cohort"
-    shutil.copytree(cohort_session, dst)
-    return dst
-
-
-def test_fixture_cohort_layout(cohort_session: Path) -> None:
-    """The synthetic cohort has what the score tests rely on (DICOM folder, META with subject_id)."""
-    assert (cohort_session / "dicom").is_dir()
-    header = (cohort_session / "meta.csv").read_text().splitlines()[0]
-    assert header.startswith("subject_id,")
