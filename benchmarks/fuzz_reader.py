@@ -7,9 +7,9 @@ A child process does the work under an address-space limit (``--mem-gb``, so an 
 instead of swapping the machine) with a per-file alarm (``--timeout-s``); before each example it saves the
 bytes to ``current.bin``. The parent watches: if the child dies (segfault, OOM kill) or stops reporting
 progress (a hang inside C code that no alarm interrupts), the saved example is kept under ``--crash-dir``,
-counted, and a new child continues with the next seed. Outcomes: see tests/fuzz_dicom.py. A report lists
-counts per outcome, escapes (exceptions that got past the pipeline's own handlers), timeouts, crashes,
-iterations and wall time. Not a test: the wall time depends on the machine and its load.
+counted, and a new child continues with the next seed. Outcomes: see tests/helpers/fuzz_dicom.py. The
+report lists counts per outcome, escapes (exceptions that got past the pipeline's own handlers), timeouts,
+crashes, iterations and wall time. Not a test: the wall time depends on the machine and its load.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 
@@ -35,9 +34,9 @@ def _child(args: argparse.Namespace) -> int:
     import resource
     import warnings
 
-    import fuzz_dicom as fz
     from hypothesis import HealthCheck, Phase, given, settings
 
+    from tests.helpers import fuzz_dicom as fz
     from xbmd_batch.score.privacy import silence_dicom_warnings
 
     if args.mem_gb > 0:

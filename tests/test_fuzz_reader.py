@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-import fuzz_dicom as fz  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from tests.helpers import fuzz_dicom as fz  # noqa: E402
 
 
 def test_seeds_cover_real_and_synthetic_files() -> None:

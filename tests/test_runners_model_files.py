@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model)
 
 from xbmd_batch.errors import ModelFileError
 from xbmd_batch.runners import load_card

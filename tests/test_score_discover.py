@@ -9,12 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dicom_factory import make_dicom
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.errors import InputError
 from xbmd_batch.score import discover as disc_mod
 from xbmd_batch.score.discover import discover
+from xbmd_batch.testing import make_dicom
 
 
 def _find_count(root: Path) -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 from xbmd_batch.errors import InputError
 from xbmd_batch.score import ScoreOptions, score_cohort

@@ -17,7 +17,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pydicom
-from test_score_fixtures import *  # noqa: F403  (session fixtures: tiny model, cohort)
 
 
 def _plant(cohort: Path) -> list[str]:

@@ -59,7 +59,7 @@ class OutLock:
         prev = _read(fd)
         if prev and not prev.get("released", False):
             self.stale = prev
-        from xbmd_batch.score.manifest import now_iso
+        from xbmd_batch.fsutil import now_iso
 
         _write(
             fd, {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso(), "released": False}

@@ -2,7 +2,7 @@
 
 Shared by the bounded CI test (tests/test_fuzz_reader.py) and the long run (benchmarks/fuzz_reader.py).
 Seeds: small real-world files shipped with pydicom (CT, MR, RLE, JPEG 2000, JPEG-LS, JPEG, big endian,
-no meta, truncated, RGB, RT plan/dose, SR) plus synthetic hip images from tests/dicom_factory (uncompressed
+no meta, truncated, RGB, RT plan/dose, SR) plus synthetic hip images from xbmd_batch.testing (uncompressed
 12/16/8-bit, MONOCHROME1 with rescale, preamble-less, JPEG 2000, RLE). Mutations (hypothesis strategies):
 byte flips, random overwrites, truncation, insertion, deletion, chunk duplication, and targeted values in
 the fields decoders trust (Rows, Columns, Bits*, SamplesPerPixel, NumberOfFrames, element lengths, the
@@ -58,11 +58,9 @@ def seeds() -> tuple[tuple[str, bytes], ...]:
 
 
 def _synthetic_seeds() -> list[tuple[str, bytes]]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from dicom_factory import make_dicom
     from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from xbmd_batch.testing import make_dicom
 
     specs = [
         ("synth:u16", {"rows": 48, "cols": 40, "bits_stored": 12}),
