@@ -110,11 +110,12 @@ def score(
     except InputError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume", err=True
-        )
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        from xbmd_batch.errors import Terminated
+
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        typer.echo(f"{what}: finished rows kept in {out}/parts; rerun the same command to resume", err=True)
+        raise typer.Exit(128 + e.signum if isinstance(e, Terminated) else 130) from None
     if not quiet:
         typer.echo(
             f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"

@@ -11,5 +11,17 @@ class InputError(XbmdError):
     """Bad user input (a file, a row, an option): the message names where and what."""
 
 
+class OutputError(InputError):
+    """--out cannot be written (disk full, read-only, permissions): nothing done is lost; rerun to resume."""
+
+
 class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during `score` (a batch scheduler's time limit): handled like Ctrl-C, exit 128 + signal."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum

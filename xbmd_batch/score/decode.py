@@ -84,6 +84,7 @@ def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int 
 
         silence_dicom_warnings()  # a worker's warnings go straight to the user's stderr
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it saves a part
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM (Slurm/PBS signal the whole job)
         _watch_parent(main_pid)
         import sys
 

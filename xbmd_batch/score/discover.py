@@ -42,6 +42,12 @@ class Discovery:
     skipped_links: tuple[tuple[str, str], ...] = ()  # (path, why not followed)
     special: tuple[tuple[str, str], ...] = ()  # (path, kind): FIFO, socket, device
     bad_names: tuple[tuple[str, str], ...] = ()  # (escaped path, message): DICOMs with non-UTF-8 names
+    stats: dict[str, tuple[int, int]] | None = None  # DICOM path -> (size, mtime_ns) seen by the walk
+
+    def stat_of(self, rel: str) -> tuple[int | None, int | None]:
+        """(size, mtime_ns) recorded at discovery (resume detects a file changed in place by them)."""
+        st = (self.stats or {}).get(rel)
+        return (None, None) if st is None else st
 
     @property
     def n_files(self) -> int:
@@ -87,6 +93,7 @@ def _special_kind(mode: int) -> str:
 @dataclass
 class _Walk:
     files: list[str]
+    stats: dict[str, tuple[int, int]]
     hidden: list[str]
     unreadable: list[tuple[str, str]]
     skipped_links: list[tuple[str, str]]
@@ -99,7 +106,7 @@ def _inside(real: str, root_real: str) -> bool:
 
 def walk_entries(root: Path, follow_symlinks: bool = False) -> _Walk:
     """Every non-directory entry under root, sorted into files to open and entries never opened."""
-    w = _Walk([], [], [], [], [])
+    w = _Walk([], {}, [], [], [], [])
     root_real = os.path.realpath(root)
     try:
         st = os.stat(root)
@@ -135,6 +142,8 @@ def walk_entries(root: Path, follow_symlinks: bool = False) -> _Walk:
             if not is_link:
                 if stat.S_ISREG(mode):
                     w.files.append(rel)
+                    est = e.stat(follow_symlinks=False)
+                    w.stats[rel] = (est.st_size, est.st_mtime_ns)
                 else:
                     w.special.append((rel, _special_kind(mode)))
                 continue
@@ -168,6 +177,7 @@ def walk_entries(root: Path, follow_symlinks: bool = False) -> _Walk:
                 w.skipped_links.append((rel, "symlink leaving DIR, not opened (use --follow-symlinks)"))
             elif stat.S_ISREG(tst.st_mode):
                 w.files.append(rel)
+                w.stats[rel] = (tst.st_size, tst.st_mtime_ns)
             else:
                 w.special.append((rel, f"symlink to a {_special_kind(tst.st_mode)}"))
     return w
@@ -224,4 +234,5 @@ def discover(root: Path, threads: int = 8, follow_symlinks: bool = False) -> Dis
         skipped_links=tuple(sorted((safe_name(r), m) for r, m in w.skipped_links)),
         special=tuple(sorted((safe_name(r), m) for r, m in w.special)),
         bad_names=tuple(bad_names),
+        stats={r: w.stats[r] for r in dicom if r in w.stats},
     )

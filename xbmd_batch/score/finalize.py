@@ -54,7 +54,9 @@ def read_parts(out_dir: Path) -> pl.DataFrame | None:
     parts = list_parts(out_dir)
     if not parts:
         return None
-    return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
+    return pl.concat(
+        [pl.read_parquet(p) for p in parts], how="diagonal_relaxed"
+    )  # older parts: fewer columns
 
 
 def finalize(
@@ -66,20 +68,32 @@ def finalize(
     model_sha256: str,
     run_id: str,
 ) -> dict[str, int]:
-    """Write the two final tables. ``plan_keys``: relative_path, sop_instance_uid (output form) in plan order.
+    """Write the two final tables. ``plan_keys``: relative_path, sop_instance_uid (output form) in plan order,
+    optionally file_size / file_mtime_ns (the files now): a row recorded for other bytes is not used.
+    The latest row of a key wins (a retried transient failure or a re-scored changed file supersedes).
 
     Returns counts: scored, failed_in_scoring, not_processed, duplicate_rows_dropped.
     """
     ref = get_reference(reference)
-    order = plan_keys.select("relative_path", "sop_instance_uid").with_row_index("_order")
+    stat_cols = [c for c in ("file_size", "file_mtime_ns") if c in plan_keys.columns]
+    order = plan_keys.select("relative_path", "sop_instance_uid", *stat_cols).with_row_index("_order")
+    order = order.rename({c: f"_now_{c}" for c in stat_cols})
     parts = read_parts(out_dir)
     if parts is None:
         parts = pl.DataFrame(
             schema={"status": pl.String, "relative_path": pl.String, "sop_instance_uid": pl.String}
         )
     n_before = parts.height
-    parts = parts.join(order, on=["relative_path", "sop_instance_uid"], how="inner")
-    parts = parts.unique(subset=["relative_path", "sop_instance_uid"], keep="first", maintain_order=True)
+    parts = parts.join(order, on=["relative_path", "sop_instance_uid"], how="inner", maintain_order="left")
+    if stat_cols and all(c in parts.columns for c in stat_cols):
+        same = pl.lit(True)
+        for c in stat_cols:
+            same = same & (
+                pl.col(c).is_null() | pl.col(f"_now_{c}").is_null() | (pl.col(c) == pl.col(f"_now_{c}"))
+            )
+        parts = parts.filter(same)  # a row about bytes that are no longer on disk
+    parts = parts.drop([f"_now_{c}" for c in stat_cols])
+    parts = parts.unique(subset=["relative_path", "sop_instance_uid"], keep="last", maintain_order=True)
     dropped = n_before - parts.height  # rows of files no longer planned, or (never expected) repeats
     parts = parts.sort("_order")
 

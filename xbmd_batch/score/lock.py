@@ -38,6 +38,8 @@ class OutLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
+                raise  # `score` turns these into an OutputError naming the folder and its free space
             raise InputError(f"{self.path.parent}: cannot create the run lock ({e.strerror or e})") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -24,22 +24,17 @@ from xbmd_batch.clinical import REFERENCES, WHO_CLASSES
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.errors import InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
-from xbmd_batch.score import manifest
+from xbmd_batch.score import manifest, resume, runstate
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.decode import DecodePool
 from xbmd_batch.score.discover import discover
 from xbmd_batch.score.finalize import finalize
 from xbmd_batch.score.headers import read_headers
 from xbmd_batch.score.join import KeySpec, join_metadata
+from xbmd_batch.score.lock import OutLock
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.reconcile import Plan, build_plan
-from xbmd_batch.score.writer import (
-    ChunkBuffer,
-    PartWriter,
-    done_keys,
-    load_or_create_state,
-    prepare_out_dir,
-)
+from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 
 # Exit codes (docs/outputs.md; the CLI's help repeats them).
 EXIT_OK = 0
@@ -194,10 +189,45 @@ def score_cohort(
     Raises InputError / ModelFileError for bad inputs (before anything is scored); per-file problems never
     raise, they become failure rows.
     """
-    from xbmd_batch.fsutil import sha256_file
-
     o = options or ScoreOptions()
     _check_options(o)
+    try:
+        with _sigterm_as_interrupt(), contextlib.ExitStack() as out_stack:
+            return _score(dicom_dir, meta_path, model_path, out_dir, o, out_stack)
+    except OSError as e:
+        err = runstate.as_output_error(e, Path(out_dir))
+        if err is None:
+            raise
+        raise err from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (what Slurm/PBS send at the time limit) ends the run like Ctrl-C: the current rows are saved
+    as a part, decode workers stop, and the CLI exits 143 saying how to resume."""
+    import threading
+
+    from xbmd_batch.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _score(
+    dicom_dir: Path, meta_path: Path, model_path: Path, out_dir: Path, o: ScoreOptions, out_stack: Any
+) -> ScoreResult:
+    from xbmd_batch.fsutil import sha256_file
+
     dicom_dir, meta_path, model_path, out_dir = (
         Path(dicom_dir),
         Path(meta_path),
@@ -218,21 +248,19 @@ def score_cohort(
         return now
 
     t = time.perf_counter()
+    # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
     card = read_card(model_path)
     pseudo = Pseudonymizer.from_keyfile(o.pseudonymize)
-    prepare_out_dir(out_dir, dicom_dir, meta_path)
+    runstate.check_out_dir(out_dir, dicom_dir, meta_path)
     model_sha = sha256_file(model_path)
     key_spec = KeySpec(o.key_column, o.path_column)
-    state, resumed = load_or_create_state(
-        out_dir,
-        {
-            "model_sha256": model_sha,
-            "meta_sha256": sha256_file(meta_path),
-            "pseudonym_key_fingerprint": pseudo.fingerprint,
-            "key_spec": dataclasses.asdict(key_spec),
-        },
-    )
-    run_id = state["run_id"]
+    expect = {
+        "model_sha256": model_sha,
+        "meta_sha256": sha256_file(meta_path),
+        "pseudonym_key_fingerprint": pseudo.fingerprint,
+        "key_spec": dataclasses.asdict(key_spec),
+        "dicom_dir": str(dicom_dir.resolve()),
+    }
     t = lap("setup", t)
 
     # 1-2. discover and read headers
@@ -270,6 +298,21 @@ def score_cohort(
         allow=tuple(o.allow_missing),
         source=meta_path.name,
     )
+
+    # --out: created and locked only now; an existing run's pins are checked, but a new run is pinned only
+    # once the runner has opened the model (below)
+    runstate.make_out_dir(out_dir)
+    lock = out_stack.enter_context(OutLock(out_dir))
+    if lock.stale:
+        console.print(
+            f"[yellow]note: the previous run on this folder (PID {lock.stale.get('pid')} on "
+            f"{lock.stale.get('host')}) ended without releasing its lock (killed?); resuming it[/]"
+        )
+    state = runstate.read_state(out_dir)
+    if state is not None:
+        runstate.check_pins(out_dir, state, expect)
+    resumed = state is not None
+    run_id = state["run_id"] if state is not None else runstate.new_run_id()
     key_col = joined.meta_key_column
     meta_keys = (
         [None if v is None else str(v).strip() for v in meta_df.get_column(key_col).cast(pl.String).to_list()]
@@ -320,13 +363,13 @@ def score_cohort(
         "format": "xbmd-batch-run",
         "run_id": run_id,
         "resumed": resumed,
-        "sessions": len(state.get("sessions", [])),
-        "created": state.get("created"),
+        "sessions": len((state or {}).get("sessions", [])) + 1,
+        "created": (state or {}).get("created") or now_iso(),
         "finished": None,
         "inputs": {
             "dicom_dir": str(dicom_dir.resolve()),
             "meta": str(meta_path.resolve()),
-            "meta_sha256": state["meta_sha256"],
+            "meta_sha256": expect["meta_sha256"],
         },  # fmt: skip
         "model": {
             "path": str(model_path.resolve()),
@@ -365,11 +408,32 @@ def score_cohort(
         )
         return ScoreResult(EXIT_STRICT, out_dir, {**plan.counts, "scored": 0}, resumed=resumed, run_id=run_id)
 
-    # 5. what is left to do (resume skips rows already in parts)
-    done = done_keys(out_dir)
+    # 5. what is left to do: resume skips rows already in parts, except transient failures (worker crash,
+    # OOM, I/O error) and rows of files changed in place since; unreadable parts are moved aside and redone
+    checked = resume.check_parts(out_dir)
+    for name, why in checked.moved:
+        console.print(
+            f"[yellow]part {name} unreadable ({why}): moved to {resume.CORRUPT_DIR}/, rows redone[/]"
+        )
+    latest = resume.latest_rows(out_dir)
     rel_o, sop_o = ids["relative_path"], ids["sop_instance_uid"]
-    todo = np.array([i for i in range(plan.items.height) if (rel_o[i], sop_o[i]) not in done], dtype=np.int64)
+    stats = [disc.stat_of(r) for r in plan.items.get_column("relative_path").to_list()]
+    f_size = np.array([-1 if st[0] is None else st[0] for st in stats], dtype=np.int64)
+    f_mtime = np.array([-1 if st[1] is None else st[1] for st in stats], dtype=np.int64)
+    todo_l: list[int] = []
+    n_retried = 0
+    for i in range(plan.items.height):
+        row = latest.get((rel_o[i], sop_o[i]))
+        if not resume.is_done(row, int(f_size[i]), int(f_mtime[i])):
+            todo_l.append(i)
+            n_retried += row is not None
+    todo = np.array(todo_l, dtype=np.int64)
     n_skipped = plan.items.height - len(todo)
+    if n_retried:
+        console.print(f"resume: {n_retried} row(s) redone (transient failures, or files changed since)")
+    plan_keys = plan_keys.with_columns(
+        pl.Series("file_size", f_size, pl.Int64), pl.Series("file_mtime_ns", f_mtime, pl.Int64)
+    ).with_columns(pl.when(pl.col(c) >= 0).then(pl.col(c)).alias(c) for c in ("file_size", "file_mtime_ns"))
     t = lap("reconcile", t)
 
     # 6-7. runner, decode pool, batches, parts
@@ -404,6 +468,7 @@ def score_cohort(
         base_manifest["runner"] = prov
         base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
         has_attn = bool(getattr(runner, "has_attention", card.has_attention))
+        state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/key/DIR
         console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
         t = lap("model_load", t)
 
@@ -417,6 +482,7 @@ def score_cohort(
             schema.names,
             backend,
             precision,
+            file_stats=(f_size, f_mtime),
         )
         writer = PartWriter(out_dir)
         hook = (os.environ.get(KILL_AFTER_PARTS_ENV, "") or "0").split(":")
@@ -521,6 +587,8 @@ def score_cohort(
         "failures_total": n_fail,
         "not_processed": fin["not_processed"],
         "skipped_resume": n_skipped,
+        "redone_resume": n_retried,
+        "corrupt_parts_moved": len(checked.moved),
         "scored_this_session": session["scored"],
         "failed_this_session": session["failed"],
         "parts_written_this_session": session["parts"],

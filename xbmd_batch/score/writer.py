@@ -143,6 +143,8 @@ def part_schema(field_names: tuple[str, ...]) -> pa.Schema:
         ("message", pa.string()),
         ("backend", pa.string()),
         ("precision", pa.string()),
+        ("file_size", pa.int64()),  # of the file when it was scored: resume redoes a file changed in place
+        ("file_mtime_ns", pa.int64()),
     ]
     return pa.schema(cols)
 
@@ -161,8 +163,10 @@ class ChunkBuffer:
         field_names: tuple[str, ...],
         backend: str,
         precision: str,
+        file_stats: tuple[np.ndarray, np.ndarray] | None = None,  # (size, mtime_ns) per plan row, -1 unknown
     ) -> None:
         self.ids, self.meta_row, self.img_index, self.n_images = ids, meta_row, img_index, n_images
+        self.file_stats = file_stats
         self.missing, self.derived, self.fields = missing, derived, field_names
         self.backend, self.precision = backend, precision
         self.schema = part_schema(field_names)
@@ -189,6 +193,12 @@ class ChunkBuffer:
             d[f"derived_{f}"] = self.derived[rows, j]
         d["backend"] = [self.backend] * k
         d["precision"] = [self.precision] * k
+        if self.file_stats is None:
+            d["file_size"] = d["file_mtime_ns"] = None
+        else:
+            size, mtime = (np.asarray(a, dtype=np.int64)[idx] for a in self.file_stats)
+            d["file_size"] = pa.array(size, mask=size < 0)
+            d["file_mtime_ns"] = pa.array(mtime, mask=mtime < 0)
         return d
 
     def add_scored(self, idx: np.ndarray, bmd: np.ndarray, attn: np.ndarray | None) -> None:
@@ -215,7 +225,10 @@ class ChunkBuffer:
         arrays = []
         for f in self.schema:
             v = d[f.name]
-            arrays.append(pa.nulls(k, f.type) if v is None else pa.array(v, type=f.type))
+            if v is None:
+                arrays.append(pa.nulls(k, f.type))
+            else:
+                arrays.append(v.cast(f.type) if isinstance(v, pa.Array) else pa.array(v, type=f.type))
         self._tables.append(pa.Table.from_arrays(arrays, schema=self.schema))
         self.n_rows += k
 
