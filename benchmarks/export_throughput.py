@@ -126,7 +126,9 @@ def time_runners(
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from export.onnx_export import export_onnx
-    from xbmd_batch.runners import OrtRunner, TorchRunner, make_reference_feeds
+    from xbmd_batch.infer.ort_runner import OrtRunner
+    from xbmd_batch.infer.torch_runner import TorchRunner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     tmp = None
     work = args.work_dir

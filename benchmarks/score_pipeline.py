@@ -171,13 +171,14 @@ def _score_subprocess(cohort: Path, model: Path, out: Path, extra: list[str]) ->
 def throughput(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, Any]:
     from xbmd_batch.bench import BenchOptions, bench_decode, bench_end_to_end, bench_headers, bench_model
     from xbmd_batch.dicom_io import read_image
-    from xbmd_batch.runners import load_card
+    from xbmd_batch.infer.model_file import open_model
 
     work = args.work
     unc = _cohort(work / f"unc_{args.n}_{args.size}", args.n, args.size, 0.0, seed=11)
     j2k = _cohort(work / f"j2k_{args.n}_{args.size}", args.n, args.size, 1.0, seed=11)
-    model = models["full"]
-    card = load_card(model)
+    model_path = models["full"]
+    model = open_model(model_path)
+    card = model.card
     o = BenchOptions(backends=("onnxruntime",), batch_size=args.batch_size, workers=args.workers,
                      model_iters=args.model_iters)  # fmt: skip
     res: dict[str, Any] = {"cohorts": {"uncompressed": str(unc), "j2k_lossless": str(j2k)}}
@@ -196,8 +197,8 @@ def throughput(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, A
     m1 = bench_model(model, "onnxruntime", o, images, len(card.schema.fields))
     for stale in ("out_unc", "out_j2k"):  # a previous benchmark's run folder would be resumed, not re-timed
         shutil.rmtree(work / stale, ignore_errors=True)
-    e_u = bench_end_to_end(unc / "dicom", unc / "meta.csv", model, work / "out_unc", "onnxruntime", o)
-    e_j = bench_end_to_end(j2k / "dicom", j2k / "meta.csv", model, work / "out_j2k", "onnxruntime", o)
+    e_u = bench_end_to_end(unc / "dicom", unc / "meta.csv", model_path, work / "out_unc", "onnxruntime", o)
+    e_j = bench_end_to_end(j2k / "dicom", j2k / "meta.csv", model_path, work / "out_j2k", "onnxruntime", o)
     m2 = bench_model(model, "onnxruntime", o, images, len(card.schema.fields))
     model_only = (m1["items_per_s"] + m2["items_per_s"]) / 2
     res.update(
@@ -227,12 +228,14 @@ def j2k_parity(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from xbmd_batch.dicom_io import read_image
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.infer.select import open_runner
     from xbmd_batch.preprocess import load_and_preprocess, preprocess_image
-    from xbmd_batch.runners import load_card, open_runner
 
     j2k = _cohort(args.work / f"j2k_{args.n}_{args.size}", args.n, args.size, 1.0, seed=11)
     files = sorted(p for p in (j2k / "dicom").rglob("*") if p.is_file())[: args.parity_n]
-    card = load_card(args.parity_model)
+    model = open_model(args.parity_model)
+    card = model.card
     cfg = card.preprocess
     red, full, levels = [], [], []
     for p in files:
@@ -243,7 +246,7 @@ def j2k_parity(args: argparse.Namespace) -> dict[str, Any]:
         full.append(preprocess_image(img, cfg))
     f = len(card.schema.fields)
     z = np.zeros((len(files), f), np.float32)
-    with open_runner(args.parity_model, batch_size=len(files)) as r:
+    with open_runner(model, batch_size=len(files)) as r:
         br = r.infer({"image": np.stack(red), "meta": z, "meta_mask": z})["bmd"].astype(np.float64)
         bf = r.infer({"image": np.stack(full), "meta": z, "meta_mask": z})["bmd"].astype(np.float64)
     d = np.abs(br - bf)

@@ -1,4 +1,4 @@
-"""``python -m export``: a thin argparse adapter over export.onnx_export and xbmd_batch.trt_engine.
+"""``python -m export``: a thin argparse adapter over export.onnx_export and xbmd_batch.infer.tensorrt.
 
 Exit codes: 0 ok; 1 a check failed (parity, checker, TensorRT build); 2 bad input (file, option);
 3 a needed package or device is missing (tensorrt / CUDA).
@@ -120,17 +120,18 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_tensorrt(args: argparse.Namespace) -> int:
-    from xbmd_batch import trt_engine
+    from functools import partial
 
-    feeds = None
-    if args.parity_cohort is not None:
-        from xbmd_batch.onnx_card import read_onnx_card
-        from xbmd_batch.runners import make_reference_feeds
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.infer.tensorrt.builder import get_or_build_engine
+    from xbmd_batch.infer.tensorrt.engine_cache import describe
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
-        card = read_onnx_card(args.onnx)
-        feeds = make_reference_feeds(card, n=args.max_batch or args.opt_batch, cohort_dir=args.parity_cohort)
-    rec = trt_engine.get_or_build_engine(
-        args.onnx,
+    model = open_model(args.onnx)
+    # parity inputs are rendered only if an engine is really built (a cache hit needs none)
+    feeds = partial(make_reference_feeds, cohort_dir=args.parity_cohort)
+    rec = get_or_build_engine(
+        model,
         precision=args.precision,
         opt_batch=args.opt_batch,
         max_batch=args.max_batch,
@@ -143,13 +144,13 @@ def _cmd_tensorrt(args: argparse.Namespace) -> int:
         device_id=args.device_id,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(json.dumps({"built": rec.built, **trt_engine.describe(rec)}, indent=2))
+    print(json.dumps({"built": rec.built, **describe(rec)}, indent=2))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from xbmd_batch.trt_engine import TensorRTUnavailableError
+    from xbmd_batch.errors import TensorRTUnavailableError
 
     try:
         return _cmd_onnx(args) if args.command == "onnx" else _cmd_tensorrt(args)

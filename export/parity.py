@@ -2,8 +2,9 @@
 
 The reference is the torch model on CPU in fp32 (``TorchRunner``); the candidate is onnxruntime on CPU running
 the exported file (``OrtRunner``), both through the same runner protocol that ``score`` uses, on real
-preprocessed synthetic inputs (``runners.make_reference_feeds``) at several batch sizes, so a baked batch size
-or a wrong dynamic axis shows up as a failure rather than as a silent broadcast.
+preprocessed synthetic inputs (``xbmd_batch.parity_feeds``) at several batch sizes, compared with the one
+comparison helper (``xbmd_batch.infer.compare``), so a baked batch size or a wrong dynamic axis shows up as a
+failure rather than as a silent broadcast.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def reference_feeds(
     card: ModelCard, n: int, cohort_dir: str | os.PathLike[str] | None = None
 ) -> tuple[dict[str, np.ndarray], str]:
     """(feeds with n rows, a description of where they came from)."""
-    from xbmd_batch.runners import make_reference_feeds
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     feeds = make_reference_feeds(card, n=n, cohort_dir=cohort_dir)
     where = (
@@ -84,23 +85,21 @@ def check_onnx_parity(
     raise_on_fail: bool = True,
 ) -> ParityReport:
     """onnxruntime-CPU on ``onnx_path`` vs torch-CPU fp32 on ``model``; ParityError if BMD drifts too far."""
-    from xbmd_batch.runners import OrtRunner, TorchRunner, compare_runners
+    from xbmd_batch.infer.compare import compare_runners
+    from xbmd_batch.infer.ort_runner import OrtRunner
+    from xbmd_batch.infer.torch_runner import TorchRunner
 
-    n = min(len(v) for v in feeds.values())
-    if max(batch_sizes) > n:
-        raise ValueError(f"parity feeds have {n} rows, batch sizes need {max(batch_sizes)}")
     with TorchRunner(model, card, device="cpu") as ref, OrtRunner(Path(onnx_path), provider="cpu") as cand:
-        batches = compare_runners(ref, cand, feeds, batch_sizes)
-        names = (ref.name, cand.name)
+        cmp = compare_runners(ref, cand, feeds, batch_sizes)
     bmd, attn = card.output_names
     report = ParityReport(
-        reference=names[0],
-        candidate=names[1],
+        reference=cmp.reference,
+        candidate=cmp.candidate,
         tolerance=tolerance,
-        batches=batches,
+        batches=cmp.batches,
         inputs=inputs_desc,
-        max_abs_bmd=max(v[f"max_abs_{bmd}"] for v in batches.values()),
-        max_abs_field_attention=max(v[f"max_abs_{attn}"] for v in batches.values()),
+        max_abs_bmd=cmp.worst(bmd),
+        max_abs_field_attention=cmp.worst(attn),
     )
     report.passed = bool(np.isfinite(report.max_abs_bmd) and report.max_abs_bmd <= tolerance)
     if raise_on_fail and not report.passed:

@@ -23,7 +23,7 @@ from xbmd_batch.config import DEFAULT_SCHEMA, INPUT_NAMES, OUTPUT_NAMES, ModelCo
 from xbmd_batch.errors import ModelFileError
 from xbmd_batch.model import ExportWrapper, build_model
 from xbmd_batch.onnx_card import CARD_KEY, check_io_against_card, embed_card, read_onnx_card
-from xbmd_batch.runners import make_reference_feeds
+from xbmd_batch.parity_feeds import make_reference_feeds
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime (CPU) is needed for export parity")
 
@@ -203,7 +203,7 @@ def test_onnx_without_card_is_refused(tmp_path: Path, xattn_export) -> None:
     onnx.save(proto, str(bare))
     with pytest.raises(ModelFileError, match="no xbmd-batch model card"):
         read_onnx_card(bare)
-    from xbmd_batch.runners import open_runner
+    from xbmd_batch.infer.select import open_runner
 
     with pytest.raises(ModelFileError, match="bare.onnx"):
         open_runner(bare)
@@ -238,7 +238,7 @@ def test_mismatched_io_is_refused(tmp_path: Path, xattn_export) -> None:
         check_io_against_card(renamed, res.card, source="renamed.onnx")
     path = tmp_path / "renamed.onnx"
     onnx.save(renamed, str(path))
-    from xbmd_batch.runners import open_runner
+    from xbmd_batch.infer.select import open_runner
 
     with pytest.raises(ModelFileError, match="renamed.onnx"):
         open_runner(path, backend="onnxruntime")

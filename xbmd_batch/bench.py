@@ -14,13 +14,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
 from xbmd_batch.score.manifest import is_synthetic
+
+if TYPE_CHECKING:
+    from xbmd_batch.infer.model_file import ModelFile
 
 __all__ = ["BENCH_SCHEMA", "BenchOptions", "bench_table", "is_synthetic", "run_bench"]
 
@@ -111,8 +114,9 @@ def bench_decode(
     return rows, np.stack(images) if images else np.zeros((0,))
 
 
-def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndarray, n_fields: int) -> dict:
-    from xbmd_batch.runners import open_runner
+def bench_model(model: ModelFile, backend: str, o: BenchOptions, images: np.ndarray, n_fields: int) -> dict:
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     b = o.batch_size
     reps = int(np.ceil(b / max(1, len(images))))
@@ -122,7 +126,7 @@ def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndar
         "meta": np.zeros((b, n_fields), np.float32),
         "meta_mask": np.ones((b, n_fields), np.float32),
     }
-    with open_runner(model_path, backend=backend, device=o.device, precision=o.precision, batch_size=b) as r:
+    with open_runner(model, backend, o.device, o.precision, b, parity_feeds=make_reference_feeds) as r:
         for _ in range(3):
             r.infer(feeds)  # warm-up (and, for TensorRT/CUDA, synchronised by returning host arrays)
         t0 = time.perf_counter()
@@ -132,7 +136,7 @@ def bench_model(model_path: Path, backend: str, o: BenchOptions, images: np.ndar
         n = b * o.model_iters
         return _row(
             stage="model_only", backend=r.backend, precision=r.precision, batch_size=b, n=n, seconds=dt,
-            items_per_s=n / dt, note=getattr(r, "reason", None),
+            items_per_s=n / dt, note=r.reason,
         )  # fmt: skip
 
 
@@ -163,13 +167,11 @@ def bench_end_to_end(
     )  # fmt: skip
 
 
-def model_for_backend(models: list[Path], backend: str) -> Path:
+def model_for_backend(models: list[ModelFile], backend: str) -> ModelFile:
     """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given."""
-    from xbmd_batch.runners import detect_model_kind
-
     want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
     for m in models:
-        if want is None or detect_model_kind(m) == want:
+        if want is None or m.kind == want:
             return m
     from xbmd_batch.errors import InputError
 
@@ -182,14 +184,14 @@ def run_bench(
     """Measure every stage; write OUT/bench.parquet and OUT/bench.json; return the table.
 
     ``model_path`` may list the same model as checkpoint and ONNX, so torch and onnxruntime compare."""
-    from xbmd_batch.runners import load_card
+    from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.score.manifest import machine_info, versions
 
     o = o or BenchOptions()
-    models = [Path(m) for m in (model_path if isinstance(model_path, list) else [model_path])]
+    models = [open_model(m) for m in (model_path if isinstance(model_path, list) else [model_path])]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = load_card(models[0])
+    card = models[0].card
     rows: list[dict[str, Any]] = []
     hrow, headers = bench_headers(dicom_dir)
     rows.append(hrow)
@@ -200,20 +202,18 @@ def run_bench(
         m = bench_model(mp, backend, o, images, len(card.schema.fields))
         rows.append(m)
         if o.end_to_end:
-            e = bench_end_to_end(dicom_dir, meta, mp, out_dir / f"e2e_{m['backend']}", backend, o)
+            e = bench_end_to_end(dicom_dir, meta, mp.path, out_dir / f"e2e_{m['backend']}", backend, o)
             e["ratio_to_model_only"] = (
                 (e["items_per_s"] or 0.0) / m["items_per_s"] if m["items_per_s"] else None
             )
             rows.append(e)
     df = pl.DataFrame(rows, schema=BENCH_SCHEMA)
     synthetic = is_synthetic(dicom_dir)
-    from xbmd_batch.checkpoint import sha256_file
-
     info = {
         "synthetic_cohort": synthetic,
         "machine": machine_info(),
         "versions": versions(),
-        "models": [{"path": str(m), "sha256": sha256_file(m)} for m in models],
+        "models": [{"path": str(m.path), "sha256": m.sha256} for m in models],
         "image_size": card.preprocess.image_size,
         "options": {**o.__dict__, "plot": str(o.plot) if o.plot else None, "backends": list(o.backends)},
         "rows": df.to_dicts(),

@@ -111,11 +111,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
     """Rebuild the exact model from a checkpoint: (model in eval mode on CPU, its ModelCard)."""
-    from xbmd_batch.model import build_model
-
     ckpt = load_checkpoint(path)
     try:
         card = card_from_checkpoint(ckpt, sha256_file(path))
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: checkpoint has an invalid model config: {e}") from e
+    return model_from_checkpoint(ckpt, card, path), card
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], card: ModelCard, path: str | os.PathLike[str]) -> nn.Module:
+    """The model (eval mode, CPU) of an already loaded checkpoint dict whose card is ``card``."""
+    from xbmd_batch.model import build_model
+
+    try:
         model = build_model(card.model_config)
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path}: checkpoint has an invalid model config: {e}") from e
@@ -123,4 +131,4 @@ def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
         raise ModelFileError(f"{path}: weights do not match the model config: {e}") from e
-    return model.eval(), card
+    return model.eval()

@@ -19,6 +19,14 @@ class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
 
 
+class StaleEngineError(ModelFileError):
+    """A TensorRT engine built for another GPU / TensorRT / ONNX file / precision / profile, or corrupt."""
+
+
+class TensorRTUnavailableError(XbmdError):
+    """tensorrt (or CUDA) is not installed / visible on this machine."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM during `score` (a batch scheduler's time limit): handled like Ctrl-C, exit 128 + signal."""
 

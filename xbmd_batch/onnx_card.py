@@ -77,9 +77,13 @@ def load_onnx_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 def read_onnx_card(path: str | os.PathLike[str]) -> ModelCard:
     """The ModelCard embedded in an exported ONNX file (ModelFileError when absent or invalid)."""
+    return card_from_proto(load_onnx_proto(path), path)
+
+
+def card_from_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> ModelCard:
+    """The ModelCard embedded in an already parsed ONNX proto read from ``path`` (named in errors)."""
     from xbmd_batch.modelcard import ModelCard
 
-    proto = load_onnx_proto(path)
     try:
         d = card_dict_from_proto(proto)
     except json.JSONDecodeError as e:

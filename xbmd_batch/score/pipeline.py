@@ -114,13 +114,6 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError("--key-column and --path-column must name different META columns")
 
 
-def read_card(model_path: Path) -> Any:
-    """The model card, read without building the model (reconciliation needs only schema + preprocessing)."""
-    from xbmd_batch.runners import load_card
-
-    return load_card(model_path)
-
-
 def _plain_issue(x: Any) -> dict[str, Any]:
     """A metadata validation issue as a JSON object (the metadata module's own record, made plain)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -227,6 +220,7 @@ def _score(
     dicom_dir: Path, meta_path: Path, model_path: Path, out_dir: Path, o: ScoreOptions, out_stack: Any
 ) -> ScoreResult:
     from xbmd_batch.fsutil import sha256_file
+    from xbmd_batch.infer.model_file import open_model
 
     dicom_dir, meta_path, model_path, out_dir = (
         Path(dicom_dir),
@@ -249,10 +243,11 @@ def _score(
 
     t = time.perf_counter()
     # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
-    card = read_card(model_path)
+    model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
+    card = model.card
     pseudo = Pseudonymizer.from_keyfile(o.pseudonymize)
     runstate.check_out_dir(out_dir, dicom_dir, meta_path)
-    model_sha = sha256_file(model_path)
+    model_sha = model.sha256
     key_spec = KeySpec(o.key_column, o.path_column)
     expect = {
         "model_sha256": model_sha,
@@ -437,7 +432,8 @@ def _score(
     t = lap("reconcile", t)
 
     # 6-7. runner, decode pool, batches, parts
-    from xbmd_batch.runners import open_runner
+    from xbmd_batch.infer.select import open_runner
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     workers = default_workers() if o.workers is None else o.workers
     values = np.asarray(enc.values, dtype=np.float32)
@@ -455,19 +451,14 @@ def _score(
         )
         pool.start(todo)
         runner = stack.enter_context(
-            open_runner(model_path, backend=o.backend, device=o.device, precision=o.precision,
-                        batch_size=o.batch_size)
+            open_runner(model, backend=o.backend, device=o.device, precision=o.precision,
+                        batch_size=o.batch_size, parity_feeds=make_reference_feeds)
         )  # fmt: skip
-        backend = str(getattr(runner, "backend", o.backend))
-        precision = str(getattr(runner, "precision", o.precision))
-        reason = str(
-            getattr(runner, "reason", None) or getattr(runner, "backend_reason", None)
-            or getattr(runner, "choice_reason", None) or ""
-        )  # fmt: skip
-        prov = runner.provenance() if hasattr(runner, "provenance") else {}
+        backend, precision, reason = runner.backend, runner.precision, runner.reason
+        prov = runner.provenance()
         base_manifest["runner"] = prov
         base_manifest["model"]["engine_sha256"] = prov.get("engine_sha256")
-        has_attn = bool(getattr(runner, "has_attention", card.has_attention))
+        has_attn = runner.has_attention
         state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/key/DIR
         console.print(f"backend: [bold]{backend}[/] ({precision}){' - ' + reason if reason else ''}")
         t = lap("model_load", t)

@@ -1,4 +1,5 @@
-"""Runners: torch and onnxruntime agree through the one protocol; partial batches; open_runner's choice."""
+"""xbmd_batch.infer: torch and onnxruntime agree through the one protocol (base, torch_runner, ort_runner,
+compare); partial batches; open_runner's choice (select)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,15 @@ from export.onnx_export import torch_to_onnx
 from xbmd_batch.checkpoint import load_model, save_checkpoint
 from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
 from xbmd_batch.errors import InputError, ModelFileError
+from xbmd_batch.infer.base import Runner, validate_feeds
+from xbmd_batch.infer.compare import compare_runners
+from xbmd_batch.infer.model_file import open_model
+from xbmd_batch.infer.ort_runner import OrtRunner
+from xbmd_batch.infer.select import open_runner
+from xbmd_batch.infer.torch_runner import TorchRunner
 from xbmd_batch.model import build_model
 from xbmd_batch.onnx_card import embed_card
-from xbmd_batch.runners import (
-    OrtRunner,
-    Runner,
-    TorchRunner,
-    compare_runners,
-    detect_model_kind,
-    make_reference_feeds,
-    open_runner,
-    validate_feeds,
-)
+from xbmd_batch.parity_feeds import make_reference_feeds
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (CPU) is needed for the ONNX runner")
 
@@ -53,14 +51,6 @@ def feeds(model_files) -> dict[str, np.ndarray]:
     return make_reference_feeds(card, n=32)
 
 
-def test_reference_feeds_are_real_inputs(feeds) -> None:
-    assert feeds["image"].shape == (32, 1, SIZE, SIZE) and feeds["image"].dtype == np.float32
-    assert feeds["meta"].shape == feeds["meta_mask"].shape == (32, len(DEFAULT_SCHEMA.fields))
-    assert np.isfinite(feeds["image"]).all() and feeds["image"].std() > 0.1
-    assert set(np.unique(feeds["meta_mask"])) <= {0.0, 1.0}
-    assert not np.array_equal(feeds["image"][0], feeds["image"][1])  # distinct subjects, not one image
-
-
 def test_torch_and_ort_agree_at_full_and_partial_batches(model_files, feeds) -> None:
     ckpt, onnx_path = model_files
     with TorchRunner(ckpt) as t, OrtRunner(onnx_path) as o:
@@ -69,7 +59,8 @@ def test_torch_and_ort_agree_at_full_and_partial_batches(model_files, feeds) -> 
         assert (o.backend, o.device, o.precision) == ("onnxruntime", "cpu", "fp32")
         assert t.has_attention and o.has_attention and t.card == o.card
         res = compare_runners(t, o, feeds, (1, 7, 32))
-        for b, d in res.items():
+        assert (res.reference, res.candidate) == ("torch-cpu-fp32", "onnxruntime-cpu-fp32")
+        for b, d in res.batches.items():
             assert d["max_abs_bmd"] <= 1e-4, (b, d)
             assert d["max_abs_field_attention"] <= 1e-4, (b, d)
         out = o.infer({k: v[:7] for k, v in feeds.items()})
@@ -134,7 +125,7 @@ def test_open_runner_refusals(tmp_path: Path, model_files) -> None:
     junk.write_text("definitely not protobuf")
     with pytest.raises(ModelFileError, match="model.onnx"):
         open_runner(junk)
-    assert detect_model_kind(ckpt) == "checkpoint" and detect_model_kind(onnx_path) == "onnx"
+    assert open_model(ckpt).kind == "checkpoint" and open_model(onnx_path).kind == "onnx"
 
 
 def test_ort_runner_refuses_missing_provider(model_files) -> None:
@@ -155,10 +146,10 @@ def test_cuda_runners_agree(model_files, feeds) -> None:
     ckpt, onnx_path = model_files
     with TorchRunner(ckpt) as ref, TorchRunner(ckpt, device="cuda", precision="fp16") as gpu:
         res = compare_runners(ref, gpu, feeds, (1, 7, 32))
-        assert max(d["max_abs_bmd"] for d in res.values()) <= 5e-3
+        assert res.worst("bmd") <= 5e-3
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         with TorchRunner(ckpt) as ref, OrtRunner(onnx_path, provider="cuda") as o:
             res = compare_runners(ref, o, feeds, (1, 7, 32))
-            assert max(d["max_abs_bmd"] for d in res.values()) <= 1e-3
+            assert res.worst("bmd") <= 1e-3

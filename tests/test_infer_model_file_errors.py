@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from xbmd_batch.errors import ModelFileError
-from xbmd_batch.runners import load_card
+from xbmd_batch.infer.model_file import open_model
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.1])
@@ -19,7 +19,7 @@ def test_truncated_checkpoint_is_a_checkpoint_error(
     bad = tmp_path / f"cut{suffix}"
     bad.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ModelFileError) as ei:
-        load_card(bad)
+        _ = open_model(bad).card
     msg = str(ei.value)
     assert "checkpoint" in msg and "ONNX" not in msg, msg
     assert "truncated" in msg
@@ -29,4 +29,4 @@ def test_text_named_pt_says_checkpoint(tmp_path: Path) -> None:
     p = tmp_path / "model.pt"
     p.write_text("not a model")
     with pytest.raises(ModelFileError, match="not a readable xbmd-batch checkpoint"):
-        load_card(p)
+        _ = open_model(p).card

@@ -1,5 +1,5 @@
-"""TensorRT engine cache: keys, profiles, hit/miss/refusal with fake sidecars (no TensorRT needed), and
-(GPU only) a real build + parity + runner. The fp16 graph conversion is tested in test_onnx_fp16.py."""
+"""xbmd_batch.infer.tensorrt: engine cache keys, profiles, hit/miss/refusal with fake sidecars (no TensorRT
+needed), and (GPU only) a real build + parity + runner. The fp16 graph conversion: test_onnx_fp16.py."""
 
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ import pytest
 from onnx import TensorProto, helper
 
 from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
-from xbmd_batch.errors import InputError
-from xbmd_batch.modelcard import ModelCard
-from xbmd_batch.trt_engine import (
-    DeviceInfo,
+from xbmd_batch.errors import InputError, StaleEngineError
+from xbmd_batch.infer.tensorrt.device import DeviceInfo
+from xbmd_batch.infer.tensorrt.engine_cache import (
     EngineCache,
     EngineSpec,
-    StaleEngineError,
     engine_cache_key,
     verify_engine_file,
 )
+from xbmd_batch.modelcard import ModelCard
 
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.13.0.35")
 SHA = "ab" * 32
@@ -182,9 +181,13 @@ def test_real_engine_build_parity_and_runner(tmp_path: Path) -> None:
         pytest.skip("no CUDA device")
     from export.onnx_export import export_onnx
     from xbmd_batch.checkpoint import save_checkpoint
+    from xbmd_batch.infer.compare import compare_runners
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.infer.ort_runner import OrtRunner
+    from xbmd_batch.infer.tensorrt.builder import get_or_build_engine
+    from xbmd_batch.infer.trt_runner import TensorRTRunner
     from xbmd_batch.model import build_model
-    from xbmd_batch.runners import OrtRunner, TensorRTRunner, compare_runners, make_reference_feeds
-    from xbmd_batch.trt_engine import get_or_build_engine
+    from xbmd_batch.parity_feeds import make_reference_feeds
 
     torch.manual_seed(0)
     card = _card()
@@ -193,22 +196,20 @@ def test_real_engine_build_parity_and_runner(tmp_path: Path) -> None:
     )
     onnx_path = export_onnx(ckpt, tmp_path / "m.onnx").path
     cache = tmp_path / "engines"
-    rec = get_or_build_engine(onnx_path, opt_batch=8, max_batch=16, cache_dir=cache)
+    with pytest.raises(InputError, match="no parity inputs"):
+        get_or_build_engine(onnx_path, opt_batch=8, max_batch=16, cache_dir=cache)
+    rec = get_or_build_engine(
+        onnx_path, opt_batch=8, max_batch=16, cache_dir=cache, parity_feeds=make_reference_feeds
+    )
     assert rec.built and rec.meta["parity"]["max_abs_bmd"] <= 5e-3
     assert any(p.name.startswith("timing-") for p in cache.iterdir())
     again = get_or_build_engine(onnx_path, opt_batch=8, max_batch=16, cache_dir=cache)
     assert not again.built and again.engine_path == rec.engine_path
-    feeds = make_reference_feeds(read_card(onnx_path), n=37)
+    feeds = make_reference_feeds(open_model(onnx_path).card, n=37)
     with (
         OrtRunner(onnx_path) as ref,
         TensorRTRunner(onnx_path, batch_size=8, max_batch=16, engine_cache_dir=cache) as t,
     ):
         res = compare_runners(ref, t, feeds, (1, 5, 16, 37))  # 37 > max batch: split into 16 + 16 + 5
-        assert max(d["max_abs_bmd"] for d in res.values()) <= 5e-3
+        assert res.worst("bmd") <= 5e-3
         assert t.engine_sha256 == rec.meta["engine_sha256"]
-
-
-def read_card(path: Path) -> ModelCard:
-    from xbmd_batch.onnx_card import read_onnx_card
-
-    return read_onnx_card(path)
