@@ -149,14 +149,8 @@ def test_verify_explicit_engine_for_other_gpu(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ fp16 graph
 
 
-def test_cli_without_tensorrt_exits_3(tmp_path: Path) -> None:
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("tensorrt is installed here")
-    except ImportError:
-        pass
-    from export.__main__ import main
+def _carded_onnx(tmp_path: Path) -> Path:
+    """A one-node ONNX file with the card embedded (enough for cache keys; TensorRT never parses it here)."""
     from xbmd_batch.onnx_card import embed_card
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
@@ -166,7 +160,42 @@ def test_cli_without_tensorrt_exits_3(tmp_path: Path) -> None:
     embed_card(m, _card())
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
+    return path
+
+
+def test_cli_without_tensorrt_exits_3(tmp_path: Path) -> None:
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    from export.__main__ import main
+
+    path = _carded_onnx(tmp_path)
     assert main(["tensorrt", str(path), "--cache-dir", str(tmp_path / "c")]) == 3
+
+
+def test_get_or_build_takes_parity_feeds_from_the_caller(tmp_path: Path, monkeypatch) -> None:
+    """A cache hit needs no parity inputs (a feeds callable is not even called); a miss without them is
+    refused instead of rendering a synthetic cohort inside the inference layer. No TensorRT needed: the
+    device is faked and nothing is built."""
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.infer.tensorrt.builder import get_or_build_engine
+
+    monkeypatch.setattr(DeviceInfo, "current", classmethod(lambda cls, device_id=0: H100))
+    model = open_model(_carded_onnx(tmp_path))
+    cache = tmp_path / "engines"
+    spec = EngineSpec.for_card(model.sha256, model.card, "fp16", opt_batch=8, max_batch=16)
+    stored = EngineCache(cache).store(spec, H100, b"engine bytes")
+
+    def never(card: ModelCard, n: int) -> dict:
+        raise AssertionError("parity feeds made on a cache hit")
+
+    hit = get_or_build_engine(model, opt_batch=8, max_batch=16, cache_dir=cache, parity_feeds=never)
+    assert not hit.built and hit.engine_path == stored.engine_path
+    with pytest.raises(InputError, match="no parity inputs"):
+        get_or_build_engine(model, opt_batch=4, max_batch=16, cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------------------ real GPU

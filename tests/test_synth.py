@@ -76,7 +76,7 @@ def test_layout_and_tables(cohort: Path) -> None:
         assert (cohort / rel).is_file()
     doc = json.loads((cohort / "cohort.json").read_text())
     assert doc["synthetic"] is True and doc["seed"] == CFG.seed
-    assert doc["parameters"]["covariates"]["latent_sd"] == CFG.covariates.latent_sd
+    assert doc["parameters"]["covariates"]["latent_sd"] == CFG.model.latent_sd
 
 
 def test_every_file_reads_back_with_intended_tags_and_pixels(cohort: Path) -> None:

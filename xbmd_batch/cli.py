@@ -196,6 +196,7 @@ def synth(
     scanners: int = typer.Option(4, help="Number of simulated scanners (sites)."),
     workers: int | None = typer.Option(None, help="Processes (default: one per core); output is identical."),
     preview: Path | None = typer.Option(None, metavar="PNG", help="Also write a contact sheet of 8 images."),
+    generator_version: int = typer.Option(2, help="Generator version (1 reproduces v1 cohorts exactly)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Generate a SYNTHETIC hip X-ray cohort (DICOM + metadata + truth) from a documented forward model.
@@ -214,8 +215,9 @@ def synth(
             rle_fraction=rle_fraction,
             mono1_fraction=mono1_fraction,
             missing_rate=missing_rate,
-            covariates=CovariateModel(age_range=(age_min, age_max)),
+            covariates=CovariateModel.for_version(generator_version, age_range=(age_min, age_max)),
             workers=workers,
+            generator_version=generator_version,
         )
         cfg.validate()
     except ValueError as e:

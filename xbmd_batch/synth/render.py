@@ -147,6 +147,74 @@ def make_scanners(n_scanners: int, seed: int) -> list[Scanner]:
     return out
 
 
+@dataclass(frozen=True)
+class Processing:
+    """Vendor-style image processing of one scanner (generator version 2; SYNTHETIC parameters).
+
+    Applied to the display image d on the working grid, then mapped back to d's range::
+
+        d1 = d - drc_strength * G_drc * d                   dynamic-range compression (flattens soft tissue)
+        d2 = d1 + usm_gain * (d1 - G_usm * d1)              unsharp masking (edge enhancement)
+        d' = min(d) + (d2 - min(d2)) (max(d) - min(d)) / (max(d2) - min(d2))
+    """
+
+    index: int
+    drc_strength: float
+    drc_sigma_mm: float
+    usm_gain: float
+    usm_sigma_mm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def make_processing(n_scanners: int, seed: int, v2: Any = None) -> list[Processing]:
+    """One processing setting per scanner, from its own random stream (the v1 scanner park is unchanged)."""
+    from xbmd_batch.synth.covariates import GeneratorV2
+
+    g = v2 or GeneratorV2()
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5CA, 2]))
+    return [
+        Processing(
+            index=i,
+            drc_strength=float(rng.uniform(*g.drc_strength)),
+            drc_sigma_mm=float(rng.uniform(*g.drc_sigma_mm)),
+            usm_gain=float(rng.uniform(*g.usm_gain)),
+            usm_sigma_mm=float(rng.uniform(*g.usm_sigma_mm)),
+        )
+        for i in range(n_scanners)
+    ]
+
+
+@dataclass(frozen=True)
+class V2Subject:
+    """Per-subject inputs of generator version 2 (covariates.py): site densities, contrast, processing."""
+
+    bmd_pelvis: float
+    bmd_shaft: float
+    bone_contrast: float
+    processing: Processing
+    mag_ref: float = 1.15
+    mag_per_mm: float = 0.0025
+
+
+def _lowpass(a: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Wide Gaussian low-pass on a 4x-coarser grid (pooled, blurred, bilinearly upsampled)."""
+    b = 4 if min(a.shape) >= 64 else 1
+    r, c = a.shape[0] // b, a.shape[1] // b
+    coarse = a[: r * b, : c * b].reshape(r, b, c, b).mean(axis=(1, 3))
+    low = upsample_bilinear(_gauss_blur_fft(coarse, sigma_px / b), b)
+    return np.pad(low, ((0, a.shape[0] - low.shape[0]), (0, a.shape[1] - low.shape[1])), mode="edge")
+
+
+def apply_processing(d: np.ndarray, proc: Processing, wpx: float) -> np.ndarray:
+    """Vendor-style dynamic-range compression and unsharp masking (see `Processing`)."""
+    d1 = d - np.float32(proc.drc_strength) * _lowpass(d, proc.drc_sigma_mm / wpx)
+    d2 = d1 + np.float32(proc.usm_gain) * (d1 - _gauss_blur_fft(d1, proc.usm_sigma_mm / wpx))
+    lo, hi, lo2, hi2 = float(d.min()), float(d.max()), float(d2.min()), float(d2.max())
+    return (lo + (d2 - lo2) * ((hi - lo) / max(hi2 - lo2, 1e-9))).astype(np.float32)
+
+
 @dataclass
 class Rendered:
     """One rendered image: the stored MONOCHROME2 values and the float display image they quantise."""
@@ -285,8 +353,14 @@ def render_subject(
     cols: int,
     rng: np.random.Generator,
     thumb_rows: int = 192,
+    v2: V2Subject | None = None,
 ) -> Rendered:
-    """Render one AP right-hip radiograph; every random choice comes from `rng` (one stream per subject)."""
+    """Render one AP right-hip radiograph; every random choice comes from `rng` (one stream per subject).
+
+    v2=None renders generator version 1 exactly; with v2 the pelvis and shaft follow their own densities,
+    every bone's attenuation is scaled by the bone-contrast factor, the magnification follows the AP depth
+    and the scanner's vendor processing is applied (docs/synth.md "Generator version 2").
+    """
     k = max(1, math.ceil(rows / WORK_ROWS))
     wr, wc = math.ceil(rows / k), math.ceil(cols / k)
     spacing = scanner.fov_mm / rows  # detector mm per output pixel
@@ -338,6 +412,8 @@ def render_subject(
     t_fat = float(np.clip(6.0 + 2.0 * (bmi - 22.0), 4.0, 45.0)) * sa
 
     mag = rng.uniform(1.08, 1.22)
+    if v2 is not None:  # hip farther from the detector in a deeper body; the v1 draw becomes the jitter
+        mag = float(np.clip(v2.mag_ref + v2.mag_per_mm * (depth - 170.0) + 0.5 * (mag - 1.15), 1.05, 1.4))
     theta = math.radians(rng.normal(0.0, 5.0))
     ct, st = math.cos(theta), math.sin(theta)
     width_mm, height_mm = wc * wpx, wr * wpx
@@ -367,7 +443,9 @@ def render_subject(
 
     r = bmd_image / 0.75
     c_neck = 1.9 * (a / 22.5) * r**1.1
-    c_shaft = 0.34 * r_s * r**0.8
+    r_pel = r if v2 is None else v2.bmd_pelvis / 0.75  # pelvic density (v2: only partly shared with the neck)
+    r_sha = r if v2 is None else v2.bmd_shaft / 0.75
+    c_shaft = 0.34 * r_s * r_sha**0.8
     c_thin = 0.9 * r**0.9
     f0 = 0.24 * r**1.6
     k_tex = 0.45 * r**-0.7
@@ -432,7 +510,7 @@ def render_subject(
     pel_out = np.zeros((wr, wc), np.float32)
     pel_in = np.zeros((wr, wc), np.float32)
     lines = np.zeros((wr, wc), np.float32)
-    c_p = 1.3 * sa * r**0.6  # pelvic cortex
+    c_p = 1.3 * sa * r_pel**0.6  # pelvic cortex
     # acetabular walls over the head: bone medial to the posterior / anterior rim (circles through 3 points)
     rims = [
         _circle3((pl_u, pl_v), (-0.4 * r_h, 0.2 * r_h), (0.0, 1.0 * r_h)),
@@ -536,7 +614,7 @@ def render_subject(
         mark(sl)
         ends = np.clip((vv - v_in) / (10 * sa), 0.0, 1.0) * np.clip((0.9 * r_h - vv) / (8 * sa), 0.0, 1.0)
         lines[sl] += 4.0 * sa * _line(uu - x_ii, 1.0 * sa) * ends
-    f_p = 0.30 * r**0.8  # pelvic trabecular fraction: follows BMD, more weakly than the femur
+    f_p = 0.30 * r_pel**0.8  # pelvic trabecular fraction: follows BMD, more weakly than the femur
     if ext[0] < ext[1]:
         sl = (slice(ext[0], ext[1]), slice(ext[2], ext[3]))
         uu, vv, p_in = u[sl], v[sl], pel_in[sl]
@@ -545,7 +623,7 @@ def render_subject(
             np.floor(uu / 0.45).astype(np.int32) % n_t,
         ]
         bone[sl] += (
-            r**0.5 * (np.maximum(pel_out[sl] - p_in, 0.0) + lines[sl])
+            r_pel**0.5 * (np.maximum(pel_out[sl] - p_in, 0.0) + lines[sl])
             + np.clip(f_p * (1.0 + 0.5 * k_tex * tex), 0.0, 1.0) * p_in
         )
 
@@ -569,6 +647,8 @@ def render_subject(
     kvp = scanner.kvp
     mu_s = 0.021 * (75.0 / kvp) ** 0.3
     dmu = 0.040 * (75.0 / kvp) ** 0.8
+    if v2 is not None:  # bone-to-soft-tissue contrast per unit BMD falls with body fat (covariates.py)
+        dmu *= v2.bone_contrast
     att = (mu_s * (0.88 * soft + 0.12 * muscle) + dmu * bone).astype(np.float32)
     primary = np.exp(-att)
 
@@ -596,6 +676,8 @@ def render_subject(
     max_value = (1 << scanner.bits_stored) - 1
     gain = scanner.gain_frac * max_value
     offset = scanner.offset_frac * max_value
+    if v2 is not None:
+        d = apply_processing(d.astype(np.float32), v2.processing, wpx)
     dw = (offset + gain * d).astype(np.float32)
 
     # ---- full resolution ----
