@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,10 @@ def _child(args: argparse.Namespace) -> int:
     import random
 
     random.seed(args.seed)  # hypothesis draws from the global random when not derandomised
-    run()
+    try:
+        run()
+    except KeyboardInterrupt:  # the parent's --max-seconds deadline
+        pass
     flush()
     shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -103,6 +107,7 @@ def main() -> int:
     ap.add_argument("--mem-gb", type=float, default=4.0, help="address-space limit of the child (0: none)")
     ap.add_argument("--crash-dir", default=str(Path(tempfile.gettempdir()) / "xbmd-fuzz-crashes"))
     ap.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop (and report) after this long")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--state", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -114,7 +119,9 @@ def main() -> int:
     escapes: list[dict[str, str]] = []
     crashes: list[dict[str, object]] = []
     done, seed, children = 0, args.seed, 0
-    while done < args.iterations:
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds > 0 else float("inf")
+    stopped_early = False
+    while done < args.iterations and not stopped_early:
         state = Path(tempfile.mkdtemp(prefix="xbmd-fuzz-state-"))
         cmd = [sys.executable, __file__, "--child", "--state", str(state), "--iterations",
                str(args.iterations - done), "--seed", str(seed), "--timeout-s", str(args.timeout_s),
@@ -124,6 +131,15 @@ def main() -> int:
         last, last_t = -1, time.monotonic()
         while proc.poll() is None:
             time.sleep(1.0)
+            if time.monotonic() > deadline:
+                stopped_early = True
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                break
             p = state / "progress.json"
             cur = json.loads(p.read_text())["done"] if p.exists() else 0
             if cur != last:
@@ -136,7 +152,9 @@ def main() -> int:
         got = int(prog.get("done", 0))
         total.update(prog.get("counts", {}))
         escapes.extend(prog.get("escapes", []))
-        if proc.returncode != 0:  # died or was killed: the example in current.bin is the culprit
+        if (
+            proc.returncode != 0 and not stopped_early
+        ):  # died or was killed: the example in current.bin is the culprit
             keep = Path(args.crash_dir) / f"crash-rc{proc.returncode}-{done + got}.dcm"
             keep.parent.mkdir(parents=True, exist_ok=True)
             if (state / "current.bin").exists():
@@ -147,6 +165,8 @@ def main() -> int:
             got += 1  # progress.json lags by < 200: those examples are re-drawn by the next child
         done += max(got, 1)
         seed += 1
+        print(f"[fuzz] child {children} ended rc={proc.returncode}: {done} examples so far, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         shutil.rmtree(state, ignore_errors=True)
     wall = time.perf_counter() - t0
     report = {
@@ -155,6 +175,7 @@ def main() -> int:
         "escapes_or_timeouts": escapes,
         "crashes_or_hangs": crashes,
         "children": children,
+        "stopped_by_max_seconds": stopped_early,
         "wall_s": round(wall, 1),
         "per_file_timeout_s": args.timeout_s,
         "mem_limit_gb": args.mem_gb,

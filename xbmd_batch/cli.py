@@ -80,7 +80,8 @@ def score(
 
     Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
     (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
-    config or input error | 130 interrupted (finished rows kept; rerun to resume).
+    config or input error (also a full or read-only --out) | 130 interrupted, 143 terminated by SIGTERM
+    (finished rows kept; rerun the same command to resume).
     """
     from xbmd_batch.errors import InputError
     from xbmd_batch.score import ScoreOptions, score_cohort
