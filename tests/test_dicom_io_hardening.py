@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from xbmd_batch.config import PreprocessConfig
 from xbmd_batch.errors import InputError
@@ -20,17 +21,24 @@ from xbmd_batch.testing import make_dicom
 DATA = Path(__file__).parent / "fuzz_cases"
 
 
-def test_jpeg_ls_size_mismatch_is_a_failure_not_an_abort() -> None:
-    """gdcm called std::terminate on this file (Rows 1024 vs a 64x64 JPEG-LS frame): the process died."""
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("gdcm_abort_jpegls.dcm", "compressed frame is 64x64 pixels but Rows/Columns say 1024x64"),
+        ("gdcm_abort_j2k.dcm", "every decoder failed"),  # J2K main header unreadable: gdcm not tried
+    ],
+)
+def test_gdcm_abort_files_are_failures_not_a_dead_process(name: str, says: str) -> None:
+    """gdcm called std::terminate on these (corrupt JPEG-LS size, J2K main header): the process died."""
     code = (
         "import sys; from xbmd_batch.preprocess import load_and_preprocess; from xbmd_batch.config import "
         "PreprocessConfig; from xbmd_batch.errors import InputError\n"
-        f"try:\n    load_and_preprocess({str(DATA / 'gdcm_abort_jpegls.dcm')!r}, PreprocessConfig(32))\n"
+        f"try:\n    load_and_preprocess({str(DATA / name)!r}, PreprocessConfig(32))\n"
         "except InputError as e:\n    print('refused:', e)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "refused:" in r.stdout and "JPEG frame is 64x64" in r.stdout
+    assert "refused:" in r.stdout and says in r.stdout
 
 
 def test_rust_decoder_panic_becomes_a_failure_row() -> None:

@@ -460,21 +460,30 @@ def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_jpeg_dims(ds: Dataset, path: Path, ts: str) -> None:
-    """Refuse a JPEG frame whose size disagrees with Rows/Columns before a decoder sees it: gdcm aborts the
-    whole process on such a file (C++ exception -> std::terminate; found by benchmarks/fuzz_reader.py)."""
-    if ts not in _JPEG_LOSSLESS_SYNTAXES and ts not in _JPEG_LOSSY_SYNTAXES:
-        return
+def _check_codestream(ds: Dataset, path: Path, ts: str) -> bool:
+    """Refuse a JPEG / JPEG 2000 frame whose size disagrees with Rows/Columns before a decoder sees it, and
+    say whether gdcm may see it: gdcm aborts the whole process on such files (a C++ exception reaching
+    std::terminate; found by benchmarks/fuzz_reader.py), so a J2K frame without a readable SIZ/COD main
+    header is left to the other decoders."""
+    is_j2k = ts in _J2K_SYNTAXES
+    if not is_j2k and ts not in _JPEG_LOSSLESS_SYNTAXES and ts not in _JPEG_LOSSY_SYNTAXES:
+        return True
     try:
-        size = _jpeg_frame_size(_first_frame_bytes(ds))
+        frame = _first_frame_bytes(ds)
     except Exception as e:  # noqa: BLE001 - unreadable encapsulation: the decoders report it
         del e
-        return
+        return False
+    if is_j2k:
+        params = _j2k_params(frame)
+        size = None if params is None else (params.height, params.width)
+    else:
+        size = _jpeg_frame_size(frame)
     rows, cols = _get_int(ds, "Rows"), _get_int(ds, "Columns")
     if size is not None and size[0] and (size[0], size[1]) != (rows, cols):
         raise InputError(
-            f"{path}: JPEG frame is {size[0]}x{size[1]} pixels but Rows/Columns say {rows}x{cols}"
+            f"{path}: compressed frame is {size[0]}x{size[1]} pixels but Rows/Columns say {rows}x{cols}"
         )
+    return size is not None or not is_j2k
 
 
 def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, list[str]]:
@@ -491,10 +500,11 @@ def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, lis
             f"{path}: no decoder installed for transfer syntax {ts} ({_uid.UID(ts).name}); "
             f"install the JPEG plugins: {JPEG_EXTRA_HINT}"
         )
-    _check_jpeg_dims(ds, path, ts)
+    gdcm_ok = _check_codestream(ds, path, ts)
     order = [p for p in decoder_preference(ts) if p in available] + [
         p for p in available if p not in decoder_preference(ts)
     ]
+    order = [p for p in order if gdcm_ok or p != "gdcm"]
     failures: list[str] = []
     for plugin in order:
         try:
