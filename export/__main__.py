@@ -18,6 +18,7 @@ from xbmd_batch.errors import InputError, XbmdError
 EPILOG_ONNX = """example:
   python -m export onnx runs/fold0/best.pt --out model.onnx
   python -m export onnx best.pt --out model.onnx --fp16 --parity-cohort demo_out/cohort
+  python -m export onnx runs/demo --ensemble --out ensemble.onnx   # K fold models, mean + between-model SD
 """
 EPILOG_TRT = """example:
   python -m export tensorrt model.onnx --opt-batch 32 --max-batch 64 --precision fp16
@@ -39,7 +40,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_ONNX,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    o.add_argument("checkpoint", type=Path, help="training checkpoint (.pt)")
+    o.add_argument("checkpoint", type=Path, help="training checkpoint (.pt); with --ensemble: the run folder")
+    o.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="pack the run's K fold models (fold_*.pt) into one graph: mean bmd, bmd_sd_models, mean "
+        "attention (K forward passes per image: about K x the model-only cost)",
+    )
     o.add_argument(
         "--out", type=Path, required=True, help="output .onnx path (written only if all checks pass)"
     )
@@ -93,6 +100,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
     from export.onnx_export import export_onnx
+
+    if args.ensemble:
+        from export.ensemble import export_ensemble
+
+        if args.fp16:
+            raise InputError("--fp16 is not supported with --ensemble")
+        res = export_ensemble(
+            args.checkpoint,
+            args.out,
+            opset=args.opset,
+            parity_cohort=args.parity_cohort,
+            tolerance=args.tolerance,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        print(json.dumps(res, indent=2) if args.json else f"{res['path']}: {res['k']}-model ensemble")
+        return 0
 
     res = export_onnx(
         args.checkpoint,

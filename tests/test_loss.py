@@ -80,3 +80,33 @@ def test_bad_arguments_raise() -> None:
         WeightedSmoothL1Loss()(torch.zeros(3), torch.zeros(3, 1))
     with pytest.raises(ValueError, match="scale"):
         bmd_weights(torch.zeros(2), scale=0.0)
+
+
+def test_weighting_follows_the_reference_t_minus_1_and_sd() -> None:
+    """Issue 10 bug: the emphasis was centred on Hologic 0.738 whatever --reference said."""
+    from xbmd_batch.clinical import get_reference
+    from xbmd_batch.loss import SCALE_PER_SD, weight_params_for
+
+    lunar = get_reference("lunar")
+    loss = make_loss("wsmoothl1", reference="lunar")
+    assert loss.threshold == pytest.approx(lunar.bmd_at(-1.0)) and loss.threshold == pytest.approx(
+        0.899, abs=1e-3
+    )
+    assert loss.scale == pytest.approx(SCALE_PER_SD * lunar.sd)
+    assert loss.scale > DEFAULT_SCALE_HOLOGIC  # Lunar's SD is wider, so is the rise
+    # the weights are half-way between their plateaus at the Lunar T = -1, not at Hologic's 0.738
+    far_low, at_cut, far_high = bmd_weights(
+        torch.tensor([0.2, lunar.bmd_at(-1.0), 1.6]), threshold=loss.threshold, scale=loss.scale
+    )
+    assert torch.isclose(at_cut, (far_low + far_high) / 2, atol=1e-3)
+    hologic = make_loss("wsmoothl1", reference="nhanes3-hologic")
+    assert hologic.threshold == pytest.approx(OSTEOPENIA_HOLOGIC) and hologic.scale == pytest.approx(0.05)
+    assert weight_params_for("lunar") == {"threshold": loss.threshold, "scale": loss.scale}
+    # explicit values win; unweighted losses ignore the reference
+    assert make_loss("wsmoothl1", reference="lunar", threshold=0.7).threshold == 0.7
+    assert isinstance(make_loss("mse", reference="lunar"), nn.MSELoss)
+    with pytest.raises(ValueError, match="unknown T-score reference"):
+        make_loss("wsmoothl1", reference="nope")
+
+
+DEFAULT_SCALE_HOLOGIC = 0.05

@@ -17,6 +17,7 @@ from xbmd_batch.model import (
     KVUpdater,
     XAttnBMD,
     build_model,
+    count_parameters,
     grid_size,
 )
 
@@ -231,3 +232,47 @@ def test_dynamo_onnx_export_matches_torch(fusion: str, tmp_path: Path) -> None:
         for r, g in zip(ref, got, strict=True):
             assert g.shape == r.shape
             assert abs(g - r).max() < 1e-4
+
+
+def test_pretrained_resnet34_loads_a_torchvision_state_dict_with_summed_stem(tmp_path) -> None:
+    """--pretrained: a (fake, randomly initialised) torchvision resnet34 state dict; nothing is downloaded."""
+    from torchvision.models import resnet34
+
+    from xbmd_batch.model import load_pretrained_resnet34
+
+    torch.manual_seed(1)
+    ref = resnet34(weights=None).state_dict()
+    path = tmp_path / "resnet34-imagenet.pth"
+    torch.save(ref, path)
+    cfg = ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=64, d_model=32, n_layers=1)
+    m = build_model(cfg)
+    counts = load_pretrained_resnet34(m, str(path))
+    assert counts["dropped"] == 2  # fc.weight, fc.bias
+    enc = m.image_encoder
+    torch.testing.assert_close(enc.stem[0].weight, ref["conv1.weight"].sum(dim=1, keepdim=True))
+    torch.testing.assert_close(enc.stem[1].running_var, ref["bn1.running_var"])
+    torch.testing.assert_close(enc.layers[3][2].conv2.weight, ref["layer4.2.conv2.weight"])
+    torch.testing.assert_close(enc.layers[0][0].bn1.weight, ref["layer1.0.bn1.weight"])
+    # a grey image through the 1-channel stem == the same image on all three RGB channels of the original
+    x = torch.rand(2, 1, 16, 16)
+    y1 = torch.nn.functional.conv2d(x, enc.stem[0].weight, stride=2, padding=3)
+    y3 = torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), ref["conv1.weight"], stride=2, padding=3)
+    torch.testing.assert_close(y1, y3)
+    bad = tmp_path / "bad.pth"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="not a torchvision resnet34"):
+        load_pretrained_resnet34(m, str(bad))
+    small = build_model(ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=64, d_model=32, encoder="smallcnn"))
+    with pytest.raises(ValueError, match="resnet34 encoder"):
+        load_pretrained_resnet34(small, str(path))
+
+
+def test_smallcnn_encoder_grid_and_size() -> None:
+    cfg = ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=64, d_model=32, n_layers=1, encoder="smallcnn")
+    m = build_model(cfg).eval()
+    assert m.image_encoder.n_tokens == 16  # 64 / 16 = 4 -> 4 x 4 tokens
+    assert count_parameters(m) < 1_000_000
+    out = m(torch.rand(2, 1, 64, 64), torch.zeros(2, len(DEFAULT_SCHEMA.fields)), torch.ones(2, 10))
+    assert out.shape == (2,) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_model(ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=64, encoder="vit"))

@@ -247,3 +247,26 @@ def test_cli_generator_version(tmp_path: Path) -> None:
         assert json.loads((out / "cohort.json").read_text())["generator_version"] == f"{ver}.0.0"
     bad = runner.invoke(app, ["synth", str(tmp_path / "bad"), "--n", "2", "--generator-version", "3"])
     assert bad.exit_code == 2
+
+
+def test_ridge_references_read_a_known_signal() -> None:
+    """The reference arms recover a planted pixel + metadata signal; one wild training image does not break
+    the stacked arm (its cross-fitted prediction is clipped to the label range)."""
+    from xbmd_batch.synth.reference import ridge_references
+
+    rng = np.random.default_rng(0)
+
+    def make(n: int) -> dict[str, np.ndarray]:
+        pix = rng.standard_normal((n, 64))
+        meta = rng.standard_normal((n, 5))
+        y = 0.7 + 0.08 * pix[:, 0] + 0.06 * meta[:, 0] + 0.03 * rng.standard_normal(n)
+        meta[rng.random(meta.shape) < 0.05] = np.nan  # missing cells: imputed with the training mean
+        return {"pixels": pix, "meta": meta, "y": y}
+
+    train, test = make(400), make(300)
+    train["pixels"][7] *= 8.0  # one wild image
+    res = ridge_references(train, test)
+    assert res["metadata"] > 0.2 and res["pixels"] > 0.5, res
+    assert res["pixels_metadata"] > res["pixels"] + 0.15, res
+    assert res["pixels_metadata_joint"] > res["pixels"] + 0.1, res
+    assert abs(res["brightness_r"]) < 0.2, res  # no brightness signal planted

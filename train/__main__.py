@@ -40,6 +40,10 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         schema,
         fusion=fusion,
         image_size=hp.image_size,
+        encoder=hp.encoder,
+        cnn_width=hp.cnn_width,
+        wide=hp.wide,
+        wide_side=hp.wide_side,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -80,9 +84,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="the paper's comparison on the same folds: XAttn vs concat ('fusion'), the four losses "
         "('loss'), or both (bare --compare)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="--compare fusion: repeats of K-fold CV with fresh fold assignments (default 5; 1 = off)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="--compare fusion: training seeds per fold and arm (default 3)",
+    )
     p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
     p.add_argument(
         "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
+    )
+    p.add_argument(
+        "--split-by",
+        default=None,
+        metavar="COLUMN",
+        help="leave-one-level-out validation on a label-table column, e.g. 'site' (leave-one-scanner-out)",
     )
     p.add_argument("--final", action="store_true", help="also train on all data -> <out>/final.pt")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
@@ -94,7 +116,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="torchvision ImageNet resnet34 state dict (a local file; nothing is downloaded) to start the "
+        "resnet34 encoder from (the RGB stem summed to one channel); paper preset",
+    )
+    p.add_argument(
         "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
+    )
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.90,
+        help="screening operating points: cut-off on the estimate reaching this sensitivity, chosen on the "
+        "other folds and applied out of fold",
     )
     p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
     p.add_argument("--cache-dir", default=None, help="image cache folder (default: <out>/.xbmd_cache)")
@@ -132,6 +168,33 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
+def _repeats_seeds(args: argparse.Namespace) -> tuple[int, int]:
+    """--compare fusion defaults to 5 repeats x 3 seeds (issue 10); every other run to one CV, one seed."""
+    fusion = args.compare in ("all", "fusion")
+    repeats = args.repeats if args.repeats is not None else (5 if fusion else 1)
+    seeds = args.seeds if args.seeds is not None else (3 if fusion else 1)
+    return max(1, repeats), max(1, seeds)
+
+
+def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
+    """Issue 15's contract: one (calibrated out-of-fold estimate, label) pair per subject, plain floats.
+
+    ``oof`` is one variant's out-of-fold rows; a subject with several images gets the mean of its estimates.
+    """
+    per = (
+        oof.group_by("subject_id", maintain_order=True)
+        .agg(pl.col("y_pred").mean(), pl.col("y_true").first())
+        .sort("subject_id")
+    )
+    return {
+        "prediction": [float(x) for x in per["y_pred"].to_list()],
+        "target": [float(x) for x in per["y_true"].to_list()],
+        "calibrated": True,
+        "reference": reference,
+        "n": int(per.height),
+    }
+
+
 def vname(fusion: str, loss: str) -> str:
     return f"{fusion}-{loss}"
 
@@ -154,24 +217,6 @@ def command_line(args: argparse.Namespace) -> str:
     return "python -m train " + " ".join(shlex.quote(a) for a in argv)
 
 
-def baselines(
-    meta: np.ndarray, mask: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Test-fold predictions of two references: the training mean, and ridge on the encoded metadata.
-
-    They say what the network adds: beating the mean shows learning, beating metadata-ridge shows that the
-    image (or the fusion) contributes beyond a linear model of the clinical fields.
-    """
-    from sklearn.linear_model import RidgeCV
-
-    x = np.concatenate([meta, mask], axis=1)
-    ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x[tr], y[tr])
-    return {
-        "baseline-train-mean": np.full(len(te), float(y[tr].mean())),
-        "baseline-metadata-ridge": ridge.predict(x[te]),
-    }
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole protocol; returns a summary dict (paths, per-variant mean metrics, wall time)."""
     import torch
@@ -179,22 +224,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from train import plots
+    from train.analysis import covariates_for, per_subject, run_analysis, split_by_column
+    from train.baselines import pixel_features, reference_predictions
     from train.data import ArrayDataBuilder, build_image_cache, default_cache_dir, load_cohort
     from train.engine import evaluate, fit, pick_device
     from train.folds import holdout_split, make_folds, split_inside
     from train.metrics import all_metrics, mean_sd, paired_wilcoxon
     from train.presets import get_preset
+    from train.repeated import analyse as analyse_repeated
+    from train.repeated import markdown as repeated_markdown
+    from train.repeated import repeated_fusion_cv
     from train.report import write_report
+    from xbmd_batch.calibration import fit_calibration
     from xbmd_batch.checkpoint import save_checkpoint
     from xbmd_batch.clinical import get_reference
     from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
     from xbmd_batch.errors import InputError
-    from xbmd_batch.loss import make_loss
-    from xbmd_batch.model import build_model
+    from xbmd_batch.loss import make_loss, weight_params_for
+    from xbmd_batch.model import build_model, load_pretrained_resnet34, set_calibration
 
     t_start = time.perf_counter()
     console = Console(stderr=True, quiet=False)
     get_reference(args.reference)  # validate early
+    if args.pretrained and not Path(args.pretrained).is_file():
+        raise InputError(f"{args.pretrained}: --pretrained weights file not found")
     hp = get_preset(args.preset).replace(
         image_size=args.image_size,
         epochs=args.epochs,
@@ -237,7 +290,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if len(np.unique(groups)) < 4:
         raise InputError(f"{cohort.root}: only {len(np.unique(groups))} usable subjects; need at least 4")
 
-    if args.single_split:
+    if args.split_by:
+        splits, levels = split_by_column(
+            groups, args.labels or Path(args.cohort) / "truth.csv", args.split_by
+        )
+        protocol = (
+            f"leave-one-{args.split_by}-out: {len(levels)} folds, each holding out all subjects of one level "
+            f"({', '.join(levels)})"
+        )
+    elif args.single_split:
         splits = [holdout_split(y, groups, 0.1, args.seed, hp.n_bins)]
         protocol = f"single stratified, subject-grouped 90/10 split (seed {args.seed})"
     else:
@@ -287,7 +348,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[tr])
                 torch.manual_seed(args.seed * 1000 + k)
                 model = build_model(mcfg)
-                loss_fn = make_loss(loss_name)
+                if args.pretrained:
+                    load_pretrained_resnet34(model, args.pretrained)
+                loss_fn = make_loss(loss_name, reference=args.reference)
                 steps = prog.add_task(f"{v} fold {k + 1}/{k_total}", total=None)
 
                 def on_epoch(rec: dict[str, float], v: str = v, k: int = k, steps: Any = steps) -> None:
@@ -315,6 +378,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 prog.remove_task(steps)
                 best_epochs.setdefault(v, []).append(res.best_epoch + 1)
+                # recalibrate on the inner-validation split (not trained on), inside the model itself
+                ev_raw = evaluate(model, loss_fn, data, te, hp.batch_size, device)
+                cal = fit_calibration(
+                    evaluate(model, loss_fn, data, inner_val, hp.batch_size, device).pred, cohort.y[inner_val]
+                )
+                mcfg = set_calibration(model, cal["intercept"], cal["slope"])
                 ev = evaluate(model, loss_fn, data, te, hp.batch_size, device)
                 m = all_metrics(ev.y, ev.pred, args.reference)
                 metric_rows.append(
@@ -330,6 +399,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             "fold": np.full(len(ev.idx), k, dtype=np.int32),
                             "y_true": ev.y,
                             "y_pred": ev.pred,
+                            "y_pred_raw": ev_raw.pred,
                             **{c: ev.attention[:, j] for j, c in enumerate(field_cols)},
                         }
                     )
@@ -351,6 +421,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "epochs_run": res.epochs_run,
                     "train_seconds": round(res.seconds, 1),
                     "reference": args.reference,
+                    "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+                    "calibration": {**cal, "fitted_on": "inner-validation split"},
                     "seed": args.seed,
                     "test_metrics": _nan_to_none(m),
                 }
@@ -369,14 +441,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             metric_rows.append(
                 {"variant": v, "fusion": fusion, "loss": loss_name, "fold": -1, "scope": "pooled", **m}
             )
-        # reference rows on the same folds: the training mean, and ridge regression on the metadata alone
+        # reference rows on the same folds: training mean, ridge on metadata, on pixels, on both
+        pix_ok = pixel_features(cache.images[cache.row_of[rows]])
+        pixels = np.zeros((cohort.n, pix_ok.shape[1]), dtype=np.float32)
+        pixels[rows] = pix_ok
+        base_parts: list[pl.DataFrame] = []
         for k, (tr, te) in enumerate(splits):
             enc = enc_cache[k]
-            for bname, pred in baselines(enc.values, enc.mask, cohort.y, tr, te).items():
+            for bname, pred in reference_predictions(pixels, enc.values, enc.mask, cohort.y, tr, te).items():
                 m = all_metrics(cohort.y[te], pred, args.reference)
                 metric_rows.append(
                     {"variant": bname, "fusion": "none", "loss": "none", "fold": k, "scope": "baseline", **m}
                 )
+                base_parts.append(
+                    pl.DataFrame(
+                        {
+                            "variant": [bname] * len(te),
+                            "subject_id": cohort.subject_ids[te].tolist(),
+                            "fold": np.full(len(te), k, dtype=np.int32),
+                            "y_true": cohort.y[te].astype(np.float64),
+                            "y_pred": np.asarray(pred, dtype=np.float64),
+                        }
+                    )
+                )
+        base_oof = pl.concat(base_parts)
         metrics = pl.DataFrame(metric_rows)
 
         # ---- final model on all data
@@ -390,6 +478,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             mcfg = model_config_for(enc.schema, fusion, hp, cohort.y[rows])
             torch.manual_seed(args.seed * 1000 + 999)
             model = build_model(mcfg)
+            if args.pretrained:
+                load_pretrained_resnet34(model, args.pretrained)
             steps = prog.add_task(f"{v} final ({n_ep} epochs)", total=None)
 
             def on_final(rec: dict[str, float], v: str = v) -> None:
@@ -400,7 +490,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
             res = fit(
                 model,
-                make_loss(loss_name),
+                make_loss(loss_name, reference=args.reference),
                 data,
                 rows,
                 None,
@@ -412,6 +502,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 on_step=lambda: prog.advance(steps),
             )
             prog.remove_task(steps)
+            # calibration of the final model: fitted on the CV fold models' raw out-of-fold estimates (the
+            # final model has no held-out data of its own); intercept + slope when >= MIN_N_SLOPE subjects
+            prim = oof.filter(pl.col("variant") == v)
+            cal = fit_calibration(prim["y_pred_raw"].to_numpy(), prim["y_true"].to_numpy())
+            mcfg = set_calibration(model, cal["intercept"], cal["slope"])
             cv = metrics.filter((pl.col("variant") == v) & (pl.col("scope") == "fold"))
             cv_summary = {
                 f"cv_{key}_mean_sd": list(mean_sd(cv[key].to_list())[:2])
@@ -430,6 +525,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "epochs": n_ep,
                 "train_seconds": round(res.seconds, 1),
                 "reference": args.reference,
+                "loss_weighting": weight_params_for(args.reference) if loss_name == "wsmoothl1" else None,
+                "calibration": {**cal, "fitted_on": "raw out-of-fold estimates of the CV fold models"},
+                "oof_residuals": oof_residuals(prim, args.reference),
                 "seed": args.seed,
                 **{k2: [None if not math.isfinite(x) else x for x in val] for k2, val in cv_summary.items()},
             }
@@ -456,8 +554,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 paired_rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, **r})
     paired = pl.DataFrame(paired_rows) if paired_rows else None
 
+    # ---- --compare fusion: repeated CV x seeds, corrected t-test + paired bootstrap (train/repeated.py)
+    fusion_rep: dict[str, Any] | None = None
+    repeats, n_seeds = _repeats_seeds(args)
+    if args.compare in ("all", "fusion") and repeats * n_seeds > 1:
+        rep_oof, rep_splits = repeated_fusion_cv(
+            cohort=cohort,
+            builder=builder,
+            rows=rows,
+            hp=hp,
+            device=device,
+            loss_name=args.loss,
+            reference=args.reference,
+            repeats=repeats,
+            seeds=n_seeds,
+            base_seed=args.seed,
+            model_config_for=model_config_for,
+            log=console.log,
+            pretrained=args.pretrained,
+        )
+        rep_oof.write_parquet(out / "fusion_repeated_oof.parquet")
+        rep_splits.write_parquet(out / "fusion_repeated_splits.parquet")
+        fusion_rep = analyse_repeated(rep_oof, rep_splits, seed=args.seed)
+        (out / "fusion_repeated.json").write_text(json.dumps(fusion_rep, indent=2, default=float))
+
     # ---- files
     oof.write_parquet(out / "oof.parquet")
+    base_oof.write_parquet(out / "baselines_oof.parquet")
     metrics.write_parquet(out / "metrics.parquet")
     history = pl.DataFrame(hist_rows)
     history.write_parquet(out / "history.parquet")
@@ -494,6 +617,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         plots.loss_comparison(fold_m, LOSSES, out / "loss_comparison.png", tag)
     if args.compare in ("all", "fusion"):
         plots.fusion_comparison(fold_m, args.loss, out / "fusion_comparison.png", tag)
+    # ---- epidemiology (train.analysis): calibration, BA regression, CIs, operating points, subgroups
+    labels_path = Path(args.labels) if args.labels else Path(args.cohort) / "truth.csv"
+    covariates = covariates_for(cohort.subject_ids[rows], cohort.meta_df, labels_path)
+    epi = run_analysis(
+        prim_oof, base_oof, get_reference(args.reference), covariates, target_sens=args.target_sensitivity
+    )
+    raw_dec = epi.get("deciles_raw")
+    plots.calibration_plot(epi["deciles"], raw_dec, out / "calibration.png", tag)
+    subj = per_subject(prim_oof)
+    plots.bland_altman_plot(
+        subj["y"].to_numpy(), subj["p"].to_numpy(), epi["bland_altman"], out / "bland_altman.png", tag
+    )
     if args.compare and k_total < 6:
         notes.append(
             f"{k_total} folds: the Wilcoxon test cannot reach p < 0.05 (smallest p = {2 / 2**k_total:.4f})"
@@ -526,6 +661,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         wall_seconds=wall,
         notes=notes,
         final=final_info,
+        epi=epi,
+        extra_sections=repeated_markdown(fusion_rep, "SYNTHETIC " if synthetic else "") if fusion_rep else (),
     )
     means = {
         vname(*x): {

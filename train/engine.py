@@ -92,10 +92,14 @@ def train_one_epoch(
     total, count = 0.0, 0
     for b in _batches(idx, hp.batch_size, rng, drop_tiny=True):
         img, meta, mask, y, _ = data.batch(b, device)
+        offset = None
+        if getattr(model, "wide", None) is not None:  # the frozen linear path reads the un-augmented image
+            with torch.no_grad():
+                offset = model.wide(img, meta, mask)
         if hp.augment:
             img = augment(img, hp, gen, data.norm_mean, data.norm_std)
         with _autocast(device):
-            pred = model(img, meta, mask)
+            pred = model(img, meta, mask) if offset is None else model(img, meta, mask, wide_offset=offset)
         loss = loss_fn(pred.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,6 +164,7 @@ class FitResult:
     best_val_loss: float = float("nan")
     epochs_run: int = 0
     seconds: float = 0.0
+    wide: dict[str, float] | None = None  # fit_wide's result when the model has a wide path
 
 
 def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
@@ -183,6 +188,35 @@ def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
         }
         for (trunk, decay), ps in sorted(groups.items())
     ]
+
+
+WIDE_ALPHAS = np.logspace(-2, 5, 15)
+
+
+@torch.no_grad()
+def fit_wide(model: nn.Module, data: ArrayData, idx: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Ridge of y on the wide path's features of rows ``idx`` (standardised columns, penalty by efficient
+    leave-one-out; scikit-learn), folded into ``model.wide.linear`` and frozen. Returns alpha, in-sample R².
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    wide = model.wide
+    feats, ys = [], []
+    for b in _batches(np.sort(idx), 256, None, drop_tiny=False):
+        img, meta, mask, y, _ = data.batch(b, device)
+        feats.append(wide.features(img, meta, mask).double().cpu().numpy())
+        ys.append(y.double().cpu().numpy())
+    x, y = np.concatenate(feats), np.concatenate(ys)
+    sc = StandardScaler().fit(x)
+    ridge = RidgeCV(alphas=WIDE_ALPHAS).fit(sc.transform(x), y)
+    w = ridge.coef_ / sc.scale_
+    b = float(ridge.intercept_ - np.sum(ridge.coef_ * sc.mean_ / sc.scale_))
+    wide.linear.weight.copy_(torch.as_tensor(w, dtype=wide.linear.weight.dtype).view(1, -1))
+    wide.linear.bias.fill_(b)
+    for p in wide.parameters():
+        p.requires_grad_(False)
+    return {"alpha": float(ridge.alpha_), "r2_in_sample": float(ridge.score(sc.transform(x), y))}
 
 
 def fit(
@@ -210,9 +244,11 @@ def fit(
     total = max(1, n_epochs * steps_per_epoch)
     warm = int(round(hp.warmup_epochs * steps_per_epoch))
     model.to(device)
+    res = FitResult()
+    if getattr(model, "wide", None) is not None:  # the linear path first, then the network on its residual
+        res.wide = fit_wide(model, data, train_idx, device)
     opt = torch.optim.AdamW(param_groups(model, hp), lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm, hp.min_lr_frac))
-    res = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0
     t0 = time.perf_counter()
@@ -225,7 +261,9 @@ def fit(
         if has_val:
             ev = evaluate(model, loss_fn, data, val_idx, hp.batch_size, device)
             rec.update(val_loss=ev.loss, val_mae=ev.mae)
-            if not math.isfinite(res.best_val_loss) or ev.loss < res.best_val_loss:
+            if not hp.select_best:
+                res.best_epoch, res.best_val_loss = ep, ev.loss  # keep the last epoch
+            elif not math.isfinite(res.best_val_loss) or ev.loss < res.best_val_loss:
                 res.best_val_loss, res.best_epoch, since_best = ev.loss, ep, 0
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             else:
@@ -238,9 +276,9 @@ def fit(
         res.epochs_run = ep + 1
         if on_epoch is not None:
             on_epoch(rec)
-        if has_val and since_best >= hp.patience:
+        if has_val and hp.select_best and since_best >= hp.patience:
             break
-    if best_state is not None:
+    if best_state is not None and hp.select_best:
         model.load_state_dict(best_state)
     res.seconds = time.perf_counter() - t0
     return res

@@ -224,3 +224,58 @@ def training_curves(history: pl.DataFrame, path: Path, tag: str = "", label: str
     fig.suptitle(_title(f"Training curves {label}".rstrip(), tag))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def calibration_plot(
+    deciles: pl.DataFrame, raw_deciles: pl.DataFrame | None, path: Path, tag: str = ""
+) -> Path:
+    """Mean DXA BMD vs mean estimate per decile of the estimate, calibrated (and raw), identity line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    vals = [deciles["mean_pred"], deciles["mean_true"]]
+    if raw_deciles is not None and raw_deciles.height:
+        ax.plot(
+            raw_deciles["mean_pred"],
+            raw_deciles["mean_true"],
+            "s--",
+            color="0.6",
+            label="before recalibration",
+        )
+        vals += [raw_deciles["mean_pred"], raw_deciles["mean_true"]]
+    ax.plot(deciles["mean_pred"], deciles["mean_true"], "o-", label="recalibrated (as exported)")
+    lo = float(min(v.min() for v in vals)) - 0.02
+    hi = float(max(v.max() for v in vals)) + 0.02
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1, label="identity")
+    ax.set_xlabel("mean estimated BMD per decile (g/cm²)")
+    ax.set_ylabel("mean DXA BMD (g/cm²)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(_title("Calibration by decile, out of fold", tag), fontsize=10)
+    return _save(fig, path)
+
+
+def bland_altman_plot(y: np.ndarray, p: np.ndarray, ba: dict[str, float], path: Path, tag: str = "") -> Path:
+    """Difference (estimate − DXA) vs mean, bias and limits, and the regression of difference on mean."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    m, d = (p + y) / 2, p - y
+    ax.scatter(m, d, s=8, alpha=0.6)
+    for v, style, lab in (
+        (ba["bias"], "-", f"bias {ba['bias']:+.3f}"),
+        (ba["loa_low"], "--", f"95 % limits {ba['loa_low']:+.3f} / {ba['loa_high']:+.3f}"),
+        (ba["loa_high"], "--", None),
+    ):
+        ax.axhline(v, color="k", ls=style, lw=1, label=lab)
+    if math.isfinite(ba.get("ba_slope", float("nan"))):
+        xs = np.linspace(float(m.min()), float(m.max()), 2)
+        ax.plot(
+            xs,
+            ba["ba_intercept"] + ba["ba_slope"] * xs,
+            "r-",
+            lw=1.2,
+            label=f"difference ~ mean: slope {ba['ba_slope']:+.2f} (p = {ba['ba_slope_p']:.2g})",
+        )
+    ax.set_xlabel("mean of estimate and DXA (g/cm²)")
+    ax.set_ylabel("estimate − DXA (g/cm²)")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(_title("Bland–Altman, out of fold", tag), fontsize=10)
+    return _save(fig, path)

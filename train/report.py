@@ -93,6 +93,8 @@ def write_report(
     wall_seconds: float,
     notes: Sequence[str] = (),
     final: dict[str, Any] | None = None,
+    epi: dict[str, Any] | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
     syn = "SYNTHETIC " if synthetic else ""
     ref = get_reference(reference)
@@ -116,10 +118,12 @@ def write_report(
         f"- T-score reference: `{reference}` ({ref.description}); "
         f"thresholds T ≤ −1 → BMD ≤ {ref.bmd_at(-1):.3f}, "
         f"T ≤ −2.5 → BMD ≤ {ref.bmd_at(-2.5):.3f} g/cm²",
-        f"- preset: `{preset.get('name')}` — image {preset.get('image_size')}², "
+        f"- preset: `{preset.get('name')}` — encoder {preset.get('encoder', 'resnet34')}"
+        f"{' + ridge-fitted wide path' if preset.get('wide') else ''}, image {preset.get('image_size')}², "
         f"d_model {preset.get('d_model')}, "
         f"{preset.get('n_layers')} layers × {preset.get('n_heads')} heads, ≤ {preset.get('epochs')} epochs, "
-        f"batch {preset.get('batch_size')}, lr {preset.get('lr')}, patience {preset.get('patience')}",
+        f"batch {preset.get('batch_size')}, lr {preset.get('lr')}, "
+        + (f"patience {preset.get('patience')}" if preset.get("select_best", True) else "last epoch kept"),
         "",
     ]
     oracle = oracle_figures(cohort_info)
@@ -239,6 +243,9 @@ def write_report(
             ),
             "",
         ]
+    out += list(extra_sections)
+    if epi:
+        out += epi_markdown(epi, syn, primary, reference)
     if final:
         out += [
             "## Final model",
@@ -255,3 +262,150 @@ def write_report(
     out += ["## Files", "", *[f"- `{f}`" for f in files], ""]
     path.write_text("\n".join(out))
     return path
+
+
+def _ci(t: Sequence[float], digits: int = 3) -> str:
+    """'point [lo, hi]'."""
+    pt, lo, hi = t
+    return f"{_fmt(float(pt), digits)} [{_fmt(float(lo), digits)}, {_fmt(float(hi), digits)}]"
+
+
+def epi_markdown(epi: dict[str, Any], syn: str, primary: str, reference: str) -> list[str]:
+    """The sections a reviewing epidemiologist needs (train.analysis.run_analysis), as markdown lines."""
+    n_boot = epi.get("n_boot")
+    out = [
+        f"## {syn}Calibration, out of fold (`{primary}`)",
+        "",
+        "Each fold model is recalibrated inside the network (`calibrated = intercept + slope × raw`, "
+        "fitted on its inner-validation split, intercept only below 100 subjects; "
+        "see `xbmd_batch.calibration`). "
+        "Calibration-in-the-large (CITL) = mean DXA − mean estimate; slope = OLS slope of DXA on estimate "
+        "(1 = right spread, > 1 = estimates regressed to the mean).",
+        "",
+    ]
+    rows = []
+    for key, lab in (
+        ("calibration_before", "raw (before recalibration)"),
+        ("calibration_after", "recalibrated"),
+    ):
+        c = epi.get(key)
+        if c:
+            rows.append([lab, _fmt(c["citl"]), _fmt(c["cal_slope"], 3), _fmt(c["cal_intercept"])])
+    out += [_table(["estimate", "CITL (g/cm²)", "slope", "intercept"], rows), ""]
+    dec = epi.get("deciles")
+    if dec is not None and dec.height:
+        out += [
+            "By decile of the recalibrated estimate (`calibration.png`):",
+            "",
+            _table(
+                ["decile", "n", "mean estimate", "mean DXA"],
+                [
+                    [str(r["bin"]), str(r["n"]), _fmt(r["mean_pred"]), _fmt(r["mean_true"])]
+                    for r in dec.iter_rows(named=True)
+                ],
+            ),
+            "",
+        ]
+    out += [
+        f"## {syn}Bland–Altman with proportional bias",
+        "",
+        "Difference = estimate − DXA against their mean (`bland_altman.png`); the regression of difference "
+        "on mean shows proportional bias (negative slope = high BMD under-, low BMD over-estimated).",
+        "",
+    ]
+    rows = []
+    for key, lab in (("bland_altman_raw", "raw"), ("bland_altman", "recalibrated")):
+        b = epi.get(key)
+        if b:
+            rows.append(
+                [
+                    lab,
+                    _fmt(b["bias"]),
+                    f"{_fmt(b['loa_low'])} / {_fmt(b['loa_high'])}",
+                    _fmt(b["ba_slope"], 3),
+                    _fmt(b["ba_slope_p"], 3),
+                ]
+            )
+    out += [_table(["estimate", "bias", "95 % limits", "slope diff~mean", "p (slope)"], rows), ""]
+    h = epi["headline"]
+    reg = h["regression"]
+    out += [
+        f"## {syn}Pooled out-of-fold metrics with 95 % CIs",
+        "",
+        f"One row per subject ({epi['n_subjects']}), subject-level percentile bootstrap ({n_boot} draws).",
+        "",
+        _table(["MSE", "MAE", "R²"], [[_ci(reg["mse"], 4), _ci(reg["mae"], 4), _ci(reg["r2"])]]),
+        "",
+        f"Screening (`{reference}`). *Operating point*: a cut-off on the estimated BMD chosen for "
+        f"sensitivity ≥ {epi['target_sensitivity']:.2f} on the other folds' out-of-fold estimates and "
+        "applied to each fold (never chosen on the fold it is applied to). *WHO cut-off*: the estimate's "
+        "T-score against the WHO threshold, for contrast. PPV/NPV at this cohort's prevalence.",
+        "",
+    ]
+    rows = []
+    for t in ("T-1", "T-2.5"):
+        if t not in h:
+            continue
+        d = h[t]
+        for rule, key in (("operating point", "operating_point"), ("WHO cut-off", "who_cutoff")):
+            m = d[key]
+            rows.append(
+                [
+                    f"{t.replace('T', 'T ≤ ')} (BMD ≤ {d['threshold_bmd']:.3f}, {d['n_pos']} pos.)",
+                    rule,
+                    _ci(m["auc"]),
+                    _ci(m["sensitivity"]),
+                    _ci(m["specificity"]),
+                    _ci(m["ppv"]),
+                    _ci(m["npv"]),
+                ]
+            )
+    out += [_table(["threshold", "rule", "AUC", "sensitivity", "specificity", "PPV", "NPV"], rows), ""]
+    cuts = {t: h[t]["cutoffs"] for t in ("T-1", "T-2.5") if t in h}
+    out += [
+        "Cut-offs per fold (g/cm²): "
+        + "; ".join(f"{t}: " + ", ".join(_fmt(float(c), 3) for c in cs) for t, cs in cuts.items()),
+        "",
+    ]
+    vs = epi.get("vs_baselines") or {}
+    if vs:
+        out += [
+            f"## {syn}Network vs reference predictors (paired, same folds, same subjects)",
+            "",
+            f"Difference `{primary}` − reference, subject-level paired bootstrap 95 % CI ({n_boot} draws). "
+            "R² difference > 0 / MSE difference < 0: the network is better.",
+            "",
+            _table(
+                ["reference", "R² of reference", "ΔR² [95 % CI]", "ΔMSE [95 % CI]"],
+                [
+                    [f"`{k}`", _fmt(v["r2_baseline"], 3), _ci(v["r2"]), _ci(v["mse"], 4)]
+                    for k, v in vs.items()
+                ],
+            ),
+            "",
+        ]
+    sg = epi.get("subgroups")
+    if sg is not None and sg.height:
+        out += [
+            f"## {syn}Subgroups",
+            "",
+            "Within a subgroup R² is lower than pooled when the grouping variable itself explains BMD (sex). "
+            "CI: subject-level bootstrap.",
+            "",
+            _table(
+                ["group", "level", "n", "R² [95 % CI]", "MAE", "bias"],
+                [
+                    [
+                        r["group"],
+                        r["level"],
+                        str(r["n"]),
+                        _ci((r["r2"], r["r2_lo"], r["r2_hi"])),
+                        _fmt(r["mae"]),
+                        _fmt(r["bias"]),
+                    ]
+                    for r in sg.iter_rows(named=True)
+                ],
+            ),
+            "",
+        ]
+    return out

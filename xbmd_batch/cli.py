@@ -52,6 +52,9 @@ def score(
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
     reference: str = typer.Option("nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar."),
+    interval: float = typer.Option(
+        0.9, help="Level of the bmd_lo/bmd_hi conformal interval: 0.8 | 0.9 | 0.95."
+    ),
     key_column: str | None = typer.Option(None, help="META column matched to PatientID [subject_id]."),
     path_column: str | None = typer.Option(
         None, help="META column holding each row's file (path relative to DIR, or a unique file name)."
@@ -71,7 +74,8 @@ def score(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
 ) -> None:
-    """Score every hip X-ray under DIR with its META row: scores.parquet, failures.parquet, run.json in OUT.
+    """Score every hip X-ray under DIR with its META row: scores.parquet (with conformal intervals and
+    predictive probabilities), cohort_summary.parquet, failures.parquet, run.json in OUT.
 
     Example: xbmd-batch score cohort/dicom cohort/meta.csv --model model.onnx --out results/
 
@@ -97,6 +101,7 @@ def score(
         workers=workers,
         chunk_size=chunk_size,
         reference=reference,
+        interval=interval,
         key_column=key_column,
         path_column=path_column,
         pseudonymize=pseudonymize,
@@ -119,7 +124,8 @@ def score(
         raise typer.Exit(128 + e.signum if isinstance(e, Terminated) else 130) from None
     if not quiet:
         typer.echo(
-            f"results in {res.out_dir}: scores.parquet, failures.parquet, run.json (exit {res.exit_code})"
+            f"results in {res.out_dir}: scores.parquet, cohort_summary.parquet, failures.parquet, run.json "
+            f"(exit {res.exit_code}); HTML report: xbmd-batch report {res.out_dir}"
         )
     raise typer.Exit(res.exit_code)
 
@@ -167,6 +173,28 @@ def bench(
         raise typer.Exit(2) from None
     Console().print(bench_table(df, is_synthetic(dicom_dir)))
     typer.echo(f"results: {out}/bench.parquet, {out}/bench.json")
+
+
+@app.command(no_args_is_help=True)
+def report(
+    results: Path = typer.Argument(..., help="A `score` output folder (scores.parquet, run.json, ...)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file [RESULTS/report.html]."),
+) -> None:
+    """One self-contained HTML cohort report (figures embedded, no network) plus its PNGs beside it.
+
+    Example: xbmd-batch report results/ --out results/report.html
+
+    Exit codes: 0 written | 2 RESULTS is not a finished score output.
+    """
+    from xbmd_batch.errors import InputError
+    from xbmd_batch.report import write_report
+
+    try:
+        path = write_report(results, out)
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {path} (PNGs in {path.parent / (path.stem + '_figures')})")
 
 
 @app.command()

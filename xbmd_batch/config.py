@@ -148,6 +148,15 @@ class ModelConfig:
     fusion: Literal["xattn", "concat"] = "xattn"
     image_size: int = 224
     in_chans: int = 1
+    # image encoder: "resnet34" (the paper's) or "smallcnn" (4 stride-2 stages of two 3x3 conv-BN-ReLU,
+    # widths cnn_width x (1, 2, 4, 8); ~0.3 M parameters at width 16; for the CPU preset)
+    encoder: Literal["resnet34", "smallcnn"] = "resnet34"
+    cnn_width: int = 16
+    # "wide" linear path (xbmd_batch.model.WidePath): BMD offset = linear(avg-pooled image at wide_side^2,
+    # metadata values, presence mask), fitted by ridge before the network trains; the network then learns
+    # the residual. False: the paper's head (offset = bmd_mean).
+    wide: bool = False
+    wide_side: int = 64
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4
@@ -160,6 +169,10 @@ class ModelConfig:
     # BMD output = bmd_mean + bmd_std * head(z); set from training data so the head starts near the answer.
     bmd_mean: float = 0.72
     bmd_std: float = 0.14
+    # Output recalibration (xbmd_batch.calibration), applied inside the head: bmd = intercept + slope * raw.
+    # Fitted after training on data the model did not train on; identity for an uncalibrated model.
+    calib_intercept: float = 0.0
+    calib_slope: float = 1.0
 
     @property
     def n_fields(self) -> int:

@@ -4,8 +4,11 @@ The paper says only that low (clinically important) BMD is weighted up. Our weig
 
     w_raw(y) = 1 + a * sigmoid((t - y) / s),      w = w_raw / mean_batch(w_raw)
 
-with t = 0.738 g/cm^2 (Hologic femoral-neck osteopenia cut, T = -1 on NHANES III), s = 0.05 g/cm^2 (how
-sharp the rise is) and a = 2 (a subject far below t counts up to 3x one far above, before normalisation).
+with t the T = -1 BMD of the T-score reference the labels are on and s = (5/12) x that reference's SD (how
+sharp the rise is), so the emphasis sits on the same clinical cut whatever the DXA scale: NHANES III Hologic
+gives t = 0.738, s = 0.05 g/cm^2; the Lunar scale t = 0.899, s = 0.058 g/cm^2 (``weight_params_for``). a = 2
+(a subject far below t counts up to 3x one far above, before normalisation). Without a reference the Hologic
+values are used.
 Normalising to mean 1 over the batch keeps the loss on the same scale as plain Smooth L1, so learning rates
 transfer. The weights depend on the labels only and carry no gradient.
 
@@ -23,6 +26,20 @@ OSTEOPENIA_HOLOGIC = 0.738  # g/cm^2, T = -1 on the NHANES III femoral-neck refe
 DEFAULT_BETA = 0.05  # g/cm^2
 DEFAULT_ALPHA = 2.0
 DEFAULT_SCALE = 0.05  # g/cm^2
+SCALE_PER_SD = DEFAULT_SCALE / 0.120  # the weight's width in reference SDs (0.05 g/cm^2 on Hologic's 0.120)
+
+
+def weight_params_for(reference: str) -> dict[str, float]:
+    """``{"threshold", "scale"}`` of the low-BMD emphasis on a T-score reference (xbmd_batch.clinical).
+
+    threshold = the reference's BMD at T = -1; scale = SCALE_PER_SD x its SD. Training stores both in the
+    checkpoint so the weighting a model was trained with is on record.
+    """
+    from xbmd_batch.clinical import get_reference
+
+    ref = get_reference(reference)
+    return {"threshold": float(ref.bmd_at(-1.0)), "scale": float(SCALE_PER_SD * ref.sd)}
+
 
 LOSS_NAMES: tuple[str, ...] = ("mse", "l1", "smoothl1", "wsmoothl1")
 
@@ -72,8 +89,16 @@ class WeightedSmoothL1Loss(nn.Module):
         return f"beta={self.beta}, alpha={self.alpha}, threshold={self.threshold}, scale={self.scale}"
 
 
-def make_loss(name: str, beta: float = DEFAULT_BETA, **weight_kw: float) -> nn.Module:
-    """A loss module ``loss(pred, target)`` by name: mse, l1, smoothl1, wsmoothl1 (the paper's)."""
+def make_loss(
+    name: str, beta: float = DEFAULT_BETA, reference: str | None = None, **weight_kw: float
+) -> nn.Module:
+    """A loss module ``loss(pred, target)`` by name: mse, l1, smoothl1, wsmoothl1 (the paper's).
+
+    ``reference`` (a T-score reference name) centres wsmoothl1's emphasis on that reference's T = -1 and
+    scales its width with the reference SD (``weight_params_for``); explicit ``threshold``/``scale`` win.
+    """
+    if reference is not None:
+        weight_kw = {**weight_params_for(reference), **weight_kw}
     if name == "mse":
         return nn.MSELoss()
     if name == "l1":

@@ -6,9 +6,12 @@ but no equations. The equations below are our choices; ``ModelConfig`` holds eve
 D = d_model, H = n_heads, Dh = D / H, F = number of metadata fields, N = g * g image tokens.
 
 Image tokens
-    resnet34 trunk (torchvision, ``weights=None``) with a ``in_chans``-channel stem, up to layer4:
+    encoder "resnet34": torchvision resnet34 trunk (``weights=None``; ``load_pretrained_resnet34`` loads
+    user-supplied ImageNet weights, the RGB stem summed to ``in_chans``) up to layer4:
     feature map [B, 512, g, g], g = image_size / 32 (ceil per stride-2 stage; 2, 4, 7 at 64, 128, 224).
-    I_0 = flatten(map) W_img + P,  W_img in R^{512 x D},  P in R^{N x D} a learned positional embedding.
+    encoder "smallcnn": 4 stages, each conv3x3(stride 2)-BN-ReLU-conv3x3-BN-ReLU, widths w, 2w, 4w, 8w
+    (w = cnn_width): feature map [B, 8w, g, g], g = image_size / 16 (4, 8 at 64, 128).
+    I_0 = flatten(map) W_img + P,  W_img in R^{C x D},  P in R^{N x D} a learned positional embedding.
 
 Metadata tokens (one per field f, schema order)
     numeric f:      e_f = x_f * w_f + b_f                         (w_f, b_f in R^D learned)
@@ -40,7 +43,15 @@ Key-value updater (between layers; L - 1 updaters per direction)
 
 Head (late concatenation)
     z = [mean_n LN(I_L)_n, mean_f LN(M_L)_f] in R^{2D}
-    bmd = bmd_mean + bmd_std * (W_2 GELU(W_1 z + b_1) + b_2)   (W_1: 2D -> head_hidden, W_2: head_hidden -> 1)
+    raw = bmd_mean + bmd_std * (W_2 GELU(W_1 z + b_1) + b_2)   (W_1: 2D -> head_hidden, W_2: head_hidden -> 1)
+    bmd = calib_intercept + calib_slope * raw                  (xbmd_batch.calibration; identity until fitted)
+    With ``wide`` (CPU preset) bmd_mean is replaced by a linear "wide" path:
+    raw = w . [avgpool_k(image) flattened, meta (missing -> 0), meta_mask] + b + bmd_std * (W_2 ... + b_2),
+    k = image_size / wide_side; (w, b) are fitted by ridge on the training part before the network trains
+    (``train.engine.fit_wide``) and frozen: the network learns what a linear model of its inputs misses.
+    The calibration pair comes from ModelConfig and sits in non-persistent buffers: state dicts are unchanged
+    (old checkpoints load), the exported ONNX graph carries it as constants, and every backend returns the
+    calibrated BMD. ``set_calibration`` writes it into a trained model.
 
 Field attention (output ``field_attention``, [B, F])
     The image->metadata weights A_l^{i<-m}, averaged over heads, image query tokens and layers:
@@ -63,12 +74,15 @@ from xbmd_batch.config import ModelConfig
 RESNET_OUT_CHANNELS = 512  # resnet34 layer4 width
 
 
-def grid_size(image_size: int) -> int:
-    """Side of the layer4 grid: five stride-2 stages of ceil(n / 2) (image_size // 32 for multiples of 32)."""
+def grid_size(image_size: int, n_stages: int = 5) -> int:
+    """Side of the encoder's output grid: n stride-2 stages of ceil(n / 2) (resnet34: 5, image_size // 32)."""
     g = image_size
-    for _ in range(5):
+    for _ in range(n_stages):
         g = (g + 1) // 2
     return g
+
+
+SMALLCNN_STAGES = 4
 
 
 def _check_config(cfg: ModelConfig) -> None:
@@ -87,22 +101,59 @@ def _check_config(cfg: ModelConfig) -> None:
             raise ValueError(f"categorical field {name!r} needs at least one category")
     if cfg.image_size < 32:
         raise ValueError(f"image_size must be >= 32 (got {cfg.image_size})")
+    if cfg.encoder not in ("resnet34", "smallcnn"):
+        raise ValueError(f"unknown encoder {cfg.encoder!r}; expected 'resnet34' or 'smallcnn'")
+    if cfg.encoder == "smallcnn" and cfg.cnn_width < 1:
+        raise ValueError(f"cnn_width must be >= 1 (got {cfg.cnn_width})")
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallCNNTrunk(nn.Module):
+    """``stem`` (first stage) + ``layers`` (the other three), the same attribute names as the resnet trunk."""
+
+    def __init__(self, in_chans: int, width: int) -> None:
+        super().__init__()
+        w = [width * m for m in (1, 2, 4, 8)]
+        self.stem = nn.Sequential(*_conv_bn_relu(in_chans, w[0], 2), *_conv_bn_relu(w[0], w[0], 1))
+        self.layers = nn.Sequential(
+            *[
+                nn.Sequential(*_conv_bn_relu(w[i - 1], w[i], 2), *_conv_bn_relu(w[i], w[i], 1))
+                for i in range(1, SMALLCNN_STAGES)
+            ]
+        )
+        self.out_channels = w[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
 class ImageEncoder(nn.Module):
-    """resnet34 trunk -> layer4 grid tokens projected to d_model, plus a learned positional embedding."""
+    """CNN trunk (resnet34 or smallcnn) -> grid tokens projected to d_model + learned position embeddings."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from torchvision.models import resnet34
+        if cfg.encoder == "smallcnn":
+            small = SmallCNNTrunk(cfg.in_chans, cfg.cnn_width)
+            self.stem, self.layers = small.stem, small.layers
+            channels, stages = small.out_channels, SMALLCNN_STAGES
+        else:
+            from torchvision.models import resnet34
 
-        trunk = resnet34(weights=None)
-        trunk.conv1 = nn.Conv2d(cfg.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
-        self.layers = nn.Sequential(trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
-        self.n_tokens = grid_size(cfg.image_size) ** 2
-        self.proj = nn.Linear(RESNET_OUT_CHANNELS, cfg.d_model)
+            trunk = resnet34(weights=None)
+            trunk.conv1 = nn.Conv2d(cfg.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+            self.layers = nn.Sequential(trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+            channels, stages = RESNET_OUT_CHANNELS, 5
+        self.n_tokens = grid_size(cfg.image_size, stages) ** 2
+        self.proj = nn.Linear(channels, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(1, self.n_tokens, cfg.d_model) * 0.02)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -251,6 +302,30 @@ class KVUpdater(nn.Module):
         return (1.0 - g) * ctx + g * self.update(fresh)  # (B, T, D)
 
 
+class WidePath(nn.Module):
+    """Linear model of the average-pooled image and the metadata (a BMD offset); see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        side = min(cfg.wide_side, cfg.image_size)
+        if cfg.image_size % side != 0:
+            raise ValueError(f"wide_side {cfg.wide_side} must divide image_size {cfg.image_size}")
+        self.kernel = cfg.image_size // side
+        self.n_features = side * side * cfg.in_chans + 2 * len(cfg.field_names)
+        self.linear = nn.Linear(self.n_features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.constant_(self.linear.bias, cfg.bmd_mean)
+
+    def features(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
+        x = image if self.kernel == 1 else nn.functional.avg_pool2d(image, self.kernel)
+        present = meta_mask > 0.5
+        meta = torch.where(present, meta, torch.zeros_like(meta))
+        return torch.cat([x.flatten(1), meta, meta_mask], dim=1)  # (B, n_features)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(image, meta, meta_mask)).squeeze(-1)  # (B,)
+
+
 class RegressionHead(nn.Module):
     """Late concatenation [pooled image, pooled metadata] -> BMD in g/cm^2."""
 
@@ -266,9 +341,26 @@ class RegressionHead(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
         self.bmd_mean = cfg.bmd_mean
         self.bmd_std = cfg.bmd_std
+        self.register_buffer("calib_intercept", torch.tensor(float(cfg.calib_intercept)), persistent=False)
+        self.register_buffer("calib_slope", torch.tensor(float(cfg.calib_slope)), persistent=False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.bmd_mean + self.bmd_std * self.net(z).squeeze(-1)  # (B,)
+    def forward(self, z: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.bmd_mean if offset is None else offset  # (B,) from the wide path
+        raw = base + self.bmd_std * self.net(z).squeeze(-1)  # (B,)
+        return self.calib_intercept + self.calib_slope * raw  # (B,)
+
+
+def _wide_offset(
+    wide: WidePath | None,
+    image: torch.Tensor,
+    meta: torch.Tensor,
+    mask: torch.Tensor,
+    given: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The wide path's offset: ``given`` (training passes it from the un-augmented image) or computed here."""
+    if wide is None:
+        return None
+    return given if given is not None else wide(image, meta, mask)
 
 
 class XAttnBMD(nn.Module):
@@ -288,6 +380,7 @@ class XAttnBMD(nn.Module):
         self.ln_img = nn.LayerNorm(cfg.d_model)
         self.ln_meta = nn.LayerNorm(cfg.d_model)
         self.head = RegressionHead(cfg)
+        self.wide = WidePath(cfg) if cfg.wide else None
 
     def forward(
         self,
@@ -295,6 +388,7 @@ class XAttnBMD(nn.Module):
         meta: torch.Tensor,
         meta_mask: torch.Tensor,
         return_attention: bool = False,
+        wide_offset: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = self.image_encoder(image)  # (B, N, D)
         met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
@@ -307,7 +401,7 @@ class XAttnBMD(nn.Module):
                 ctx_meta = self.kv_meta[i](ctx_meta, met)
                 ctx_img = self.kv_img[i](ctx_img, img)
         z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
-        bmd = self.head(z)  # (B,)
+        bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
         if return_attention:
             return bmd, attn_sum / len(self.layers)
         return bmd
@@ -327,6 +421,7 @@ class ConcatBaseline(nn.Module):
         self.ln_img = nn.LayerNorm(cfg.d_model)
         self.ln_meta = nn.LayerNorm(cfg.d_model)
         self.head = RegressionHead(cfg)
+        self.wide = WidePath(cfg) if cfg.wide else None
 
     def forward(
         self,
@@ -334,11 +429,12 @@ class ConcatBaseline(nn.Module):
         meta: torch.Tensor,
         meta_mask: torch.Tensor,
         return_attention: bool = False,
+        wide_offset: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = self.image_encoder(image)  # (B, N, D)
         met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
         z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
-        bmd = self.head(z)  # (B,)
+        bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
         if return_attention:
             return bmd, torch.ones_like(meta) / meta.shape[-1]  # (B, F) uniform: no attention to report
         return bmd
@@ -365,6 +461,57 @@ def build_model(cfg: ModelConfig) -> XAttnBMD | ConcatBaseline:
     if cfg.fusion == "concat":
         return ConcatBaseline(cfg)
     raise ValueError(f"unknown fusion {cfg.fusion!r}; expected 'xattn' or 'concat'")
+
+
+def load_pretrained_resnet34(model: nn.Module, path: str) -> dict[str, int]:
+    """Load a user-supplied torchvision ImageNet resnet34 state dict (a file; nothing is downloaded).
+
+    The RGB stem ``conv1.weight`` [64, 3, 7, 7] is summed over its colour channels (a grey image fed to all
+    three channels gives exactly that response) and repeated to ``in_chans``; ``fc.*`` is dropped. Loaded with
+    ``weights_only=True``. Returns counts of loaded tensors; raises ValueError on a mismatching file.
+    """
+    if model.cfg.encoder != "resnet34":
+        raise ValueError(f"--pretrained needs the resnet34 encoder (this model has {model.cfg.encoder!r})")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or "conv1.weight" not in sd:
+        raise ValueError(f"{path}: not a torchvision resnet34 state dict (no conv1.weight)")
+    enc = model.image_encoder
+    conv1 = sd["conv1.weight"]
+    if tuple(conv1.shape) != (64, 3, 7, 7):
+        raise ValueError(f"{path}: conv1.weight has shape {tuple(conv1.shape)}, expected (64, 3, 7, 7)")
+    stem_w = conv1.sum(dim=1, keepdim=True).repeat(1, model.cfg.in_chans, 1, 1) / model.cfg.in_chans
+    mapped: dict[str, torch.Tensor] = {"stem.0.weight": stem_w}
+    for k, v in sd.items():
+        if k.startswith("bn1."):
+            mapped["stem.1." + k[4:]] = v
+        elif k.startswith("layer"):
+            i = int(k[5]) - 1
+            mapped[f"layers.{i}.{k[7:]}"] = v
+    own = enc.state_dict()
+    bad = [k for k, v in mapped.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) do not fit resnet34, e.g. {bad[:3]}")
+    missing = [k for k in own if (k.startswith(("stem.", "layers."))) and k not in mapped]
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} resnet34 tensor(s), e.g. {missing[:3]}")
+    enc.load_state_dict(mapped, strict=False)
+    return {"loaded": len(mapped), "dropped": sum(1 for k in sd if k.startswith("fc."))}
+
+
+def set_calibration(model: nn.Module, intercept: float, slope: float) -> ModelConfig:
+    """Write the output calibration into a built model; returns its config with the same pair (to save).
+
+    The pair replaces (does not compose with) what the model had; pass the composed map to chain fits.
+    """
+    import dataclasses
+
+    head = model.head
+    head.calib_intercept.fill_(float(intercept))
+    head.calib_slope.fill_(float(slope))
+    model.cfg = dataclasses.replace(model.cfg, calib_intercept=float(intercept), calib_slope=float(slope))
+    return model.cfg
 
 
 def count_parameters(model: nn.Module) -> int:

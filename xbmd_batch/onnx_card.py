@@ -105,8 +105,16 @@ def expected_io(card: ModelCard) -> tuple[dict[str, tuple[Dim, ...]], dict[str, 
     if len(in_names) != 3 or len(out_names) != 2:
         raise ModelFileError(f"model card names {in_names} -> {out_names}; expected 3 inputs and 2 outputs")
     inputs = {in_names[0]: (None, c, s, s), in_names[1]: (None, f), in_names[2]: (None, f)}
-    outputs = {out_names[0]: (None,), out_names[1]: (None, f)}
+    outputs: dict[str, tuple[Dim, ...]] = {out_names[0]: (None,), out_names[1]: (None, f)}
+    for name in extra_output_names(card):  # e.g. a fold ensemble's bmd_sd_models [B]
+        outputs[name] = (None,)
     return inputs, outputs
+
+
+def extra_output_names(card: ModelCard) -> list[str]:
+    """Per-image outputs beyond bmd and field_attention that the graph also returns (``export --ensemble``
+    adds ``bmd_sd_models``); runners pass them through and `score` writes them."""
+    return [str(n) for n in (card.extra.get("ensemble") or {}).get("extra_outputs", [])]
 
 
 def _is_dynamic(d: Dim) -> bool:

@@ -78,9 +78,12 @@ def validate_feeds(feeds: Feeds, card: ModelCard, source: str = "runner") -> dic
 
 
 def _empty_outputs(card: ModelCard) -> dict[str, np.ndarray]:
+    from xbmd_batch.onnx_card import extra_output_names
+
     f = card.model_config.n_fields
     bmd, attn = card.output_names
-    return {bmd: np.zeros((0,), np.float32), attn: np.zeros((0, f), np.float32)}
+    out = {bmd: np.zeros((0,), np.float32), attn: np.zeros((0, f), np.float32)}
+    return out | {n: np.zeros((0,), np.float32) for n in extra_output_names(card)}
 
 
 def _check_outputs(
@@ -94,6 +97,9 @@ def _check_outputs(
             f"{source}: backend returned shapes {res[bmd].shape} / {res[attn].shape}, expected ({batch},) / "
             f"({batch}, {f})"
         )
+    for name, v in out.items():  # per-image extras (a fold ensemble's bmd_sd_models) pass through
+        if name not in res:
+            res[name] = np.asarray(v, np.float32).reshape(-1)
     return res
 
 

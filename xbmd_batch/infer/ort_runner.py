@@ -183,7 +183,9 @@ class OrtRunner(BaseRunner):
             )
         check_io_against_card(sess, self.card, source=str(self.model_path))
         self.session = sess
-        self._out_names = list(self.card.output_names)
+        from xbmd_batch.onnx_card import extra_output_names
+
+        self._out_names = [*self.card.output_names, *extra_output_names(self.card)]
 
     def _unload(self) -> None:
         self.session = None

@@ -1,7 +1,10 @@
 """Stage 8: parts + plan -> OUT/scores.parquet and OUT/failures.parquet (each written atomically).
 
-The clinical columns (T-score, WHO class, screening flags) are derived here from ``bmd_pred`` and the chosen
-reference, so a resumed run may change ``--reference`` without rescoring. Only rows of the current plan are
+The clinical columns (T-score, WHO class, screening flags) and the uncertainty columns (conformal interval
+``bmd_lo``/``bmd_hi`` and predictive probabilities ``p_t_le_*``, ``xbmd_batch.uncertainty``) are derived here
+from ``bmd_pred``, the chosen reference and the model card's out-of-fold residuals, so a resumed run may
+change ``--reference`` or ``--interval`` without rescoring. ``cohort_summary.parquet``
+(``xbmd_batch.score.cohort_summary``) is written from the final scores. Only rows of the current plan are
 kept (a file deleted between sessions drops out), in plan order (relative path), each exactly once.
 """
 
@@ -14,16 +17,22 @@ import polars as pl
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference, who_class
 from xbmd_batch.fsutil import atomic_write_parquet
+from xbmd_batch.score.cohort_summary import cohort_summary, threshold_suffix
 from xbmd_batch.score.reconcile import FAILURE_SCHEMA
 from xbmd_batch.score.writer import list_parts
+from xbmd_batch.uncertainty import DEFAULT_LEVEL, ConditionalConformal
 
 ID_COLUMNS = ("subject_key", "relative_path", "sop_instance_uid", "study_instance_uid")
 
 
 def screen_column(t: float) -> str:
     """Column name of the screening flag T <= t, e.g. -1.0 -> screen_t_le_m1, -2.5 -> screen_t_le_m2_5."""
-    s = f"{abs(t):g}".replace(".", "_")
-    return f"screen_t_le_{'m' if t < 0 else ''}{s}"
+    return f"screen_t_le_{threshold_suffix(t)}"
+
+
+def prob_column(t: float) -> str:
+    """Column name of the predictive probability P(T <= t), e.g. -2.5 -> p_t_le_m2_5."""
+    return f"p_t_le_{threshold_suffix(t)}"
 
 
 def scores_schema(field_names: tuple[str, ...]) -> dict[str, pl.DataType]:
@@ -33,10 +42,17 @@ def scores_schema(field_names: tuple[str, ...]) -> dict[str, pl.DataType]:
         "image_index_for_subject": pl.Int32,
         "n_images_for_subject": pl.Int32,
         "bmd_pred": pl.Float32,
+        "bmd_lo": pl.Float32,
+        "bmd_hi": pl.Float32,
+        "interval_level": pl.Float32,
+        "bmd_sd_models": pl.Float32,
         "t_score": pl.Float64,
         "who_class": pl.String,
         **{screen_column(t): pl.Boolean for t in SCREEN_THRESHOLDS},
+        **{prob_column(t): pl.Float32 for t in SCREEN_THRESHOLDS},
         "t_score_reference": pl.String,
+        "sex": pl.String,
+        "age_band": pl.String,
         **{f"attn_{f}": pl.Float32 for f in field_names},
         **{f"missing_{f}": pl.Boolean for f in field_names},
         **{f"derived_{f}": pl.Boolean for f in field_names},
@@ -54,9 +70,7 @@ def read_parts(out_dir: Path) -> pl.DataFrame | None:
     parts = list_parts(out_dir)
     if not parts:
         return None
-    return pl.concat(
-        [pl.read_parquet(p) for p in parts], how="diagonal_relaxed"
-    )  # older parts: fewer columns
+    return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed")
 
 
 def finalize(
@@ -67,10 +81,17 @@ def finalize(
     reference: str,
     model_sha256: str,
     run_id: str,
+    *,
+    conformal: ConditionalConformal | None = None,
+    interval: float = DEFAULT_LEVEL,
+    strata: pl.DataFrame | None = None,
+    n_boot: int = 1000,
 ) -> dict[str, int]:
-    """Write the two final tables. ``plan_keys``: relative_path, sop_instance_uid (output form) in plan order,
-    optionally file_size / file_mtime_ns (the files now): a row recorded for other bytes is not used.
-    The latest row of a key wins (a retried transient failure or a re-scored changed file supersedes).
+    """Write scores.parquet, failures.parquet and cohort_summary.parquet. ``plan_keys``: relative_path,
+    sop_instance_uid (output form) in plan order, optionally file_size / file_mtime_ns (the files now): a row
+    recorded for other bytes is not used; the latest row of a key wins (a retried transient failure or a
+    re-scored changed file supersedes). ``conformal``: the card's out-of-fold residual model (None: null
+    intervals and probabilities). ``strata``: meta_row, sex, age_band (the cohort summary's groups).
 
     Returns counts: scored, failed_in_scoring, not_processed, duplicate_rows_dropped.
     """
@@ -108,6 +129,19 @@ def finalize(
             for th in SCREEN_THRESHOLDS
         },
     }
+    if conformal is not None and len(bmd):
+        lo, hi = conformal.interval(bmd, interval)
+        extra["bmd_lo"] = pl.Series("bmd_lo", lo, dtype=pl.Float32)
+        extra["bmd_hi"] = pl.Series("bmd_hi", hi, dtype=pl.Float32)
+        extra["interval_level"] = pl.Series("interval_level", np.full(len(bmd), interval), dtype=pl.Float32)
+        bins = conformal.bin_of(bmd)
+        for th in SCREEN_THRESHOLDS:
+            p = conformal.prob_le(bmd, ref.bmd_at(th), bins)
+            extra[prob_column(th)] = pl.Series(prob_column(th), p, dtype=pl.Float32)
+    if strata is not None and scored.height:
+        scored = scored.join(
+            strata.select("meta_row", "sex", "age_band"), on="meta_row", how="left", maintain_order="left"
+        )
     scored = scored.with_columns(
         *extra.values(),
         pl.lit(reference, pl.String).alias("t_score_reference"),
@@ -120,6 +154,8 @@ def finalize(
             scored = scored.with_columns(pl.lit(None, dt).alias(c))
     scored = scored.select(pl.col(c).cast(dt) for c, dt in schema.items())
     atomic_write_parquet(Path(out_dir) / "scores.parquet", scored.to_arrow())
+    summary = cohort_summary(scored, ref, conformal, interval, n_boot=n_boot)
+    atomic_write_parquet(Path(out_dir) / "cohort_summary.parquet", summary.to_arrow())
 
     failed = parts.filter(pl.col("status") == "failed")
     if failed.height:

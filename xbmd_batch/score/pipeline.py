@@ -70,6 +70,7 @@ class ScoreOptions:
     max_missing: float = 0.2  # a field missing/invalid for more of the subjects to score is an error...
     allow_missing: tuple[str, ...] = ()  # ...unless named here (--allow-missing FIELD)
     follow_symlinks: bool = False  # follow links that leave DIR (links inside DIR are always followed)
+    interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -112,6 +113,12 @@ def _check_options(o: ScoreOptions) -> None:
         raise InputError(f"--max-missing must be a share between 0 and 1 (got {o.max_missing})")
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
+    from xbmd_batch.uncertainty import check_level
+
+    try:
+        check_level(o.interval)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def _plain_issue(x: Any) -> dict[str, Any]:
@@ -345,6 +352,19 @@ def _score(
     )
     t = lap("reconcile", t)
 
+    from xbmd_batch.score.cohort_summary import strata_table
+    from xbmd_batch.uncertainty import ConditionalConformal
+
+    strata = strata_table(enc.raw_values, schema)
+    conformal, no_interval_reason = ConditionalConformal.from_training_summary(card.training_summary)
+    if conformal is None:
+        console.print(f"[yellow]uncertainty: {no_interval_reason}[/]")
+    uncertainty_info = (
+        {**conformal.describe(o.interval), "available": True}
+        if conformal is not None
+        else {"available": False, "reason": no_interval_reason}
+    )
+
     ids = _out_ids(plan, pseudo)
     plan_keys = pl.DataFrame(
         {
@@ -383,10 +403,12 @@ def _score(
         "versions": manifest.versions(),
         "machine": manifest.machine_info(),
         "reconciliation": plan.counts,
+        "uncertainty": uncertainty_info,
     }
 
     if o.strict and plan.n_quarantined:
-        finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id)
+        finalize(out_dir, plan_keys.clear(), quarantine, schema.names, o.reference, model_sha, run_id,
+                 conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
         manifest.write_run_json(
             out_dir,
             {
@@ -518,13 +540,16 @@ def _score(
             bmd = np.asarray(out["bmd"], dtype=np.float32).reshape(len(idx))
             attn = out.get("field_attention") if has_attn else None
             attn = None if attn is None else np.asarray(attn, dtype=np.float32).reshape(len(idx), -1)
+            sd = out.get("bmd_sd_models")  # a fold ensemble's between-model SD (export --ensemble)
+            sd = None if sd is None else np.asarray(sd, dtype=np.float32).reshape(len(idx))
             good = np.isfinite(bmd)
             if attn is not None:
                 good &= np.isfinite(attn).all(axis=1)
             if good.all():
-                buf.add_scored(idx, bmd, attn)
+                buf.add_scored(idx, bmd, attn, sd)
             else:
-                buf.add_scored(idx[good], bmd[good], None if attn is None else attn[good])
+                buf.add_scored(idx[good], bmd[good], None if attn is None else attn[good],
+                               None if sd is None else sd[good])  # fmt: skip
                 bad = idx[~good]
                 buf.add_failed(bad, "infer", ["nonfinite_prediction"] * len(bad),
                                ["the model returned NaN/inf for this image"] * len(bad))  # fmt: skip
@@ -565,7 +590,8 @@ def _score(
     t = time.perf_counter()
 
     # 8. finalize
-    fin = finalize(out_dir, plan_keys, quarantine, schema.names, o.reference, model_sha, run_id)
+    fin = finalize(out_dir, plan_keys, quarantine, schema.names, o.reference, model_sha, run_id,
+                   conformal=conformal, interval=o.interval, strata=strata)  # fmt: skip
     t = lap("finalize", t)
     scores = pl.read_parquet(out_dir / "scores.parquet", columns=["who_class"])
     who = {c: int((scores.get_column("who_class") == c).sum()) for c in WHO_CLASSES}
@@ -609,6 +635,9 @@ def _score(
     from xbmd_batch.score.summary import final_table
 
     print_tables(console, final_table({**result_info, "reference": o.reference, "synthetic": synthetic}))
+    from xbmd_batch.score.cohort_summary import rich_table
+
+    print_tables(console, [rich_table(pl.read_parquet(out_dir / "cohort_summary.parquet"), synthetic)])
     quarantined = n_fail > 0 or fin["not_processed"] > 0
     return ScoreResult(
         EXIT_QUARANTINE if quarantined else EXIT_OK,

@@ -63,6 +63,7 @@ def part_schema(field_names: tuple[str, ...]) -> pa.Schema:
         ("image_index_for_subject", pa.int32()),
         ("n_images_for_subject", pa.int32()),
         ("bmd_pred", pa.float32()),
+        ("bmd_sd_models", pa.float32()),  # between-model SD of a fold ensemble; null for one model
         *[(f"attn_{f}", pa.float32()) for f in field_names],
         *[(f"missing_{f}", pa.bool_()) for f in field_names],
         *[(f"derived_{f}", pa.bool_()) for f in field_names],
@@ -129,9 +130,12 @@ class ChunkBuffer:
             d["file_mtime_ns"] = pa.array(mtime, mask=mtime < 0)
         return d
 
-    def add_scored(self, idx: np.ndarray, bmd: np.ndarray, attn: np.ndarray | None) -> None:
+    def add_scored(
+        self, idx: np.ndarray, bmd: np.ndarray, attn: np.ndarray | None, sd_models: np.ndarray | None = None
+    ) -> None:
         d = self._common(idx, "scored")
         d["bmd_pred"] = np.asarray(bmd, dtype=np.float32)
+        d["bmd_sd_models"] = None if sd_models is None else np.asarray(sd_models, dtype=np.float32)
         for j, f in enumerate(self.fields):
             d[f"attn_{f}"] = np.asarray(attn[:, j], dtype=np.float32) if attn is not None else None
         for c in ("stage", "reason", "message"):
@@ -143,6 +147,7 @@ class ChunkBuffer:
         idx = np.asarray(idx, dtype=np.int64)
         d = self._common(idx, "failed")
         d["bmd_pred"] = None
+        d["bmd_sd_models"] = None
         for f in self.fields:
             d[f"attn_{f}"] = None
         d["stage"], d["reason"], d["message"] = [stage] * len(idx), list(reasons), list(messages)

@@ -93,12 +93,18 @@ def ridge_references(train: dict[str, Any], test: dict[str, Any], folds: int = 5
     p_tr = np.empty_like(ytr)
     for a, b in KFold(folds, shuffle=True, random_state=0).split(ptr):
         p_tr[b] = _ridge(ptr[a], ytr[a]).predict(ptr[b])
+    # second stage on predictions clipped to the training labels' range: one unusual image held out of a
+    # fold can get a wild extrapolation (seen once: -10 g/cm²), which would otherwise steer the second ridge
+    lo, hi = float(ytr.min()), float(ytr.max())
+    p_tr_c, p_te_c = np.clip(p_tr, lo, hi), np.clip(p_te, lo, hi)
     out = {
         "metadata": _r2(yte, _ridge(mtr, ytr).predict(mte)),
         "pixels": _r2(yte, p_te),
-        "pixels_metadata": _r2(yte, _ridge(_stack(p_tr, mtr, False), ytr).predict(_stack(p_te, mte, False))),
+        "pixels_metadata": _r2(
+            yte, _ridge(_stack(p_tr_c, mtr, False), ytr).predict(_stack(p_te_c, mte, False))
+        ),
         "pixels_metadata_interactions": _r2(
-            yte, _ridge(_stack(p_tr, mtr, True), ytr).predict(_stack(p_te, mte, True))
+            yte, _ridge(_stack(p_tr_c, mtr, True), ytr).predict(_stack(p_te_c, mte, True))
         ),
         "pixels_metadata_joint": _r2(yte, _ridge(np.hstack([ptr, mtr]), ytr).predict(np.hstack([pte, mte]))),
         "brightness_only": _r2(

@@ -1,0 +1,78 @@
+"""train.engine: the ridge-fitted wide path, and keeping the last epoch (select_best=False)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from train.data import ArrayData
+from train.engine import WIDE_ALPHAS, fit, fit_wide
+from train.presets import get_preset
+from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig
+from xbmd_batch.loss import make_loss
+from xbmd_batch.model import build_model
+
+F = len(DEFAULT_SCHEMA.fields)
+
+
+def _data(n: int = 60, size: int = 32, seed: int = 0) -> ArrayData:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 1, (n, 1, size, size)).astype(np.float32)
+    meta = rng.normal(0, 1, (n, F)).astype(np.float32)
+    mask = (rng.random((n, F)) > 0.1).astype(np.float32)
+    y = (0.75 + 0.05 * img[:, 0, :8, :8].mean((1, 2)) + 0.02 * meta[:, 1] * mask[:, 1]).astype(np.float32)
+    return ArrayData(images=img, row_of=np.arange(n), meta=meta, mask=mask, y=y)
+
+
+def _model(size: int = 32, side: int = 16):
+    cfg = ModelConfig.for_schema(
+        DEFAULT_SCHEMA,
+        image_size=size,
+        d_model=16,
+        n_layers=1,
+        encoder="smallcnn",
+        cnn_width=4,
+        wide=True,
+        wide_side=side,
+    )
+    return build_model(cfg)
+
+
+def test_fit_wide_is_sklearn_ridge_folded_into_the_model_and_frozen() -> None:
+    data = _data()
+    model = _model()
+    idx = np.arange(50)
+    info = fit_wide(model, data, idx, torch.device("cpu"))
+    x = (
+        model.wide.features(
+            torch.from_numpy(data.images), torch.from_numpy(data.meta), torch.from_numpy(data.mask)
+        )
+        .double()
+        .numpy()
+    )
+    ref = make_pipeline(StandardScaler(), RidgeCV(alphas=WIDE_ALPHAS)).fit(x[idx], data.y[idx])
+    with torch.no_grad():
+        got = model.wide(
+            torch.from_numpy(data.images), torch.from_numpy(data.meta), torch.from_numpy(data.mask)
+        )
+    np.testing.assert_allclose(got.numpy(), ref.predict(x), rtol=0, atol=1e-4)
+    assert info["alpha"] == pytest.approx(ref[-1].alpha_)
+    assert not any(p.requires_grad for p in model.wide.parameters())
+    assert x.shape[1] == 16 * 16 + 2 * F  # 32 px pooled by 2, metadata values + mask
+
+
+def test_fit_trains_the_network_on_top_and_keeps_the_last_epoch() -> None:
+    data = _data()
+    model = _model()
+    hp = get_preset("quick").replace(image_size=32, epochs=3, batch_size=16, select_best=False, augment=True)
+    res = fit(
+        model, make_loss("mse"), data, np.arange(40), np.arange(40, 60), hp, torch.device("cpu"), seed=0
+    )
+    assert res.wide is not None and res.epochs_run == 3 and res.best_epoch == 2  # last epoch kept
+    w = model.wide.linear.weight.detach().clone()
+    fit(model, make_loss("mse"), data, np.arange(60), None, hp, torch.device("cpu"), seed=1, epochs=1)
+    assert not torch.equal(w, model.wide.linear.weight)  # refitted on the new training rows (final model)
