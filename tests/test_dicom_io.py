@@ -269,3 +269,68 @@ def test_no_decoder_available_says_what_to_install(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(type(dec), "available_plugins", property(lambda self: ()))
     with pytest.raises(InputError, match=r"j\.dcm.*xbmd-batch\[jpeg\]"):
         read_image(p)
+
+
+# --- malformed pixel data: accurate reason codes, checked before allocating --------------------------------
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("reader", ["read_image", "read_stored"])
+def test_malformed_pixels_carry_accurate_reasons(tmp_path: Path, reader: str) -> None:
+    from xbmd_batch.errors import ImageError
+
+    read = getattr(dicom_io, reader)
+    short = make_dataset(rows=64, cols=48)
+    short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+    bits = make_dataset(rows=64, cols=48)
+    bits.BitsStored = 20  # > BitsAllocated 16
+    huge = make_dataset(rows=64, cols=48)
+    huge.Rows = huge.Columns = 60000  # 3.6 Gpixel claimed, a few kB present
+    tiny = make_dataset(pixels=np.array([[7]], np.uint16))
+    cases = {
+        "short": (short, "pixel_data_length_mismatch", r"holds \d+ bytes"),
+        "bits": (bits, "invalid_bit_depth", "BitsStored=20"),
+        "huge": (huge, "image_too_large", "60000 x 60000"),
+        "tiny": (tiny, "image_too_small", "1 x 1"),
+    }
+    for name, (ds, reason, text) in cases.items():
+        p = _save(ds, tmp_path / f"{name}.dcm")
+        with pytest.raises(ImageError, match=rf"{name}\.dcm.*{text}") as ei:
+            read(p, target_size=64)
+        assert ei.value.reason == reason, name
+
+
+def test_image_too_large_checked_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed image claiming 60000^2 is refused from the header: no decoder is ever called."""
+    from xbmd_batch.errors import ImageError
+
+    ds = make_dataset(rows=32, cols=32)
+    p = make_dicom(tmp_path / "j.dcm", rows=32, cols=32, transfer_syntax=uid.JPEG2000Lossless)
+    ds = pydicom.dcmread(p)
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(p)
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("decoder called")
+
+    monkeypatch.setattr(dicom_io, "_decode_full", boom)
+    monkeypatch.setattr(dicom_io, "_decode_j2k_reduced", boom)
+    with pytest.raises(ImageError) as ei:
+        dicom_io.read_stored(p, target_size=16)
+    assert ei.value.reason == "image_too_large"
+
+
+def test_stored_view_masks_and_sign_extends_like_pydicom(tmp_path: Path) -> None:
+    px = hip_phantom(40, 32, 12).astype(np.uint16)
+    px[0, 0] |= 0xF000  # garbage above BitsStored
+    p = make_dicom(tmp_path / "u.dcm", pixels=px, bits_stored=12)
+    st, info = dicom_io.read_stored(p)
+    assert info.decoder == "numpy-view"
+    np.testing.assert_array_equal(st.pixels, pydicom.dcmread(p).pixel_array)
+    sp = (hip_phantom(40, 32, 11).astype(np.int16) - 1000).astype(np.int16)
+    p2 = make_dicom(tmp_path / "s.dcm", pixels=sp, bits_stored=12, signed=True)
+    np.testing.assert_array_equal(dicom_io.read_stored(p2)[0].pixels, pydicom.dcmread(p2).pixel_array)

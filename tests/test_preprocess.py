@@ -109,3 +109,117 @@ def test_reduced_j2k_parity_with_full_decode(tmp_path: Path) -> None:
     # Without the geometry correction (treating the reduced image as a plain smaller image) it is worse.
     naive = preprocess_image(read_image(p, target_size=size)[0], cfg)
     assert np.abs(naive - full).mean() > d.mean()
+
+
+# --- version 3 (block means + affine grayscale on the small image) vs version 2 (float32 full matrix) -----
+
+V2 = dataclasses.replace(PreprocessConfig(image_size=64), version=2)
+V3 = PreprocessConfig(image_size=64)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["monochrome2", "monochrome1", "rescaled", "non_square", "j2k"],
+)
+def test_version3_matches_version2(tmp_path: Path, kind: str) -> None:
+    """Old and new definitions give the same model input: mean |d| <= 2e-3, p99 <= 1e-2 (model-input units;
+    [0, 1] maps to [-2, 2]); the maximum, at sharp bright edges, is bounded by 0.06. The geometry matches a
+    2000-px radiograph at S=224 (block factor k=2, k / downscale ~0.25): 500 x 430 at S=64. Measured at
+    full size (docs/dicom.md): 1900 x 1550 MONOCHROME2 mean 5.6e-4, p99 1.9e-3,
+    max 3.4e-3."""
+    from xbmd_batch import preprocess_v2
+
+    kw: dict[str, object] = {"pixels": hip_phantom(500, 430, 12, seed=11)}
+    if kind == "monochrome1":
+        kw = {
+            "pixels": (4095 - hip_phantom(500, 430, 12, seed=12)).astype(np.uint16),
+            "photometric": "MONOCHROME1",
+        }
+    elif kind == "rescaled":
+        kw["rescale"] = (-0.5, 100.0)
+    elif kind == "non_square":
+        kw = {"pixels": hip_phantom(330, 500, 12, seed=13)}
+    elif kind == "j2k":
+        kw = {"pixels": hip_phantom(1000, 860, 12, seed=14), "transfer_syntax": uid.JPEG2000Lossless}
+    p = make_dicom(tmp_path / f"{kind}.dcm", **kw)  # type: ignore[arg-type]
+    new, info = load_and_preprocess(p, V3)
+    old, _ = preprocess_v2.load_and_preprocess(p, V2)
+    if kind == "j2k":
+        assert info.reduce_level >= 1
+        # Version 2 defines the J2K input on the full-resolution geometry (its reduced decode approximates a
+        # full decode + resize); compare with that definition. Inside the image version 3's reduced decode
+        # is closer to it than version 2's (mean 1.1e-3 vs 5.1e-3 here). The padding differs by a constant
+        # (0.03 here): its fill is the median of a border band, computed on the reduced decode, and that
+        # median is unstable when the border is bimodal (this phantom: top ~1285, sides ~1030 stored units).
+        old_reduced = old
+        old = preprocess_v2.preprocess_image(read_image(p)[0], V2)
+        area = np.s_[0, :, 5:59]  # 1000 x 860 padded to 1000: columns 70..930 of 1000 -> 4.5..59.5 of 64
+        assert np.abs(new - old)[area].mean() < np.abs(old_reduced - old)[area].mean()
+        new, old = new[area], old[area]
+    else:
+        assert info.decoder == "numpy-view"
+    d = np.abs(new - old)
+    assert d.mean() <= 2e-3 and np.percentile(d, 99) <= 1e-2 and d.max() <= 0.06, (
+        d.mean(),
+        np.percentile(d, 99),
+        d.max(),
+    )
+
+
+def test_affine_on_small_image_equals_grayscale_first(tmp_path: Path) -> None:
+    """The fast path (stored integers, rescale + MONOCHROME1 inversion applied after resampling) equals the
+    same definition computed on the float32 grayscale image; the only difference is OpenCV's rounding of
+    uint16 block means (<= 0.5 stored units)."""
+    from xbmd_batch.dicom_io import read_stored
+
+    px = hip_phantom(600, 520, 12, seed=21)
+    p = make_dicom(tmp_path / "m1.dcm", pixels=px, photometric="MONOCHROME1", rescale=(2.0, -300.0))
+    st, info = read_stored(p, target_size=64)
+    assert not st.exact and st.pixels.dtype == np.uint16 and st.scale == -2.0
+    assert info.steps == ["modality_lut:rescale(2,-300)", "invert_monochrome1"]
+    fast = load_and_preprocess(p, V3)[0]
+    gray, ginfo = read_image(p)
+    assert ginfo.steps == info.steps
+    slow = preprocess_image(gray, V3)
+    assert np.abs(fast - slow).max() < 2e-3
+
+
+def test_nonlinear_voi_takes_the_exact_path(tmp_path: Path) -> None:
+    from xbmd_batch.dicom_io import read_stored
+
+    p = make_dicom(tmp_path / "w.dcm", pixels=hip_phantom(300, 260, 12, seed=2), window=(1500.0, 800.0))
+    cfg = dataclasses.replace(V3, apply_voi=True)
+    st, info = read_stored(p, target_size=64, apply_voi=True)
+    assert st.exact and st.pixels.dtype == np.float32 and "voi_window" in info.steps
+    gray, _ = read_image(p, apply_voi=True)
+    np.testing.assert_array_equal(load_and_preprocess(p, cfg)[0], preprocess_image(gray, cfg))
+    # without apply_voi the window is ignored and the affine path is used
+    st2, _ = read_stored(p, target_size=64)
+    assert not st2.exact
+
+
+def test_block_reduce_is_the_block_mean() -> None:
+    from xbmd_batch.preprocess import block_factor, block_reduce
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4096, (37, 29)).astype(np.uint16)
+    for k in (2, 4):
+        ref = np.zeros((-(-37 // k), -(-29 // k)))
+        for i in range(ref.shape[0]):
+            for j in range(ref.shape[1]):
+                ref[i, j] = x[i * k : (i + 1) * k, j * k : (j + 1) * k].mean()
+        got = block_reduce(x, k, bits_stored=12)
+        assert np.abs(got - ref).max() <= 0.5 + 1e-6  # OpenCV rounds uint16 means
+        got_f = block_reduce(x.astype(np.float32), k)
+        np.testing.assert_allclose(got_f, ref, rtol=1e-6)
+    assert block_factor((1900, 1550), 224) == 2 and block_factor((300, 300), 224) == 1
+    assert block_factor((2048, 4000), 256) == 4
+
+
+def test_version_dispatch(tmp_path: Path) -> None:
+    from xbmd_batch import preprocess_v2
+
+    p = make_dicom(tmp_path / "a.dcm", pixels=hip_phantom(200, 180, 12, seed=1))
+    np.testing.assert_array_equal(load_and_preprocess(p, V2)[0], preprocess_v2.load_and_preprocess(p, V2)[0])
+    with pytest.raises(ValueError, match="version 99"):
+        load_and_preprocess(p, dataclasses.replace(V3, version=99))

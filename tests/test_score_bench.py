@@ -30,3 +30,31 @@ def test_bench_all_stages(cohort_session: Path, tiny_model: Path, tiny_onnx: Pat
     assert info["machine"]["cpu_count"] >= 1
     assert (out / "b.png").stat().st_size > 1000
     assert pl.read_parquet(out / "bench.parquet").height == df.height
+    # the plain-loop reference (pydicom -> resize -> model at batch 1) and every row's ratio to it
+    plain = df.filter(pl.col("stage") == "plain_loop")
+    assert plain.height == 1 and plain["batch_size"][0] == 1 and plain["n"][0] >= 1
+    assert plain["ratio_to_plain_loop"][0] == 1.0
+    assert df.filter(pl.col("items_per_s").is_not_null())["ratio_to_plain_loop"].is_not_null().all()
+
+
+def test_bench_table_fits_80_columns() -> None:
+    from rich.console import Console
+
+    from xbmd_batch.bench import bench_table
+
+    rows = [
+        {"stage": "decode_preprocess", "transfer_syntax": "j2k-lossless", "workers": 1, "n": 24,
+         "items_per_s": 41.234, "ratio_to_plain_loop": 3.5},
+        {"stage": "end_to_end", "backend": "onnxruntime", "precision": "fp32", "batch_size": 32, "n": 256,
+         "items_per_s": 1234.5, "ratio_to_model_only": 0.93, "ratio_to_plain_loop": 12.25},
+    ]  # fmt: skip
+    df = pl.DataFrame([{k: r.get(k) for k in BENCH_SCHEMA} for r in rows], schema=BENCH_SCHEMA)
+    console = Console(width=80, record=True)
+    console.print(bench_table(df, synthetic=True))
+    text = console.export_text()
+    lines = text.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in text, text  # no cell truncated
+    assert "onnxruntime" in text and "j2k-lossless" in text
+    assert sum("onnxruntime" in line and "12.25x" in line for line in lines) == 1  # one row, one line
+    assert "12.25x" in text and "0.93" in text and "1234.5" in text

@@ -129,3 +129,117 @@ def test_corrupt_pixels_become_failure_rows(tiny_model: Path, tmp_path: Path, wo
     assert set(s["subject_key"]) | set(f["subject_key"].drop_nulls()) == {"GOOD", "BAD", "COLOUR"}
     assert res.exit_code == 3
     assert (f["stage"] == "decode").all()
+
+
+def test_malformed_pixel_data_failure_reasons(tmp_path: Path) -> None:
+    """Malformed uncompressed pixel data becomes failure rows with accurate reasons (issue 13), not
+    ``unsupported_transfer_syntax``; the good file next to them is decoded."""
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score.decode import _init_worker, decode_task
+    from xbmd_batch.testing import make_dataset
+
+    root = tmp_path / "d"
+    root.mkdir()
+    make_dicom(root / "good.dcm", rows=64, cols=64)
+    short = make_dataset(rows=64, cols=64)
+    short.PixelData = short.PixelData[:100]
+    bits = make_dataset(rows=64, cols=64)
+    bits.BitsStored = 17
+    huge = make_dataset(rows=64, cols=64)
+    huge.Rows = huge.Columns = 60000
+    tiny = make_dataset(pixels=np.zeros((1, 1), np.uint16))
+    for name, ds in (("short", short), ("bits", bits), ("huge", huge), ("tiny", tiny)):
+        ds.save_as(root / f"{name}.dcm", enforce_file_format=True)
+    names = ["good.dcm", "short.dcm", "bits.dcm", "huge.dcm", "tiny.dcm"]
+    _init_worker(str(root), pa.array(names), PreprocessConfig(image_size=32).to_dict())
+    task = decode_task(np.arange(len(names)))
+    assert task.ok.tolist() == [True, False, False, False, False]
+    reasons = {names[i]: r for i, r, _ in task.failures}
+    assert reasons == {
+        "short.dcm": "pixel_data_length_mismatch",
+        "bits.dcm": "invalid_bit_depth",
+        "huge.dcm": "image_too_large",
+        "tiny.dcm": "image_too_small",
+    }
+    assert all("<file>" in m and str(root) not in m for _, _, m in task.failures)
+
+
+def _small_cohort(root: Path, n: int = 7) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        kw: dict[str, object] = {"pixels": hip_phantom(90 + 7 * i, 80, 12, seed=i)}
+        if i % 3 == 1:
+            kw["photometric"] = "MONOCHROME1"
+        if i % 3 == 2:
+            kw["rescale"] = (0.5, -20.0)
+        make_dicom(root / f"f{i}.dcm", **kw)  # type: ignore[arg-type]
+        names.append(f"f{i}.dcm")
+    (root / "bad.dcm").write_bytes(b"not a dicom at all" * 10)
+    return [*names, "bad.dcm"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pool_hands_images_over_in_shared_memory(tmp_path: Path, workers: int) -> None:
+    """Zero-copy hand-off: every task's images are views of the pool's shared-memory slots (nothing but
+    indices, flags and text came through the pipe) and equal the direct decode; the segment is unlinked
+    on exit."""
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.preprocess import load_and_preprocess
+    from xbmd_batch.score.decode import DecodePool
+
+    root = tmp_path / "d"
+    names = _small_cohort(root)
+    cfg = PreprocessConfig(image_size=32)
+    seen: dict[int, np.ndarray] = {}
+    with DecodePool(root, pa.array(names), cfg, workers, task_size=2, max_inflight=2) as pool:
+        for task in pool.run(np.arange(len(names))):
+            assert task.group >= 0 and np.shares_memory(task.images, pool._slots)
+            for j, i in enumerate(task.idx):
+                if task.ok[j]:
+                    seen[int(i)] = task.images[j].copy()  # valid until the next task is requested
+        shm_name = pool._shm.name if pool._shm is not None else None
+    assert sorted(seen) == list(range(len(names) - 1))  # the junk file failed, every other decoded
+    for i, arr in seen.items():
+        np.testing.assert_array_equal(arr, load_and_preprocess(root / names[i], cfg)[0])
+    if shm_name is not None:
+        assert not Path("/dev/shm", shm_name.lstrip("/")).exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reduced_handoff_finished_in_torch_matches_cpu(tmp_path: Path, workers: int) -> None:
+    """On-device preprocessing path on CPU torch: workers hand over block means (integers) in shared memory,
+    DeviceBatcher uploads and finishes batches; equal to the CPU path within 2e-3 (model-input units)."""
+    pytest.importorskip("torch")
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.preprocess import load_and_preprocess
+    from xbmd_batch.score.batcher import DeviceBatcher
+    from xbmd_batch.score.decode import DecodePool
+
+    root = tmp_path / "d"
+    names = _small_cohort(root)
+    cfg = PreprocessConfig(image_size=32)
+    batcher = DeviceBatcher(3, cfg, "cpu")
+    got: dict[int, np.ndarray] = {}
+    with DecodePool(
+        root, pa.array(names), cfg, workers, task_size=2, max_inflight=2, handoff="reduced"
+    ) as pool:
+        batches = []
+        for task in pool.run(np.arange(len(names))):
+            assert task.images.shape[0] == 0 and task.reduced is not None
+            batches.extend(batcher.add(task.idx, task.reduced))
+        last = batcher.flush()
+        batches += [last] if last is not None else []
+    for b in batches:
+        for i, img in zip(b.idx, b.images.numpy(), strict=True):
+            got[int(i)] = img
+    assert sorted(got) == list(range(len(names) - 1))
+    for i, img in got.items():
+        ref = load_and_preprocess(root / names[i], cfg)[0]
+        assert np.abs(img - ref).max() <= 2e-3

@@ -145,8 +145,11 @@ def bench(
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
     no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end score runs."),
+    plain_loop_n: int = typer.Option(
+        32, "--plain-loop-n", help="Files for the plain-loop reference (pydicom, resize, batch 1); 0 skips."
+    ),
 ) -> None:
-    """Per-stage throughput: header read, decode per transfer syntax, model-only, end-to-end, ratio.
+    """Per-stage throughput: header read, decode per transfer syntax, model-only, end-to-end, plain loop.
 
     Example: xbmd-batch bench cohort/dicom cohort/meta.csv -m model.onnx -o bench/ --backend onnxruntime
 
@@ -165,6 +168,7 @@ def bench(
         workers=workers,
         end_to_end=not no_e2e,
         plot=plot,
+        plain_loop_n=plain_loop_n,
     )
     try:
         df = run_bench(dicom_dir, meta, list(model), out, opts)

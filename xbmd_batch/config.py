@@ -126,7 +126,9 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     norm_mean: float = 0.5
     norm_std: float = 0.25
-    version: int = 2  # bump when the preprocessing code changes meaning (invalidates caches)
+    # Bump when the preprocessing code changes meaning (invalidates caches). 3: block means + affine grayscale
+    # on the small image (issue 11); cards with 1-2 are served by xbmd_batch.preprocess_v2.
+    version: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

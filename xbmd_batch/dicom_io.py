@@ -29,7 +29,7 @@ from pydicom import uid as _uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from xbmd_batch.errors import InputError
+from xbmd_batch.errors import ImageError, InputError
 
 __all__ = [
     "HeaderInfo",
@@ -37,6 +37,10 @@ __all__ = [
     "is_dicom",
     "read_header",
     "read_image",
+    "read_stored",
+    "StoredImage",
+    "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
     "choose_reduce_level",
     "decoder_preference",
     "JPEG_EXTRA_HINT",
@@ -493,12 +497,15 @@ def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, lis
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as e:
-        raise InputError(f"{path}: transfer syntax {ts} is not supported by pydicom ({e})") from e
+        raise ImageError(
+            f"{path}: transfer syntax {ts} is not supported by pydicom ({e})", "unsupported_transfer_syntax"
+        ) from e
     available = list(decoder.available_plugins) if decoder.is_encapsulated else ["pydicom"]
     if not available:
-        raise InputError(
+        raise ImageError(
             f"{path}: no decoder installed for transfer syntax {ts} ({_uid.UID(ts).name}); "
-            f"install the JPEG plugins: {JPEG_EXTRA_HINT}"
+            f"install the JPEG plugins: {JPEG_EXTRA_HINT}",
+            "unsupported_transfer_syntax",
         )
     gdcm_ok = _check_codestream(ds, path, ts)
     order = [p for p in decoder_preference(ts) if p in available] + [
@@ -574,46 +581,114 @@ def _apply_voi(
     return arr, rng
 
 
-def read_image(
-    path: str | os.PathLike[str],
-    target_size: int | None = None,
-    apply_voi: bool = False,
-) -> tuple[np.ndarray, DecodeInfo]:
-    """Decode frame 0 to a float32 2-D grayscale image with bone bright, plus what was done to get it.
+# Size limits checked from the header before any pixel buffer is allocated (reasons image_too_small /
+# image_too_large). The smallest side of a hip radiograph is hundreds of pixels; a 16-pixel side is already
+# far below anything a model could use. The largest detectors in use are ~4300 x 4300 (18.5 Mpixel) and
+# full-field mammography ~4100 x 5600 (23 Mpixel); 64 Mpixel leaves room and caps one decode at ~256 MB of
+# float32.
+MIN_IMAGE_SIDE = 16
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
-    ``target_size``: the smallest side the caller needs; JPEG 2000 is then decoded only to the wavelet level
-    that still gives at least that many pixels on the shorter side. Everything else decodes at full size.
-    """
-    t_start = time.perf_counter()
-    p = Path(path)
+_NATIVE_LE_SYNTAXES = frozenset(str(u) for u in (_uid.ExplicitVRLittleEndian, _uid.ImplicitVRLittleEndian))
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What read_image / read_stored need after the header checks."""
+
+    ds: Dataset
+    path: Path
+    photometric: str
+    rows: int
+    cols: int
+    ts: str
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+
+
+def _check_image(p: Path) -> _Checked:
+    """Open the file and check everything that can be checked before allocating pixels, each failure with
+    its own reason code (errors.ImageError.reason)."""
     ds = _open_dataset(p, stop_before_pixels=False)
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         what = f"only {other[0]} (float pixel data is not supported)" if other else "no Pixel Data element"
-        raise InputError(f"{p}: {what}")
+        raise ImageError(f"{p}: {what}")
     photometric = (_get_str(ds, "PhotometricInterpretation") or "").upper()
     spp = _get_int(ds, "SamplesPerPixel") or 1
     if spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(
+        raise ImageError(
             f"{p}: colour image (PhotometricInterpretation={photometric or 'missing'}, "
             f"SamplesPerPixel={spp}); "
             "only single-sample MONOCHROME1/MONOCHROME2 X-rays are supported"
         )
     nframes = _get_int(ds, "NumberOfFrames") or 1
     if nframes > 1:
-        raise InputError(
+        raise ImageError(
             f"{p}: multi-frame image ({nframes} frames); only single-frame radiographs are supported"
         )
     rows = _get_int(ds, "Rows")
     cols = _get_int(ds, "Columns")
-    if not rows or not cols:
-        raise InputError(f"{p}: missing or zero Rows/Columns")
+    if not rows or not cols or rows < 0 or cols < 0:
+        raise ImageError(f"{p}: missing or zero Rows/Columns")
+    if min(rows, cols) < MIN_IMAGE_SIDE:
+        raise ImageError(
+            f"{p}: image is {rows} x {cols} pixels; the smallest side must be >= {MIN_IMAGE_SIDE}",
+            "image_too_small",
+        )
+    if rows * cols > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{p}: image is {rows} x {cols} pixels ({rows * cols / 2**20:.0f} Mpixel); at most "
+            f"{MAX_IMAGE_PIXELS // 2**20} Mpixel are decoded",
+            "image_too_large",
+        )
+    ba = _get_int(ds, "BitsAllocated")
+    bs = _get_int(ds, "BitsStored")
+    bs = ba if bs is None else bs
+    if ba not in (8, 16, 32) or bs is None or not 1 <= bs <= ba:
+        raise ImageError(
+            f"{p}: BitsAllocated={ba}, BitsStored={bs}; need BitsAllocated 8/16/32 and "
+            "1 <= BitsStored <= BitsAllocated",
+            "invalid_bit_depth",
+        )
     ts = str(ds.file_meta.TransferSyntaxUID)
+    if ts in _NATIVE_LE_SYNTAXES or ts == str(_uid.ExplicitVRBigEndian):
+        need = rows * cols * (ba // 8)
+        have = len(ds.PixelData)
+        if have < need:
+            raise ImageError(
+                f"{p}: Pixel Data holds {have} bytes; {rows} x {cols} x {ba // 8} bytes = {need} needed",
+                "pixel_data_length_mismatch",
+            )
+    signed = _get_int(ds, "PixelRepresentation") == 1
+    return _Checked(ds, p, photometric, rows, cols, ts, ba, bs, signed)
 
+
+def _native_view(c: _Checked) -> np.ndarray:
+    """Stored values of an uncompressed little-endian frame as a numpy view of the Pixel Data bytes, with
+    what pydicom does to them: unsigned values above BitsStored masked off, signed values sign-extended."""
+    dtype = np.dtype(f"<{'i' if c.signed else 'u'}{c.bits_allocated // 8}")
+    arr = np.frombuffer(c.ds.PixelData, dtype=dtype, count=c.rows * c.cols).reshape(c.rows, c.cols)
+    if c.bits_stored < c.bits_allocated:
+        shift = c.bits_allocated - c.bits_stored
+        if c.signed:
+            arr = (arr << shift) >> shift  # copy; sign-extend from the stored high bit
+        elif int(arr.max()) >> c.bits_stored:  # overlay/garbage bits above BitsStored (one cheap pass)
+            arr = arr & dtype.type((1 << c.bits_stored) - 1)
+    return arr
+
+
+def _decode_stored(c: _Checked, target_size: int | None) -> tuple[np.ndarray, str, int, list[str]]:
+    """Frame 0's stored values: (array, decoder, J2K reduce level, fallbacks). Uncompressed little endian is a
+    numpy view; JPEG 2000 is decoded at reduced resolution when ``target_size`` allows; else pydicom."""
+    ds, p, ts = c.ds, c.path, c.ts
+    failures: list[str] = []
+    if ts in _NATIVE_LE_SYNTAXES:
+        return _native_view(c), "numpy-view", 0, failures
     arr: np.ndarray | None = None
     decoder_name = ""
     level = 0
-    failures: list[str] = []
     if target_size and ts in _J2K_SYNTAXES:
         try:
             frame = _first_frame_bytes(ds)
@@ -633,29 +708,135 @@ def read_image(
         arr, decoder_name, more = _decode_full(ds, p, ts)
         failures.extend(more)
     if arr.ndim != 2:
-        raise InputError(f"{p}: decoded pixel array has shape {arr.shape}; expected a 2-D grayscale image")
+        raise ImageError(f"{p}: decoded pixel array has shape {arr.shape}; expected a 2-D grayscale image")
+    return arr, decoder_name, level, failures
 
-    steps: list[str] = []
-    img, rng = _apply_modality(arr, ds, steps)
-    if apply_voi:
-        img, rng = _apply_voi(img, ds, rng, steps)
-    shape_lut = (_get_str(ds, "PresentationLUTShape") or "").upper()
+
+def _inverts(c: _Checked) -> bool:
     # DX/MG convention: MONOCHROME1 images carry Presentation LUT Shape INVERSE to describe the *same*
     # inversion, so we invert once if either says so (never twice).
-    if photometric == "MONOCHROME1" or shape_lut == "INVERSE":
+    shape_lut = (_get_str(c.ds, "PresentationLUTShape") or "").upper()
+    return c.photometric == "MONOCHROME1" or shape_lut == "INVERSE"
+
+
+def _grayscale_exact(c: _Checked, arr: np.ndarray, apply_voi: bool, steps: list[str]) -> np.ndarray:
+    """The DICOM grayscale chain on every pixel, in float32 (definition; non-linear LUTs need it)."""
+    img, rng = _apply_modality(arr, c.ds, steps)
+    if apply_voi:
+        img, rng = _apply_voi(img, c.ds, rng, steps)
+    if _inverts(c):
         img = np.float32(rng[0] + rng[1]) - img
-        steps.append("invert_monochrome1" if photometric == "MONOCHROME1" else "invert_presentation_lut")
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    info = DecodeInfo(
-        decoder=decoder_name,
+        steps.append("invert_monochrome1" if c.photometric == "MONOCHROME1" else "invert_presentation_lut")
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def _info(
+    c: _Checked,
+    decoder: str,
+    level: int,
+    shape: tuple[int, ...],
+    steps: list[str],
+    t0: float,
+    failures: list[str],
+) -> DecodeInfo:
+    return DecodeInfo(
+        decoder=decoder,
         reduce_level=level,
-        original_rows=rows,
-        original_cols=cols,
-        decoded_shape=(int(img.shape[0]), int(img.shape[1])),
-        photometric=photometric,
-        transfer_syntax_uid=ts,
+        original_rows=c.rows,
+        original_cols=c.cols,
+        decoded_shape=(int(shape[0]), int(shape[1])),
+        photometric=c.photometric,
+        transfer_syntax_uid=c.ts,
         steps=steps,
-        ms=(time.perf_counter() - t_start) * 1e3,
+        ms=(time.perf_counter() - t0) * 1e3,
         fallbacks=failures,
     )
-    return img, info
+
+
+def read_image(
+    path: str | os.PathLike[str],
+    target_size: int | None = None,
+    apply_voi: bool = False,
+) -> tuple[np.ndarray, DecodeInfo]:
+    """Decode frame 0 to a float32 2-D grayscale image with bone bright, plus what was done to get it.
+
+    ``target_size``: the smallest side the caller needs; JPEG 2000 is then decoded only to the wavelet level
+    that still gives at least that many pixels on the shorter side. Everything else decodes at full size.
+    Every pixel goes through the grayscale chain in float32; ``read_stored`` is the fast path that defers it.
+    """
+    t_start = time.perf_counter()
+    c = _check_image(Path(path))
+    arr, decoder_name, level, failures = _decode_stored(c, target_size)
+    steps: list[str] = []
+    img = _grayscale_exact(c, arr, apply_voi, steps)
+    return img, _info(c, decoder_name, level, img.shape, steps, t_start, failures)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Pixels still in stored units plus the affine that makes them grayscale (bone bright).
+
+    grayscale = ``scale * pixels + offset``. The affine is the modality rescale followed by the MONOCHROME1 /
+    INVERSE inversion, which are linear, so they may be applied after any weighted average with weights
+    summing to 1 (resampling) without changing the result. Non-linear steps (Modality LUT Sequence, VOI
+    window or VOI LUT when ``apply_voi``) are applied to every pixel instead: ``pixels`` is then float32
+    grayscale and the affine is the identity (``exact`` = True).
+
+    Geometry: sample ``j`` stands for the full-resolution interval ``[j * subsample - phase, (j + 1) *
+    subsample - phase)`` (pixel-edge coordinates, pixel p spans [p, p + 1)) of the stored ``full_shape``,
+    clipped to the image: ``subsample`` 1 and phase 0 for a full decode; ``2**r`` and phase
+    ``2**(r-1) - 0.5`` for a JPEG 2000 level-r decode (the low-pass sample is centred on pixel ``2**r * j``).
+    """
+
+    pixels: np.ndarray
+    scale: float
+    offset: float
+    subsample: int
+    phase: float
+    full_shape: tuple[int, int]
+    exact: bool
+    bits_stored: int
+
+
+def read_stored(
+    path: str | os.PathLike[str],
+    target_size: int | None = None,
+    apply_voi: bool = False,
+) -> tuple[StoredImage, DecodeInfo]:
+    """Decode frame 0 without touching its values more than the DICOM grayscale chain demands.
+
+    Uncompressed little-endian pixels come back as a read-only numpy view of the file's Pixel Data (no copy,
+    no float conversion); the rescale and inversion come back as an affine to apply on the small image.
+    ``DecodeInfo.steps`` names the same steps as ``read_image`` (with ``:deferred`` when only recorded).
+    """
+    t_start = time.perf_counter()
+    c = _check_image(Path(path))
+    arr, decoder_name, level, failures = _decode_stored(c, target_size)
+    steps: list[str] = []
+    ds = c.ds
+    nonlinear = bool(ds.get("ModalityLUTSequence")) or (
+        apply_voi and (bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds))
+    )
+    f = 2**level
+    geometry = {"subsample": f, "phase": f / 2 - 0.5 if level else 0.0, "full_shape": (c.rows, c.cols)}
+    if nonlinear:
+        img = _grayscale_exact(c, arr, apply_voi, steps)
+        st = StoredImage(img, 1.0, 0.0, exact=True, bits_stored=32, **geometry)
+        return st, _info(c, decoder_name, level, img.shape, steps, t_start, failures)
+    lo, hi = _stored_range(ds)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is None and intercept is None:
+        s, b = 1.0, 0.0
+        steps.append("modality_lut:default(1,0)")
+    else:
+        s = float(slope) if slope not in (None, "") else 1.0
+        b = float(intercept) if intercept not in (None, "") else 0.0
+        steps.append(f"modality_lut:rescale({s:g},{b:g})")
+        lo, hi = sorted((lo * s + b, hi * s + b))
+    if apply_voi:
+        steps.append("voi:none_in_header")
+    if _inverts(c):  # x -> (lo + hi) - (s * v + b)
+        s, b = -s, (lo + hi) - b
+        steps.append("invert_monochrome1" if c.photometric == "MONOCHROME1" else "invert_presentation_lut")
+    st = StoredImage(arr, s, b, exact=False, bits_stored=c.bits_stored, **geometry)
+    return st, _info(c, decoder_name, level, arr.shape, steps, t_start, failures)

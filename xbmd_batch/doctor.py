@@ -112,7 +112,17 @@ def collect() -> dict[str, Any]:
         "onnxruntime": onnxruntime_info(),
         "tensorrt": tensorrt_info(),
         "dicom_decoders": dicom_decoders(),
+        "jpeg2000_decode": jpeg2000_decode(),
     }
+
+
+def jpeg2000_decode() -> dict[str, Any]:
+    """Which JPEG 2000 decoder scoring uses: nvImageCodec on the GPU when it imports (and CUDA is there),
+    else the CPU resolution-aware decode (Pillow's openjpeg at the wavelet level the model needs)."""
+    from xbmd_batch.gpu_j2k import status
+
+    gpu, why = status()
+    return {"active": "nvimgcodec-gpu" if gpu else "cpu-reduced (pillow-openjpeg)", "detail": why}
 
 
 def _yes(ok: bool) -> str:
@@ -157,6 +167,9 @@ def render(info: dict[str, Any], console: Any = None) -> None:
         env.add_row("TensorRT", r["version"], "")
     else:
         env.add_row("TensorRT", "not installed", escape(f"{r['hint']} ({r['error']})"))
+    j = info.get("jpeg2000_decode")
+    if j:
+        env.add_row("JPEG 2000 decode", escape(j["active"]), escape(j["detail"]))
     console.print(env)
 
     dec = Table(title="DICOM transfer syntaxes (pydicom pixel decoders)", show_header=True)

@@ -19,6 +19,14 @@ class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
 
 
+class ImageError(InputError):
+    """A DICOM image that cannot be scored; ``reason`` is its failure-table reason code (docs/outputs.md)."""
+
+    def __init__(self, message: str, reason: str = "invalid_image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StaleEngineError(ModelFileError):
     """A TensorRT engine built for another GPU / TensorRT / ONNX file / precision / profile, or corrupt."""
 

@@ -46,3 +46,50 @@ class Batcher:
             return None
         n, self._n = self._n, 0
         return Batch(self._idx[:n].copy(), self._buf[:n])
+
+
+class DeviceBatcher:
+    """On-device preprocessing (``--preprocess-device cuda``): gathers ``preprocess.Reduced`` items, uploads
+    each one's pixels to ``device`` as it arrives (straight from the decode pool's shared memory: no other
+    host copy, and the slot is free again at once), and finishes a full batch on the device
+    (``preprocess_torch.finish_batch``). ``Batch.images`` is then a torch tensor [b, 1, S, S] on ``device``.
+    """
+
+    def __init__(self, batch_size: int, cfg: object, device: object = "cpu") -> None:
+        if batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        self.batch_size, self.cfg, self.device = batch_size, cfg, device
+        self._items: list[object] = []
+        self._idx: list[int] = []
+
+    def _upload(self, red: object) -> object:
+        import dataclasses
+
+        import torch
+
+        px = torch.from_numpy(np.ascontiguousarray(red.pixels))  # type: ignore[attr-defined]
+        dev = px.to(self.device, non_blocking=False)
+        if dev.data_ptr() == px.data_ptr():  # same memory (CPU device): own it, the slot is reused
+            dev = dev.clone()
+        return dataclasses.replace(red, pixels=dev)  # type: ignore[call-overload]
+
+    def _emit(self) -> Batch:
+        from xbmd_batch.preprocess_torch import finish_batch
+
+        images = finish_batch(self._items, self.cfg, self.device)  # type: ignore[arg-type]
+        b = Batch(np.asarray(self._idx, dtype=np.int64), images)
+        self._items, self._idx = [], []
+        return b
+
+    def add(self, idx: np.ndarray, reduced: list[object]) -> Iterator[Batch]:
+        """Add decoded items (None = failed, skipped); yield every batch that fills up."""
+        for i, red in zip(idx, reduced, strict=True):
+            if red is None:
+                continue
+            self._items.append(self._upload(red))
+            self._idx.append(int(i))
+            if len(self._items) == self.batch_size:
+                yield self._emit()
+
+    def flush(self) -> Batch | None:
+        return self._emit() if self._items else None

@@ -7,6 +7,12 @@ are queued or running, so memory stays flat however large the cohort. Each worke
 ``preprocess.load_and_preprocess`` with the model card's PreprocessConfig (what training did); any error
 becomes a failure row for that file, never a crash. Workers are started by ``forkserver`` so they never
 inherit the parent's torch/onnxruntime thread pools.
+
+Zero-copy hand-off: images never travel through a pipe. The pool owns one shared-memory block
+(``multiprocessing.shared_memory``) of ``max_inflight + 1`` slot groups of ``task_size`` images; each task is
+submitted with a free group, the worker writes its preprocessed images there, and only indices, flags,
+failure text and timings are pickled back. ``DecodedTask.images`` is a view of the group, valid until the
+caller asks for the next task (then the group is reused) -- the batcher copies it into its batch buffer.
 """
 
 from __future__ import annotations
@@ -33,11 +39,15 @@ class DecodedTask:
     """One finished task: item indices, their images (zeros where failed), failures and worker-side timing."""
 
     idx: np.ndarray  # int64 [k] indices into the plan
-    images: np.ndarray  # float32 [k, 1, S, S]
+    images: np.ndarray  # float32 [k, 1, S, S]; a shared-memory view, valid until the next task is requested
     ok: np.ndarray  # bool [k]
     failures: list[tuple[int, str, str]]  # (plan index, reason, message)
     seconds: float  # worker wall time for the task (decode + preprocess)
     info: list[dict[str, Any]]  # compact DecodeInfo per ok item (transfer syntax, reduce level, ...)
+    group: int = -1  # shared-memory slot group the images were written to (-1: none)
+    # handoff="reduced" (on-device preprocessing): per item a preprocess.Reduced whose pixels are a view of
+    # the slot (None where the item failed); ``images`` is then empty.
+    reduced: list[Any] | None = None
 
 
 _STATE: dict[str, Any] = {}
@@ -73,7 +83,25 @@ def _watch_parent(main_pid: int, period_s: float = 0.5) -> None:
     threading.Thread(target=loop, name="xbmd-parent-watch", daemon=True).start()
 
 
-def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int | None = None) -> None:
+def _attach(shm_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The pool's slot bytes (uint8 [groups, task_size, slot_bytes]) in this worker. Attached once per
+    worker; the segment is owned (and unlinked) by the pool in the main process, whose resource tracker the
+    forkserver workers share."""
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(name=shm_name)
+    _STATE["shm"] = shm  # keep the mapping alive for the worker's lifetime
+    return np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
+
+
+def _init_worker(
+    root: str,
+    paths: pa.Array,
+    cfg: dict[str, Any],
+    main_pid: int | None = None,
+    slots: tuple[str, tuple[int, ...]] | np.ndarray | None = None,
+    handoff: str = "image",
+) -> None:
     """Runs once per worker (or in the main process for workers=0, where it only sets the state): keep the
     shared file list and config; in a worker also one thread, no SIGINT, exit when the scorer dies."""
     if main_pid is not None and main_pid != os.getpid():  # a pool worker (not workers=0 in-process)
@@ -93,6 +121,11 @@ def _init_worker(root: str, paths: pa.Array, cfg: dict[str, Any], main_pid: int 
     _STATE["root"] = Path(root)
     _STATE["paths"] = paths
     _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
+    _STATE["handoff"] = handoff
+    if isinstance(slots, tuple):
+        _STATE["slots"] = _attach(*slots)
+    else:
+        _STATE["slots"] = slots  # workers=0: the pool's own array (or None: return images by value)
 
 
 def _info_dict(info: Any) -> dict[str, Any]:
@@ -116,6 +149,8 @@ def _reason(e: BaseException) -> str:
 
     name = type(e).__name__
     text = str(e).lower()
+    if isinstance(getattr(e, "reason", None), str):  # errors.ImageError: the reader knows exactly what broke
+        return e.reason  # type: ignore[attr-defined]
     if isinstance(e, MemoryError):
         return "out_of_memory"
     if "transfer syntax" in text or "no pixel data handler" in text or "unable to decode" in text:
@@ -141,15 +176,49 @@ def scrub(message: str, root: Path, rel: str) -> str:
     return message[:500]
 
 
-def decode_task(idx: np.ndarray) -> DecodedTask:
-    """Decode and preprocess the given plan indices (runs inside a worker, or inline with workers=0)."""
-    from xbmd_batch.preprocess import load_and_preprocess
+def _image_view(slot: np.ndarray, s: int) -> np.ndarray:
+    """One slot's bytes as a float32 (1, S, S) image."""
+    return slot[: s * s * 4].view(np.float32).reshape(1, s, s)
+
+
+def _reduced_into(slot: np.ndarray, red: Any) -> Any:
+    """Copy a Reduced's pixels into the slot's bytes; return it with pixels=None and (shape, dtype) kept
+    (``_reduced_view`` rebuilds the view in the main process). Too big for a slot: sent by value."""
+    a = np.ascontiguousarray(red.pixels)
+    if a.nbytes > slot.nbytes:
+        return red
+    slot[: a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+    return dataclasses.replace(red, pixels=None), a.shape, a.dtype.str
+
+
+def _reduced_view(slot: np.ndarray, sent: Any) -> Any:
+    if not isinstance(sent, tuple):
+        return sent  # by value (did not fit a slot)
+    red, shape, dtype = sent
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return dataclasses.replace(red, pixels=slot[:n].view(np.dtype(dtype)).reshape(shape))
+
+
+def decode_task(idx: np.ndarray, group: int = -1) -> DecodedTask:
+    """Decode and preprocess the given plan indices (runs inside a worker, or inline with workers=0).
+
+    With a slot ``group`` the results are written into the pool's shared memory and not returned (the
+    returned task's ``images`` is empty; the pool puts the views back); without one they are returned.
+    With handoff "reduced" only step 1 of preprocessing runs here (``preprocess.reduce_stored``); the
+    rest runs batched on the model's device (``preprocess_torch.finish_batch``)."""
+    from xbmd_batch.dicom_io import read_stored
+    from xbmd_batch.preprocess import load_and_preprocess, reduce_stored
 
     t0 = time.perf_counter()
     cfg: PreprocessConfig = _STATE["cfg"]
     s = cfg.image_size
     k = len(idx)
-    images = np.zeros((k, 1, s, s), dtype=np.float32)
+    slots = _STATE.get("slots")
+    reduced_mode = _STATE.get("handoff", "image") == "reduced"
+    if group < 0 or slots is None:
+        group = -1
+    images = np.zeros((k, 1, s, s), dtype=np.float32) if group < 0 and not reduced_mode else None
+    reduced: list[Any] = []
     ok = np.zeros(k, dtype=bool)
     failures: list[tuple[int, str, str]] = []
     infos: list[dict[str, Any]] = []
@@ -157,11 +226,19 @@ def decode_task(idx: np.ndarray) -> DecodedTask:
     for n, i in enumerate(idx):
         rel = paths[int(i)].as_py()
         try:
-            arr, info = load_and_preprocess(_STATE["root"] / rel, cfg)
-            arr = np.asarray(arr, dtype=np.float32).reshape(1, s, s)
-            if not np.isfinite(arr).all():
-                raise ValueError("preprocessed image holds NaN/inf values")
-            images[n] = arr
+            if reduced_mode:
+                st, info = read_stored(_STATE["root"] / rel, target_size=s, apply_voi=cfg.apply_voi)
+                red = reduce_stored(st, cfg)
+                reduced.append(_reduced_into(slots[group, n], red) if group >= 0 else red)
+            else:
+                arr, info = load_and_preprocess(_STATE["root"] / rel, cfg)
+                arr = np.asarray(arr, dtype=np.float32).reshape(1, s, s)
+                if not np.isfinite(arr).all():
+                    raise ValueError("preprocessed image holds NaN/inf values")
+                if group >= 0:
+                    _image_view(slots[group, n], s)[...] = arr
+                else:
+                    images[n] = arr  # type: ignore[index]
             ok[n] = True
             infos.append(_info_dict(info))
         except BaseException as e:  # noqa: BLE001 - one bad file must never stop the cohort
@@ -171,7 +248,19 @@ def decode_task(idx: np.ndarray) -> DecodedTask:
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _STATE["root"], rel
             )
             failures.append((int(i), _reason(e), msg))
-    return DecodedTask(np.asarray(idx, dtype=np.int64), images, ok, failures, time.perf_counter() - t0, infos)
+            if reduced_mode:
+                reduced.append(None)
+    sent = images if images is not None else np.zeros((0, 1, s, s), dtype=np.float32)
+    return DecodedTask(
+        np.asarray(idx, dtype=np.int64),
+        sent,
+        ok,
+        failures,
+        time.perf_counter() - t0,
+        infos,
+        group,
+        reduced if reduced_mode else None,
+    )
 
 
 class DecodePool:
@@ -185,6 +274,7 @@ class DecodePool:
         workers: int,
         task_size: int = 4,
         max_inflight: int | None = None,
+        handoff: str = "image",
     ) -> None:
         self.root, self.paths, self.cfg = Path(root), paths, cfg
         self.workers = max(0, int(workers))
@@ -192,27 +282,80 @@ class DecodePool:
         self.max_inflight = max_inflight or max(2, 4 * max(1, self.workers))
         self._ex: ProcessPoolExecutor | None = None
         self.wait_seconds = 0.0  # main-thread time spent waiting for decode (decode not hidden)
+        if handoff not in ("image", "reduced"):
+            raise ValueError(f"handoff must be 'image' or 'reduced', not {handoff!r}")
+        self.handoff = handoff
+        s = cfg.image_size
+        # Slot bytes: a float32 S x S image, or (reduced) block means below 4S on the short side: room for
+        # 4S x 8S float32 (aspect up to 2:1; a larger one travels by value). Untouched pages of a shared
+        # memory block cost nothing.
+        slot_bytes = s * s * 4 if handoff == "image" else (4 * s) * (8 * s) * 4
+        # One group per task in flight, +1 so a finished task can be held while the next is submitted.
+        self._shape = (self.max_inflight + 1, self.task_size, slot_bytes)
+        self._shm: Any = None
+        self._slots: np.ndarray | None = None
+        self._free: list[int] = []
 
     def __enter__(self) -> DecodePool:
+        self._free = list(range(self._shape[0]))[::-1]
         if self.workers == 0:
-            _init_worker(str(self.root), self.paths, self.cfg.to_dict())
+            self._slots = np.zeros(self._shape, dtype=np.uint8)
+            _init_worker(
+                str(self.root), self.paths, self.cfg.to_dict(), slots=self._slots, handoff=self.handoff
+            )
         else:
             self._start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close(cancel=exc[0] is not None)
+        self._release_shm()
 
     def close(self, cancel: bool = False) -> None:
         if self._ex is not None:
             self._ex.shutdown(wait=not cancel, cancel_futures=True)
             self._ex = None
 
+    def _release_shm(self) -> None:
+        """Unlink the segment (the name goes at once); the mapping closes when no view of it is left."""
+        self._slots = None
+        _STATE.pop("slots", None)
+        if self._shm is not None:
+            shm, self._shm = self._shm, None
+            try:
+                shm.close()
+            except BufferError:  # a caller still holds a DecodedTask view; the mapping dies with it
+                pass
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+
     def _start(self) -> None:
+        from multiprocessing import shared_memory
+
+        if self._shm is None:  # kept across pool restarts after a worker crash
+            self._shm = shared_memory.SharedMemory(create=True, size=int(np.prod(self._shape)))
+            self._slots = np.ndarray(self._shape, dtype=np.uint8, buffer=self._shm.buf)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["xbmd_batch.preprocess", "xbmd_batch.score.decode"])
-        args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid())
+        slots = (self._shm.name, self._shape)
+        args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid(), slots, self.handoff)
         self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args)
+
+    def _view(self, task: DecodedTask) -> DecodedTask:
+        """Put the shared-memory views back into a task that came through a slot group."""
+        if task.group < 0 or self._slots is None:
+            return task
+        group = self._slots[task.group]
+        if task.reduced is not None:
+            task.reduced = [
+                None if r is None else _reduced_view(group[n], r) for n, r in enumerate(task.reduced)
+            ]
+        else:
+            s = self.cfg.image_size
+            task.images = group[: len(task.idx), : s * s * 4].view(np.float32).reshape(-1, 1, s, s)
+        return task
 
     def start(self, order: np.ndarray) -> None:
         """Queue the work and submit the first ``max_inflight`` tasks now, so workers start up and decode
@@ -221,7 +364,7 @@ class DecodePool:
         step = self.task_size
         self._tasks: Iterator[np.ndarray] = (order[i : i + step] for i in range(0, len(order), step))
         self._retry: list[tuple[np.ndarray, bool]] = []  # (task, is a single-file retry)
-        self._pending: dict[Future[DecodedTask], tuple[np.ndarray, bool]] = {}
+        self._pending: dict[Future[DecodedTask], tuple[np.ndarray, bool, int]] = {}  # (task, retry, group)
         self._exhausted = False
         if self.workers > 0:
             self._fill()
@@ -237,7 +380,8 @@ class DecodePool:
                 if t is None:
                     self._exhausted = True
                     continue
-            self._pending[self._ex.submit(decode_task, t)] = (t, single)  # type: ignore[union-attr]
+            g = self._free.pop()
+            self._pending[self._ex.submit(decode_task, t, g)] = (t, single, g)  # type: ignore[union-attr]
 
     def results(self) -> Iterator[DecodedTask]:
         """Yield tasks as they finish. A worker killed by a decoder crash breaks the pool: the pool is
@@ -245,7 +389,7 @@ class DecodePool:
         becomes a ``worker_crashed`` failure."""
         if self.workers == 0:
             for t in self._tasks:
-                yield decode_task(t)
+                yield self._view(decode_task(t, 0))
             return
         pending, retry = self._pending, self._retry
         while pending or retry or not self._exhausted:
@@ -257,17 +401,22 @@ class DecodePool:
             self.wait_seconds += time.perf_counter() - t0
             broken = False
             for f in done:
-                t, single = pending.pop(f)
+                t, single, g = pending.pop(f)
                 try:
-                    yield f.result()
+                    res = f.result()
                 except BrokenProcessPool:
                     broken = True
                     if single:
                         yield _crashed(t)
                     else:
                         retry.extend((t[j : j + 1], True) for j in range(len(t)))
+                else:
+                    yield self._view(res)  # the caller is done with it when it asks for the next task
+                finally:
+                    self._free.append(g)
             if broken:
-                for t, single in pending.values():  # all of them die with the pool
+                self._free.extend(g for _, _, g in pending.values())
+                for t, single, _ in pending.values():  # all of them die with the pool
                     retry.extend([(t, True)] if single else [(t[j : j + 1], True) for j in range(len(t))])
                 pending.clear()
                 self.close(cancel=True)
