@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xbmd-installed
 DEMO ?= demo_out
 
-.PHONY: setup test lint demo clean-demo
+GPU_PINS_VENV ?= .venv-gpupins
+
+.PHONY: setup test lint demo clean-demo gpu-pins
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,3 +30,12 @@ demo: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The GPU extra's pins (requirements/gpu-pins.txt: onnxruntime-gpu 1.31.1, onnx 1.23.2) in a small venv without
+# torch (~1 min, ~300 MB download): the fp16 conversion and IR-version probe under the versions a GPU box gets.
+# Runs on CPU. Not part of `make test` (CI stays small); tests/test_onnx_fp16.py runs the same probe there with
+# the CI versions, and with these pins when XBMD_GPU_PINS_PYTHON is set.
+gpu-pins: $(STAMP)
+	test -x $(GPU_PINS_VENV)/bin/python || python3 -m venv $(GPU_PINS_VENV)
+	$(GPU_PINS_VENV)/bin/python -m pip install -q -r requirements/gpu-pins.txt
+	XBMD_GPU_PINS_PYTHON=$(GPU_PINS_VENV)/bin/python $(PY) -m pytest -q tests/test_onnx_fp16.py -k pins

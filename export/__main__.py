@@ -80,7 +80,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH_SIZE,
         help="batch size the kernels are tuned for (= score batch)",
     )
-    t.add_argument("--max-batch", type=int, default=None, help="largest batch (default: --opt-batch)")
+    t.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="largest batch (default: the wide profile, 256; score reuses any engine whose max >= its batch)",
+    )
     t.add_argument("--min-batch", type=int, default=1)
     t.add_argument("--precision", choices=TRT_PRECISIONS, default=TRT_PRECISIONS[0])
     t.add_argument(

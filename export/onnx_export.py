@@ -14,8 +14,9 @@ are renamed into place atomically):
    Only ``metadata_props`` changes: the graph's bytes are hashed before the parity run and after the final
    write, and must be equal, so the figures in the card describe exactly the graph in the file.
 
-``--fp16`` also writes ``<out stem>.fp16.onnx`` (onnxruntime's float16 converter; LayerNorm, Softmax and
-ReduceMean stay fp32, I/O stay fp32), checked against torch fp32 with a 5e-3 g/cm^2 tolerance.
+``--fp16`` also writes ``<out stem>.fp16.onnx`` (``xbmd_batch.onnx_fp16``; LayerNorm, Softmax and ReduceMean
+stay fp32, I/O stay fp32), checked against torch fp32 with a 5e-3 g/cm^2 tolerance. Every written model has
+IR version ``onnx_fp16.ONNX_IR_VERSION`` (10), whatever the installed onnx would default to.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def torch_to_onnx(
     import torch
 
     from xbmd_batch.model import ExportWrapper
+    from xbmd_batch.onnx_fp16 import pin_ir_version
 
     if opset < 17:
         raise ExportError(f"opset {opset} < 17: LayerNormalization would be decomposed; use 17 or newer")
@@ -149,7 +151,8 @@ def torch_to_onnx(
                     verbose=False,
                     report=False,
                 )
-            return prog.model_proto, f"torch.onnx.export(dynamo=True), torch {torch.__version__}", notes
+            proto = pin_ir_version(prog.model_proto)
+            return proto, f"torch.onnx.export(dynamo=True), torch {torch.__version__}", notes
         except Exception as e:  # the exporter raises many types; the fallback must catch them all
             if exporter == "dynamo":
                 raise ExportError(f"dynamo ONNX export failed: {type(e).__name__}: {e}") from e
@@ -171,7 +174,7 @@ def torch_to_onnx(
             do_constant_folding=True,
         )
     return (
-        onnx.load_from_string(buf.getvalue()),
+        pin_ir_version(onnx.load_from_string(buf.getvalue())),
         f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
         notes,
     )
@@ -334,7 +337,7 @@ def _export_fp16(
     conv_s = round(time.perf_counter() - t0, 3)
     export = {
         **result.card.extra["export"],
-        "fp16_converter": "onnxruntime.transformers.float16 (keep_io_types=True)",
+        "fp16_converter": "xbmd_batch.onnx_fp16.to_fp16_onnx (fp32 I/O, one shared Cast per tensor)",
         "fp16_fp32_ops": list(FP16_KEEP_FP32_OPS),
         "fp16_convert_time_s": conv_s,
     }

@@ -1,15 +1,19 @@
-"""CLI skeleton: help, version, doctor; --help stays free of heavy imports."""
+"""CLI: help, version, doctor; --help stays free of heavy imports; option checks and the error mapper."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from xbmd_batch import __version__
-from xbmd_batch.cli import app
+from xbmd_batch.cli import _check_device, app
+from xbmd_batch.errors import InputError, TensorRTUnavailableError
 
 runner = CliRunner()
 
@@ -55,3 +59,63 @@ def test_help_does_not_import_heavy_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"--help imported {out.stdout.strip()}"
+
+
+def test_option_typos_exit_2_before_out_is_touched(tmp_path: Path) -> None:
+    """A mistyped vocabulary option fails in the parser: exit 2, and --out is never created."""
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "meta.csv").write_text("subject_id\nS1\n")
+    base = ["score", str(tmp_path / "dicom"), str(tmp_path / "meta.csv"), "-m", str(tmp_path / "m.pt")]
+    for bad in (
+        ["--backend", "onnxrutime"],
+        ["--precision", "fp8"],
+        ["--reference", "nhanes"],
+        ["--device", "gpu"],
+        ["--device", "cuda:x"],
+    ):
+        out = tmp_path / f"out_{bad[1]}"
+        r = runner.invoke(app, [*base, "--out", str(out), *bad])
+        assert r.exit_code == 2, (bad, r.output)
+        assert bad[1] in r.output
+        assert not out.exists(), f"{bad} created {out}"
+
+
+def test_device_accepts_cuda_index() -> None:
+    assert _check_device("cuda:1") == "cuda:1"
+    assert [_check_device(d) for d in ("auto", "cpu", "cuda")] == ["auto", "cpu", "cuda"]
+    with pytest.raises(typer.BadParameter):
+        _check_device("cuda:")
+
+
+def test_errors_map_to_exit_codes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """InputError -> 2, any other XbmdError (TensorRT missing) -> 1 with one line, Ctrl-C -> 130."""
+    import xbmd_batch.score as score_pkg
+
+    args = [
+        "score",
+        str(tmp_path),
+        str(tmp_path / "m.csv"),
+        "-m",
+        str(tmp_path / "m.pt"),
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    for exc, code, text in (
+        (InputError("meta.csv: row 3: bad"), 2, "error: meta.csv: row 3: bad"),
+        (TensorRTUnavailableError("TensorRT is not installed"), 1, "error: TensorRT is not installed"),
+        (KeyboardInterrupt(), 130, "rerun the same command to resume"),
+    ):
+
+        def fail(*a: object, exc: BaseException = exc, **k: object) -> None:
+            raise exc
+
+        monkeypatch.setattr(score_pkg, "score_cohort", fail)
+        r = runner.invoke(app, args)
+        assert r.exit_code == code, r.output
+        assert text in r.output and "Traceback" not in r.output
+
+
+def test_synth_bad_parameter_exits_2(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["synth", str(tmp_path / "c"), "--n", "0", "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "error: synth:" in r.output

@@ -134,6 +134,16 @@ def test_fp16_variant(xattn_export) -> None:
     assert res.fp16_file_size_bytes < 0.6 * res.file_size_bytes
 
 
+def test_written_models_have_the_project_ir_version(xattn_export) -> None:
+    """D5: the IR version is set by the project, not by whichever onnx/torch wrote the file (onnx 1.23's
+    default, 14, does not load in onnxruntime-gpu 1.31.1)."""
+    from xbmd_batch.onnx_fp16 import ONNX_IR_VERSION
+
+    _, res = xattn_export
+    for path in (res.path, res.fp16_path):
+        assert onnx.load(str(path), load_external_data=False).ir_version == ONNX_IR_VERSION
+
+
 def test_parity_check_fails_on_perturbed_weight(xattn_export, feeds) -> None:
     """The same check that gates the export must fail when torch and the graph differ."""
     ckpt, res = xattn_export

@@ -108,9 +108,11 @@ def test_cache_miss_store_hit(tmp_path: Path) -> None:
     assert side["onnx_sha256"] == SHA and side["opt_batch"] == 32 and side["parity"]["max_abs_bmd"] == 1e-3
     hit = cache.lookup(spec, H100)
     assert hit is not None and not hit.built and hit.engine_path == rec.engine_path
-    # another GPU, TRT version or profile is a miss (a different key), never a wrong hit
+    # another GPU or TRT version is a miss (a different key), never a wrong hit; so is a profile the engine
+    # cannot run (max above its max); another opt batch within its profile is a hit (D7, test below)
     assert cache.lookup(spec, dataclasses.replace(H100, trt_version="11.4.0.106")) is None
-    assert cache.lookup(dataclasses.replace(spec, opt_batch=16), H100) is None
+    assert cache.lookup(dataclasses.replace(spec, max_batch=128), H100) is None
+    assert cache.lookup(dataclasses.replace(spec, opt_batch=16), H100, exact=True) is None
 
 
 def test_cache_refuses_mismatched_sidecar(tmp_path: Path) -> None:
@@ -156,7 +158,7 @@ def _carded_onnx(tmp_path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "t", [x], [y])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)  # D5
     embed_card(m, _card())
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
@@ -194,8 +196,9 @@ def test_get_or_build_takes_parity_feeds_from_the_caller(tmp_path: Path, monkeyp
 
     hit = get_or_build_engine(model, opt_batch=8, max_batch=16, cache_dir=cache, parity_feeds=never)
     assert not hit.built and hit.engine_path == stored.engine_path
+    # (1, 4, 16) would be served by the 1/8/16 engine (D7: its profile covers it); 32 is beyond it: a miss
     with pytest.raises(InputError, match="no parity inputs"):
-        get_or_build_engine(model, opt_batch=4, max_batch=16, cache_dir=cache)
+        get_or_build_engine(model, opt_batch=4, max_batch=32, cache_dir=cache)
 
 
 # ------------------------------------------------------------------------------------------ real GPU
@@ -203,7 +206,7 @@ def test_get_or_build_takes_parity_feeds_from_the_caller(tmp_path: Path, monkeyp
 
 @pytest.mark.gpu
 def test_real_engine_build_parity_and_runner(tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'xbmd-batch[gpu]')")
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed (xbmd-batch[tensorrt])")
     import torch
 
     if not torch.cuda.is_available():

@@ -58,3 +58,31 @@ def test_bench_table_fits_80_columns() -> None:
     assert "onnxruntime" in text and "j2k-lossless" in text
     assert sum("onnxruntime" in line and "12.25x" in line for line in lines) == 1  # one row, one line
     assert "12.25x" in text and "0.93" in text and "1234.5" in text
+
+
+def test_model_for_backend_picks_the_graph_of_the_precision(
+    tiny_onnx: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """onnxruntime runs a graph as stored: with --precision fp16 bench must hand it the .fp16.onnx file, and
+    TensorRT (which converts by itself) the fp32 graph, whatever order the files were given in."""
+    import onnx
+
+    from xbmd_batch.bench import model_for_backend
+    from xbmd_batch.infer.model_file import open_model
+    from xbmd_batch.onnx_card import embed_card, read_onnx_card
+
+    card = read_onnx_card(tiny_onnx)
+    m16 = onnx.load(str(tiny_onnx))
+    embed_card(m16, card.with_extra(onnx_precision="fp16"))  # the card decides; the graph is irrelevant here
+    fp16 = tmp_path / "tiny.fp16.onnx"
+    onnx.save(m16, str(fp16))
+    models = [open_model(p) for p in (fp16, tiny_model, tiny_onnx)]
+
+    def pick(backend: str, precision: str, ms: list = models) -> Path:
+        return model_for_backend(ms, backend, precision).path
+
+    assert pick("onnxruntime", "fp16") == fp16
+    assert pick("onnxruntime", "fp32") == tiny_onnx
+    assert pick("tensorrt", "fp16") == tiny_onnx
+    assert pick("torch", "fp16") == tiny_model
+    assert pick("onnxruntime", "fp32", models[:1]) == fp16  # only one: let the runner say why not

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -138,3 +140,15 @@ def test_join_by_path_column() -> None:
 def test_screen_column_names() -> None:
     assert screen_column(-1.0) == "screen_t_le_m1"
     assert screen_column(-2.5) == "screen_t_le_m2_5"
+
+
+def test_unknown_backend_refused_before_out_is_touched(tmp_path: Path) -> None:
+    from xbmd_batch.score import ScoreOptions, score_cohort
+
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "meta.csv").write_text("subject_id\nS1\n")
+    out = tmp_path / "out"
+    for opts in (ScoreOptions(backend="onnxrutime"), ScoreOptions(precision="fp8")):
+        with pytest.raises(InputError, match="is unknown"):
+            score_cohort(tmp_path / "dicom", tmp_path / "meta.csv", tmp_path / "m.pt", out, opts)
+    assert not out.exists()

@@ -1,7 +1,9 @@
 """Cohort loading and the preprocessed-image cache for training.
 
-One code path with `score`: images go through `xbmd_batch.preprocess.load_and_preprocess`, metadata through
-`xbmd_batch.metadata.validate_and_encode`, so a model is never trained on inputs it will not see at scoring.
+One code path with `score`: files and META rows are ingested by `score`'s own stages 1-4
+(`xbmd_batch.score.ingest`: discover by content, headers, join, reconcile), images go through
+`xbmd_batch.preprocess.load_and_preprocess`, metadata through `xbmd_batch.metadata.validate_and_encode`, so a
+model is never trained on a file-to-row mapping or inputs it will not see at scoring.
 
 Decoding is the slow part (JPEG 2000 costs ~0.1-0.5 s per image), so every cohort is decoded once into a
 memory-mapped `.npy` under `<out>/.xbmd_cache/` (or `--cache-dir`), keyed by the sorted file list with
@@ -13,39 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from xbmd_batch.config import DEFAULT_SCHEMA, MetadataSchema, PreprocessConfig
 from xbmd_batch.errors import InputError
 from xbmd_batch.fsutil import atomic_write_json, commit, now_iso
+from xbmd_batch.score.join import KeySpec
 
 if TYPE_CHECKING:
     import torch
 
 CACHE_DIRNAME = ".xbmd_cache"
-# truth-table columns that may hold each image's path (relative to the cohort root or the table's folder)
-PATH_COLUMNS: tuple[str, ...] = (
-    "path",
-    "file",
-    "relpath",
-    "rel_path",
-    "file_path",
-    "filepath",
-    "dicom_path",
-    "image_path",
-    "dicom",
-    "dicom_file",
-)
 
 
 @dataclass
@@ -57,8 +46,9 @@ class Cohort:
     subject_ids: np.ndarray  # str [N]
     y: np.ndarray  # float64 [N], the label column (g/cm^2)
     meta_df: pl.DataFrame  # [N rows] subject_id + schema fields, aligned with paths
+    meta_row: np.ndarray  # int64 [N]: each image's row in the META table (what `score` writes as meta_row)
     label_col: str
-    mapping: str  # "truth-path-column:<col>" or "dicom-patient-id"
+    mapping: str  # how files met META rows, e.g. "PatientID <-> META['subject_id']"
     cohort_info: dict[str, Any] | None  # cohort.json (synthetic cohorts) or None
     notes: list[str] = field(default_factory=list)  # dropped rows etc., for the report
 
@@ -75,151 +65,79 @@ class Cohort:
         return int(len(np.unique(self.subject_ids)))
 
 
-def _read_table(path: Path) -> pl.DataFrame:
-    """CSV or parquet; subject ids stay strings (leading zeros matter)."""
-    if not path.is_file():
-        raise InputError(f"{path}: table not found")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pl.read_parquet(path)
-        return pl.read_csv(path, infer_schema_length=10000, schema_overrides={"subject_id": pl.Utf8})
-    except Exception as e:  # polars raises many types for malformed files
-        raise InputError(f"{path}: cannot read table: {e}") from e
-
-
-def _read_meta(path: Path) -> pl.DataFrame:
-    """The metadata table through the project's reader when present (same parsing as `score`)."""
-    try:
-        from xbmd_batch.metadata import read_table
-    except ImportError:  # pragma: no cover - the metadata module is part of the package
-        return _read_table(path)
-    return read_table(path)
-
-
-def _find_path_column(df: pl.DataFrame) -> str | None:
-    cols = {c.lower(): c for c in df.columns}
-    for name in PATH_COLUMNS:
-        if name in cols:
-            return cols[name]
-    for c in df.columns:
-        if c.lower().endswith(("_path", "path")):
-            return c
-    return None
-
-
-def _discover_dicoms(root: Path) -> list[Path]:
-    """Every DICOM under root (by content, not extension), skipping hidden folders such as the cache."""
-    from xbmd_batch.dicom_io import is_dicom
-
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn.startswith(".") or fn.lower().endswith(
-                (".csv", ".json", ".parquet", ".md", ".txt", ".npy")
-            ):
-                continue
-            p = Path(dirpath) / fn
-            if is_dicom(p):
-                out.append(p)
-    return out
-
-
-def _map_by_patient_id(root: Path) -> pl.DataFrame:
-    from xbmd_batch.dicom_io import read_header
-
-    rows = []
-    for p in _discover_dicoms(root):
-        h = read_header(p)
-        if h.patient_id:
-            rows.append((str(p.resolve()), str(h.patient_id).strip()))
-    if not rows:
-        raise InputError(f"{root}: no DICOM files with a PatientID found")
-    return pl.DataFrame(rows, schema={"path": pl.Utf8, "subject_id": pl.Utf8}, orient="row")
-
-
 def load_cohort(
     cohort_dir: str | os.PathLike[str],
     meta_path: str | os.PathLike[str] | None = None,
     labels_path: str | os.PathLike[str] | None = None,
     label_col: str = "bmd_dxa",
     schema: MetadataSchema = DEFAULT_SCHEMA,
+    key_spec: KeySpec | None = None,
+    threads: int = 8,
 ) -> Cohort:
     """Images + labels + metadata, one row per labelled image, sorted by path.
 
-    Subject <-> file: the truth table's path column when it has one whose files all exist, else the DICOM
-    PatientID of every file under the cohort folder. Images without a label are dropped (counted in `notes`);
-    a subject without a metadata row keeps its image with every field missing.
+    Files and META rows go through `score`'s own stages 1-4 (`xbmd_batch.score.ingest`): DICOMs found by
+    content, joined to META by PatientID (or ``key_spec``), and everything `score` would quarantine
+    (duplicate subject keys, missing keys or META rows, duplicate SOPInstanceUIDs, unreadable headers) is left
+    out and counted in ``notes``. Labels attach by subject key; a subject whose label is not one finite number
+    (absent, empty, or on several label rows) is left out too.
     """
+    from xbmd_batch import metadata
+    from xbmd_batch.score.ingest import ingest
+
     root = Path(cohort_dir).resolve()
     if not root.is_dir():
         raise InputError(f"{root}: cohort folder not found")
     meta_p = Path(meta_path) if meta_path else root / "meta.csv"
     labels_p = Path(labels_path) if labels_path else root / "truth.csv"
     key = schema.subject_key
-    labels = _read_table(labels_p)
-    if key not in labels.columns:
-        raise InputError(f"{labels_p}: no {key!r} column (has {labels.columns})")
+    spec = key_spec or KeySpec()
+    labels = metadata.read_table(labels_p, subject_key=key)
     if label_col not in labels.columns:
         raise InputError(f"{labels_p}: no label column {label_col!r} (has {labels.columns})")
-    labels = labels.with_columns(pl.col(key).cast(pl.Utf8).str.strip_chars())
-    notes: list[str] = []
 
-    mapping = "dicom-patient-id"
-    pcol = _find_path_column(labels)
-    files: pl.DataFrame | None = None
-    if pcol is not None:
-        resolved = []
-        for rel in labels[pcol].cast(pl.Utf8).to_list():
-            cand = [root / str(rel), labels_p.parent / str(rel)] if rel else []
-            hit = next((c for c in cand if c.is_file()), None)
-            resolved.append(str(hit.resolve()) if hit else None)
-        if all(r is not None for r in resolved):
-            files = pl.DataFrame({"path": resolved, key: labels[key]})
-            mapping = f"truth-path-column:{pcol}"
-        else:
-            notes.append(f"truth column {pcol!r} names missing files; mapped by DICOM PatientID instead")
-    if files is None:
-        files = _map_by_patient_id(root).rename({"subject_id": key})
-
-    lab = labels.select(key, pl.col(label_col).cast(pl.Float64).alias("__y")).unique(key, keep="first")
-    df = files.unique("path").join(lab, on=key, how="left").sort("path")
+    ing = ingest(root, meta_p, schema, spec, threads=threads)
+    notes = [
+        f"{n} {what} left out by reconciliation (the rules `score` applies)"
+        for what, n in ing.plan.quarantine.group_by("reason").len().sort("reason").iter_rows()
+    ]
+    lab = labels.select(
+        pl.col(key).cast(pl.String).str.strip_chars().alias("subject_key"),
+        pl.col(label_col).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False).alias("__y"),
+    ).filter(pl.col("subject_key").is_not_null() & (pl.col("subject_key") != ""))
+    dup = lab.group_by("subject_key").len().filter(pl.col("len") > 1)
+    if dup.height:
+        notes.append(f"{dup.height} subject(s) with several rows in {labels_p.name}: their images left out")
+        lab = lab.join(dup.select("subject_key"), on="subject_key", how="anti")
+    df = ing.plan.items.join(lab, on="subject_key", how="left").sort("relative_path")
     unlabelled = df.filter(pl.col("__y").is_null() | pl.col("__y").is_nan())
     if unlabelled.height:
         notes.append(f"{unlabelled.height} image(s) without a finite {label_col!r} label dropped")
     df = df.filter(pl.col("__y").is_not_null() & pl.col("__y").is_not_nan())
     if df.height == 0:
         raise InputError(f"{root}: no image matches a labelled subject in {labels_p}")
-    no_image = set(lab[key].to_list()) - set(df[key].to_list())
+    no_image = set(lab["subject_key"].to_list()) - set(df["subject_key"].to_list())
     if no_image:
         notes.append(f"{len(no_image)} labelled subject(s) without an image")
-
-    meta = _read_meta(meta_p) if meta_p.is_file() else pl.DataFrame({key: []}, schema={key: pl.Utf8})
-    if not meta_p.is_file():
-        notes.append(f"{meta_p}: no metadata table; every field is missing")
-    if key not in meta.columns:
-        raise InputError(f"{meta_p}: no {key!r} column (has {meta.columns})")
-    meta = meta.with_columns(pl.col(key).cast(pl.Utf8).str.strip_chars()).unique(key, keep="first")
-    cols = [c for c in schema.names if c in meta.columns]
-    absent = [c for c in schema.names if c not in meta.columns]
+    absent = [c for c in schema.names if c not in ing.meta.columns]
     if absent:
         notes.append(f"metadata table lacks {absent}; treated as missing")
-    meta_rows = df.select("path", key).join(meta.select(key, *cols), on=key, how="left").sort("path")
-    n_nometa = df.height - df.join(meta.select(key), on=key, how="semi").height
-    if n_nometa:
-        notes.append(f"{n_nometa} image(s) whose subject has no metadata row (all fields missing)")
+    cols = [c for c in schema.names if c in ing.meta.columns]
+    meta_rows = ing.meta.select(cols)[df["meta_row"].to_numpy()].with_columns(
+        pl.Series(key, df["subject_key"].to_list(), pl.String)
+    )
 
     info_p = root / "cohort.json"
-    info = json.loads(info_p.read_text()) if info_p.is_file() else None
     return Cohort(
         root=root,
-        paths=df["path"].to_list(),
-        subject_ids=np.asarray(df[key].to_list(), dtype=object).astype(str),
+        paths=[str(root / rel) for rel in df["relative_path"].to_list()],
+        subject_ids=np.asarray(df["subject_key"].to_list(), dtype=object).astype(str),
         y=df["__y"].to_numpy().astype(np.float64),
-        meta_df=meta_rows.drop("path"),
+        meta_df=meta_rows.select(key, *cols),
+        meta_row=df["meta_row"].to_numpy().astype(np.int64),
         label_col=label_col,
-        mapping=mapping,
-        cohort_info=info,
+        mapping=spec.describe(key),
+        cohort_info=json.loads(info_p.read_text()) if info_p.is_file() else None,
         notes=notes,
     )
 
@@ -327,18 +245,6 @@ def cache_key(paths: Sequence[str], cfg: PreprocessConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _decode_one(job: tuple[int, str, dict[str, Any]]) -> tuple[int, np.ndarray | None, str | None]:
-    """Worker: one file -> (index, [1, S, S] float32 or None, error message or None)."""
-    from xbmd_batch.preprocess import load_and_preprocess
-
-    i, path, cfg_d = job
-    try:
-        arr, _info = load_and_preprocess(path, PreprocessConfig.from_dict(cfg_d))
-        return i, np.asarray(arr, dtype=np.float32), None
-    except Exception as e:  # a bad file must not stop the cohort; it is reported and excluded
-        return i, None, f"{type(e).__name__}: {e}"
-
-
 def build_image_cache(
     paths: Sequence[str],
     cfg: PreprocessConfig,
@@ -346,7 +252,7 @@ def build_image_cache(
     workers: int = 1,
     progress: bool = True,
 ) -> ImageCache:
-    """Return the cached array for (paths, cfg), decoding in a process pool if the key is new.
+    """Return the cached array for (paths, cfg), decoding with score's DecodePool if the key is new.
 
     Written to a temp name and renamed, so an interrupted decode never leaves a half cache behind.
     """
@@ -371,39 +277,31 @@ def build_image_cache(
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(uniq), 1, s, s))
     ok_u = np.zeros(len(uniq), dtype=bool)
     errors: dict[str, str] = {}
-    jobs = [(i, p, cfg.to_dict()) for i, p in enumerate(uniq)]
-
-    def _store(res: tuple[int, np.ndarray | None, str | None]) -> None:
-        i, arr, err = res
-        if arr is None or arr.shape != (1, s, s):
-            errors[uniq[i]] = err or f"unexpected shape {None if arr is None else arr.shape}"
-        else:
-            out[i] = arr
-            ok_u[i] = True
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
+    from xbmd_batch.score.decode import DecodePool
+
+    # score's own decode pool (forkserver workers, bounded in-flight tasks, crash retry): the same decode and
+    # preprocessing path, and the same rule that a file decoding to NaN/inf is a failure, not a training image
+    paths = pa.array(uniq, type=pa.large_string())  # absolute paths: Path("/") / p is p
+    with (
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+            transient=False,
+        ) as bar,
+        DecodePool(Path("/"), paths, cfg, workers if workers > 1 and len(uniq) >= 4 else 0) as pool,
+    ):
         task = bar.add_task(f"decode {len(uniq)} DICOMs -> {s}px", total=len(uniq))
-        if workers <= 1 or len(uniq) < 4:
-            for job in jobs:
-                _store(_decode_one(job))
-                bar.advance(task)
-        else:
-            # forkserver: workers never inherit the parent's torch/OpenMP state
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["xbmd_batch.preprocess"])
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                for res in pool.map(_decode_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
-                    _store(res)
-                    bar.advance(task)
+        pool.start(np.arange(len(uniq), dtype=np.int64))
+        for dec in pool.results():
+            out[dec.idx[dec.ok]] = dec.images[dec.ok]
+            ok_u[dec.idx[dec.ok]] = True
+            errors.update({uniq[i]: f"{reason}: {msg}" for i, reason, msg in dec.failures})
+            bar.advance(task, len(dec.idx))
     out.flush()  # the rename below is safe with the map still open (POSIX)
     commit(tmp, npy)
     atomic_write_json(

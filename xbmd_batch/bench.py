@@ -214,15 +214,24 @@ def bench_plain_loop(
         )  # fmt: skip
 
 
-def model_for_backend(models: list[ModelFile], backend: str) -> ModelFile:
-    """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given."""
-    want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
-    for m in models:
-        if want is None or m.kind == want:
-            return m
-    from xbmd_batch.errors import InputError
+def model_for_backend(models: list[ModelFile], backend: str, precision: str = "auto") -> ModelFile:
+    """torch needs the checkpoint, onnxruntime / TensorRT the ONNX file; auto takes the first given.
 
-    raise InputError(f"--backend {backend} needs a {want} model file; pass it with another --model")
+    onnxruntime runs an ONNX graph in the precision it was stored in, so with ``--precision fp16`` it takes
+    the ``.fp16.onnx`` file when one was given (else the fp32 graph); TensorRT converts by itself and takes
+    the fp32 graph first, so one engine cache serves every precision."""
+    want = {"torch": "checkpoint", "onnxruntime": "onnx", "tensorrt": "onnx"}.get(backend)
+    candidates = [m for m in models if want is None or m.kind == want]
+    if not candidates:
+        from xbmd_batch.errors import InputError
+
+        raise InputError(f"--backend {backend} needs a {want} model file; pass it with another --model")
+    if want == "onnx" and len(candidates) > 1:
+        prefer = precision if backend == "onnxruntime" and precision in ("fp16", "fp32") else "fp32"
+        for m in candidates:
+            if str(m.card.extra.get("onnx_precision", "fp32")) == prefer:
+                return m
+    return candidates[0]
 
 
 def run_bench(
@@ -247,11 +256,11 @@ def run_bench(
     plain: float | None = None
     if o.plain_loop_n > 0:
         pb = o.backends[0]
-        p_row = bench_plain_loop(dicom_dir, headers, model_for_backend(models, pb), pb, o)
+        p_row = bench_plain_loop(dicom_dir, headers, model_for_backend(models, pb, o.precision), pb, o)
         rows.append(p_row)
         plain = p_row["items_per_s"]
     for backend in o.backends:
-        mp = model_for_backend(models, backend)
+        mp = model_for_backend(models, backend, o.precision)
         m = bench_model(mp, backend, o, images, len(card.schema.fields))
         rows.append(m)
         if o.end_to_end:

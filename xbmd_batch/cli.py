@@ -2,17 +2,61 @@
 
 Heavy packages (torch, onnxruntime, tensorrt, onnx) are imported inside each command, never at module level,
 so `xbmd-batch --help` stays fast on any machine. Exit codes: 0 success, 2 usage/config/input errors
-(xbmd_batch.errors.InputError), other non-zero codes are documented per command.
+(xbmd_batch.errors.InputError, or an option value outside its vocabulary), 1 any other XbmdError (one line,
+no traceback), 130 Ctrl-C; other codes are documented per command. One mapper (``_exits``) does this for
+every command; option vocabularies are checked by the parser, before anything touches ``--out``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from xbmd_batch import __version__
-from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
+from xbmd_batch.clinical import REFERENCES
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
+from xbmd_batch.errors import EXIT_INTERRUPTED, InputError, exit_code
+
+# Closed vocabularies as Enums: Typer lists the choices in --help and rejects a typo with exit 2.
+Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Reference = Enum("Reference", {r: r for r in sorted(REFERENCES)}, type=str)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_device(value: str) -> str:
+    """--device is open-ended (cuda:N), so a validating callback rather than a closed Enum."""
+    if not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N (N a GPU index)")
+    return value
+
+
+@contextlib.contextmanager
+def _exits(interrupted: str = "interrupted") -> Iterator[None]:
+    """Map the error hierarchy to exit codes (errors.exit_code): one line on stderr, never a traceback."""
+    try:
+        yield
+    except (KeyboardInterrupt, Exception) as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (errors.Terminated, exit 143)
+            msg = (
+                interrupted
+                if code == EXIT_INTERRUPTED
+                else interrupted.replace("interrupted", "terminated (SIGTERM)", 1)
+            )
+        else:
+            msg = f"error: {e}"
+        typer.echo(msg, err=True)
+        raise typer.Exit(code) from None
+
 
 app = typer.Typer(
     name="xbmd-batch",
@@ -45,13 +89,16 @@ def score(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder: new/empty, or a previous run to resume."
     ),
-    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 (backend permitting)."),
+    backend: Backend = typer.Option("auto", help="Inference backend (auto picks the fastest that works)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
+    precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
+    engine_cache: Path | None = typer.Option(
+        None, "--engine-cache", metavar="DIR", help="TensorRT engine cache [$XBMD_ENGINE_CACHE or ~/.cache]."
+    ),
     chunk_size: int = typer.Option(1024, help="Rows per part file (the most a resume redoes)."),
-    reference: str = typer.Option("nhanes3-hologic", help="T-score reference: nhanes3-hologic | lunar."),
+    reference: Reference = typer.Option("nhanes3-hologic", help="T-score reference."),
     interval: float = typer.Option(
         0.9, help="Level of the bmd_lo/bmd_hi conformal interval: 0.8 | 0.9 | 0.95."
     ),
@@ -84,23 +131,23 @@ def score(
 
     Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
     (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
-    config or input error (also a full or read-only --out) | 130 interrupted, 143 terminated by SIGTERM
-    (finished rows kept; rerun the same command to resume).
+    config or input error (also a full or read-only --out) | 5 the GPU failed (sticky CUDA error; finished
+    rows kept, rerun to resume) | 1 other error, e.g. TensorRT missing (one line, no traceback) | 130
+    interrupted, 143 terminated by SIGTERM (finished rows kept; rerun the same command to resume).
     """
-    from xbmd_batch.errors import InputError
     from xbmd_batch.score import ScoreOptions, score_cohort
     from xbmd_batch.score.privacy import silence_dicom_warnings
 
     silence_dicom_warnings()
 
     opts = ScoreOptions(
-        backend=backend,
+        backend=backend.value,
         device=device,
-        precision=precision,
+        precision=precision.value,
         batch_size=batch_size,
         workers=workers,
         chunk_size=chunk_size,
-        reference=reference,
+        reference=reference.value,
         interval=interval,
         key_column=key_column,
         path_column=path_column,
@@ -110,18 +157,10 @@ def score(
         max_missing=max_missing,
         allow_missing=tuple(allow_missing),
         follow_symlinks=follow_symlinks,
+        engine_cache=engine_cache,
     )
-    try:
+    with _exits(f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume"):
         res = score_cohort(dicom_dir, meta, model, out, opts)
-    except InputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt as e:
-        from xbmd_batch.errors import Terminated
-
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        typer.echo(f"{what}: finished rows kept in {out}/parts; rerun the same command to resume", err=True)
-        raise typer.Exit(128 + e.signum if isinstance(e, Terminated) else 130) from None
     if not quiet:
         typer.echo(
             f"results in {res.out_dir}: scores.parquet, cohort_summary.parquet, failures.parquet, run.json "
@@ -138,9 +177,9 @@ def bench(
         ..., "--model", "-m", help="model.onnx and/or .pt (torch needs the .pt)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for bench.parquet, bench.json (+ e2e runs)."),
-    backend: list[str] = typer.Option(["auto"], help="Repeat to compare backends."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    precision: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16."),
+    backend: list[Backend] = typer.Option(["auto"], help="Repeat to compare backends."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
+    precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
@@ -158,23 +197,19 @@ def bench(
     from rich.console import Console
 
     from xbmd_batch.bench import BenchOptions, bench_table, is_synthetic, run_bench
-    from xbmd_batch.errors import InputError
 
     opts = BenchOptions(
-        backends=tuple(backend),
+        backends=tuple(b.value for b in backend),
         device=device,
-        precision=precision,
+        precision=precision.value,
         batch_size=batch_size,
         workers=workers,
         end_to_end=not no_e2e,
         plot=plot,
         plain_loop_n=plain_loop_n,
     )
-    try:
+    with _exits():
         df = run_bench(dicom_dir, meta, list(model), out, opts)
-    except InputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     Console().print(bench_table(df, is_synthetic(dicom_dir)))
     typer.echo(f"results: {out}/bench.parquet, {out}/bench.json")
 
@@ -190,14 +225,10 @@ def report(
 
     Exit codes: 0 written | 2 RESULTS is not a finished score output.
     """
-    from xbmd_batch.errors import InputError
     from xbmd_batch.report import write_report
 
-    try:
+    with _exits():
         path = write_report(results, out)
-    except InputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"report: {path} (PNGs in {path.parent / (path.stem + '_figures')})")
 
 
@@ -211,7 +242,8 @@ def doctor(
     """
     from xbmd_batch.doctor import run_doctor
 
-    run_doctor(as_json=as_json)
+    with _exits():
+        run_doctor(as_json=as_json)
 
 
 @app.command(no_args_is_help=True)
@@ -238,8 +270,8 @@ def synth(
     """
     from xbmd_batch.synth import CovariateModel, SynthConfig, generate_cohort
 
-    try:
-        cfg = SynthConfig(
+    def make() -> SynthConfig:
+        return SynthConfig(
             n=n,
             seed=seed,
             size=size,
@@ -252,11 +284,9 @@ def synth(
             workers=workers,
             generator_version=generator_version,
         )
-        cfg.validate()
-    except ValueError as e:
-        typer.echo(f"error: synth: {e}", err=True)
-        raise typer.Exit(2) from None
-    s = generate_cohort(out, cfg, progress=not quiet, preview=preview)
+
+    with _exits():
+        s = generate_cohort(out, _synth_config(make), progress=not quiet, preview=preview)
     if not quiet:
         r2 = s.oracle_r2
         typer.echo(
@@ -265,3 +295,13 @@ def synth(
         )
         if s.preview:
             typer.echo(f"preview: {s.preview}")
+
+
+def _synth_config(make: Callable[[], Any]) -> Any:
+    """synth/ is a library and says "impossible parameter" with ValueError; at the CLI edge that is input."""
+    try:
+        cfg = make()
+        cfg.validate()
+    except ValueError as e:
+        raise InputError(f"synth: {e}") from e
+    return cfg

@@ -16,4 +16,9 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # what each backend can run
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")  # fp16/bf16 via CUDA autocast; CPU is fp32 only
 TRT_PRECISIONS = ("fp16", "fp32")  # TensorRT engines; the first is its default
-ORT_PROVIDERS = ("cpu", "cuda", "tensorrt")  # onnxruntime execution providers we configure
+# An engine built by `score`/`bench` covers batch 1..256 (opt = the batch size): one engine per
+# GPU x ONNX x precision serves every batch size up to this (`export tensorrt --max-batch` overrides).
+TRT_WIDE_MAX_BATCH = 256
+# onnxruntime execution providers we configure. Not "tensorrt": onnxruntime-gpu 1.31.1's TensorRT provider
+# links TensorRT 10 while the tensorrt extra installs 11 (issue 12, D4); the native TensorRT backend covers.
+ORT_PROVIDERS = ("cpu", "cuda")

@@ -45,18 +45,48 @@ def torch_info() -> dict[str, Any]:
     return info
 
 
+# The three pieces of the GPU stack and how each is installed (docs/gpu.md says more).
+GPU_INSTALL_HINTS = {
+    "torch-cuda": "install a CUDA build of torch (README: `pip install torch==2.14.1 torchvision==0.29.1` "
+    "gives CUDA 13.0 on Linux x86-64) and check the NVIDIA driver (`nvidia-smi`)",
+    "onnxruntime-cuda": "pip install 'xbmd-batch[gpu]' (onnxruntime-gpu, from the standard index; uninstall "
+    "the CPU `onnxruntime` package first: both provide the same module)",
+    "tensorrt": "pip install 'xbmd-batch[tensorrt]' with NVIDIA's index reachable "
+    "(--extra-index-url https://pypi.nvidia.com) or from a wheelhouse (docs/gpu.md); optional: without it "
+    "`auto` uses onnxruntime-CUDA",
+}
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def _installed_distributions(names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` pip has installed (two onnxruntime builds overwrite each other's module)."""
+    from importlib import metadata
+
+    found = []
+    for n in names:
+        try:
+            metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(n)
+    return found
+
+
 def onnxruntime_info() -> dict[str, Any]:
-    """onnxruntime version and the execution providers this build offers."""
+    """onnxruntime version, which pip distributions provide it, and the execution providers it offers."""
+    dists = _installed_distributions(ORT_DISTRIBUTIONS)
     try:
         import onnxruntime as ort
     except Exception as e:
         return {
             "installed": False,
+            "distributions": dists,
             "error": _error(e),
             "hint": "pip install 'xbmd-batch[cpu]' (or [gpu]; never both)",
         }
     return {
         "installed": True,
+        "distributions": dists,
         "version": ort.__version__,
         "device": ort.get_device(),
         "providers": list(ort.get_available_providers()),
@@ -68,8 +98,53 @@ def tensorrt_info() -> dict[str, Any]:
     try:
         import tensorrt as trt
     except Exception as e:
-        return {"installed": False, "error": _error(e), "hint": "optional: pip install 'xbmd-batch[gpu]'"}
+        return {"installed": False, "error": _error(e), "hint": "optional: " + GPU_INSTALL_HINTS["tensorrt"]}
     return {"installed": True, "version": str(trt.__version__)}
+
+
+def gpu_stack(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per GPU piece (torch-cuda, onnxruntime-cuda, tensorrt): ready or not, why, and the fix.
+
+    A pure function of ``collect()``'s dict, so the wording is testable without a GPU.
+    """
+    t, o, r = info["torch"], info["onnxruntime"], info["tensorrt"]
+    rows: list[dict[str, Any]] = []
+    if not t.get("installed"):
+        rows.append({"piece": "torch-cuda", "ready": False, "why": "torch is not importable"})
+    elif t.get("cuda_available"):
+        rows.append({"piece": "torch-cuda", "ready": True, "why": ", ".join(t.get("devices", []))})
+    elif not t.get("cuda_build"):
+        rows.append(
+            {"piece": "torch-cuda", "ready": False, "why": f"torch {t['version']} is a CPU-only build"}
+        )
+    else:
+        rows.append(
+            {
+                "piece": "torch-cuda",
+                "ready": False,
+                "why": f"torch built for CUDA {t['cuda_build']} sees no GPU",
+                "fix": "check the NVIDIA driver (`nvidia-smi`) and CUDA_VISIBLE_DEVICES",
+            }
+        )
+    dists = o.get("distributions", [])
+    if len(dists) > 1:
+        why = f"both {' and '.join(dists)} are installed: they overwrite each other's `onnxruntime` module"
+        rows.append({"piece": "onnxruntime-cuda", "ready": False, "why": why})
+    elif not o.get("installed"):
+        rows.append({"piece": "onnxruntime-cuda", "ready": False, "why": "onnxruntime is not importable"})
+    elif "CUDAExecutionProvider" in o.get("providers", []):
+        # the GPU wheel lists its CUDA provider even without a GPU; it loads only when torch-cuda is ready
+        rows.append({"piece": "onnxruntime-cuda", "ready": True, "why": f"onnxruntime {o['version']}"})
+    else:
+        why = f"onnxruntime {o['version']} is the CPU build (providers: {', '.join(o.get('providers', []))})"
+        rows.append({"piece": "onnxruntime-cuda", "ready": False, "why": why})
+    if r.get("installed"):
+        rows.append({"piece": "tensorrt", "ready": True, "why": f"TensorRT {r['version']}"})
+    else:
+        rows.append({"piece": "tensorrt", "ready": False, "why": f"not importable ({r.get('error', '')})"})
+    for row in rows:
+        row.setdefault("fix", "" if row["ready"] else GPU_INSTALL_HINTS[row["piece"]])
+    return rows
 
 
 def dicom_decoders() -> list[dict[str, Any]]:
@@ -104,7 +179,7 @@ def collect() -> dict[str, Any]:
     """Everything doctor knows, as plain types (for --json and for run manifests)."""
     from xbmd_batch import __version__
 
-    return {
+    info: dict[str, Any] = {
         "xbmd_batch": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -114,6 +189,8 @@ def collect() -> dict[str, Any]:
         "dicom_decoders": dicom_decoders(),
         "jpeg2000_decode": jpeg2000_decode(),
     }
+    info["gpu_stack"] = gpu_stack(info)
+    return info
 
 
 def jpeg2000_decode() -> dict[str, Any]:
@@ -166,11 +243,20 @@ def render(info: dict[str, Any], console: Any = None) -> None:
     if r["installed"]:
         env.add_row("TensorRT", r["version"], "")
     else:
-        env.add_row("TensorRT", "not installed", escape(f"{r['hint']} ({r['error']})"))
+        env.add_row("TensorRT", "not installed", escape(f"{r['error']} (optional; see the GPU stack table)"))
     j = info.get("jpeg2000_decode")
     if j:
         env.add_row("JPEG 2000 decode", escape(j["active"]), escape(j["detail"]))
     console.print(env)
+
+    stack = Table(title="GPU stack: what is missing and how to add it", show_header=True)
+    stack.add_column("piece")
+    stack.add_column("ready")
+    stack.add_column("why / fix", overflow="fold")
+    for row in info.get("gpu_stack") or gpu_stack(info):
+        text = row["why"] if row["ready"] else f"{row['why']}. Fix: {row['fix']}"
+        stack.add_row(row["piece"], _yes(row["ready"]), escape(text))
+    console.print(stack)
 
     dec = Table(title="DICOM transfer syntaxes (pydicom pixel decoders)", show_header=True)
     dec.add_column("transfer syntax")

@@ -51,7 +51,9 @@ def export_onnx(ckpt: Path, out: Path) -> Path:
         opset_version=17,
         dynamo=False,
     )
-    proto = onnx.load(str(out))
+    from xbmd_batch.onnx_fp16 import pin_ir_version
+
+    proto = pin_ir_version(onnx.load(str(out)))  # the project's IR version (D5), not the exporter's
     embed_card(proto, card)
     onnx.save(proto, str(out))
     return out

@@ -77,6 +77,22 @@ def validate_feeds(feeds: Feeds, card: ModelCard, source: str = "runner") -> dic
     return out
 
 
+def pad_batch(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Feeds grown to ``rows`` by repeating the last row (callers slice the outputs back).
+
+    Used where a fixed or minimum batch shape matters: onnxruntime-CUDA pads every batch to its batch size so
+    cuDNN's algorithm search runs once per session, not again for the last partial batch; TensorRT pads a
+    batch below its profile's minimum.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, v in feeds.items():
+        b = v.shape[0]
+        if b == 0 or b > rows:
+            raise ValueError(f"pad_batch: cannot pad {b} rows of {k} to {rows}")
+        out[k] = v if b == rows else np.concatenate([v, np.repeat(v[-1:], rows - b, axis=0)])
+    return out
+
+
 def _empty_outputs(card: ModelCard) -> dict[str, np.ndarray]:
     from xbmd_batch.onnx_card import extra_output_names
 
@@ -189,14 +205,19 @@ class BaseRunner:
         if b == 0:
             return _empty_outputs(card)
         step = self.max_batch or b
-        parts = []
-        for s in range(0, b, step):
-            chunk = {k: v[s : s + step] for k, v in x.items()} if step < b else x
-            n = min(step, b - s)
-            parts.append(_check_outputs(self._infer(chunk), card, n, self.name))
+        chunks = [{k: v[s : s + step] for k, v in x.items()} if step < b else x for s in range(0, b, step)]
+        outs = self._infer_many(chunks) if len(chunks) > 1 else [self._infer(chunks[0])]
+        parts = [
+            _check_outputs(o, card, len(next(iter(c.values()))), self.name)
+            for o, c in zip(outs, chunks, strict=True)
+        ]
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _infer_many(self, chunks: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Several batches of at most ``max_batch`` rows; runners that can overlap them override this."""
+        return [self._infer(c) for c in chunks]
 
     def _load(self) -> None:
         raise NotImplementedError

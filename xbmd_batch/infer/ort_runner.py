@@ -1,90 +1,71 @@
-"""The onnxruntime runner over an exported ONNX file: CPU, CUDA or TensorRT execution provider."""
+"""The onnxruntime runner over an exported ONNX file: CPU or CUDA execution provider.
+
+onnxruntime's TensorRT execution provider is deliberately not offered: onnxruntime-gpu 1.31.1 (the newest GPU
+wheel) links TensorRT 10 (``libnvinfer.so.10``) while the ``tensorrt`` extra installs TensorRT 11, so that
+provider could never load next to the native TensorRT runner (``--backend tensorrt``), which covers TensorRT.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, ORT_PROVIDERS
 from xbmd_batch.errors import InputError, ModelFileError
-from xbmd_batch.infer.base import BaseRunner
+from xbmd_batch.infer.base import BaseRunner, pad_batch
 from xbmd_batch.infer.model_file import ModelFile, open_model
 
 if TYPE_CHECKING:
     from xbmd_batch.modelcard import ModelCard
 
+ORT_TRT_EP_REFUSAL = (
+    "onnxruntime's TensorRT execution provider is not supported: onnxruntime-gpu 1.31.1 links TensorRT 10 "
+    "(libnvinfer.so.10) while the tensorrt extra installs TensorRT 11; use the native TensorRT backend "
+    "(--backend tensorrt) or onnxruntime's CUDA provider"
+)
 
-def ort_provider_chain(
-    provider: str,
-    *,
-    device_id: int = 0,
-    precision: str = "fp32",
-    card: ModelCard | None = None,
-    opt_batch: int = DEFAULT_BATCH_SIZE,
-    max_batch: int | None = None,
-    trt_cache_dir: str | os.PathLike[str] | None = None,
-) -> list[Any]:
-    """The onnxruntime providers list (with options) for "cpu", "cuda" or "tensorrt", fallbacks included."""
+
+def ort_provider_chain(provider: str, *, device_id: int = 0) -> list[Any]:
+    """The onnxruntime providers list (with options) for "cpu" or "cuda".
+
+    CUDA: ``use_tf32=0`` so "fp32" is IEEE fp32 as on TensorRT (which clears its TF32 flag) and torch (which
+    turns TF32 off for fp32 runs); one cuDNN algorithm search per input shape, and shapes are fixed by padding
+    every batch to the runner's batch size, so the search runs once; copies on their own stream
+    (``do_copy_in_default_stream=False``) so they can overlap compute.
+    """
     if provider == "cpu":
         return ["CPUExecutionProvider"]
-    cuda_opts = {
-        "device_id": device_id,
-        "arena_extend_strategy": "kSameAsRequested",  # dynamic batches: don't double the arena per new shape
-        "cudnn_conv_algo_search": "EXHAUSTIVE",  # few distinct shapes (full + last partial batch)
-        "cudnn_conv_use_max_workspace": "1",
-        "do_copy_in_default_stream": True,
-    }
     if provider == "cuda":
+        cuda_opts = {
+            "device_id": device_id,
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "cudnn_conv_use_max_workspace": "1",
+            "do_copy_in_default_stream": False,
+            "use_tf32": "0",
+        }
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
     if provider == "tensorrt":
-        from xbmd_batch.infer.tensorrt.engine_cache import default_cache_dir
-
-        cache = os.fspath(Path(trt_cache_dir) if trt_cache_dir else default_cache_dir() / "ort-trt-ep")
-        trt_opts: dict[str, Any] = {
-            "device_id": device_id,
-            "trt_fp16_enable": precision == "fp16",  # TensorRT 11 is strongly typed: ignored there
-            "trt_layer_norm_fp32_fallback": True,
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": cache,
-            "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": cache,
-            "trt_builder_optimization_level": 3,
-            "trt_max_workspace_size": 4 << 30,
-        }
-        if card is not None:  # explicit profile so the engine is not rebuilt for each new batch size
-            c, s, f = card.model_config.in_chans, card.model_config.image_size, card.model_config.n_fields
-            image, meta, mask = card.input_names
-
-            def shapes(b: int) -> str:
-                return f"{image}:{b}x{c}x{s}x{s},{meta}:{b}x{f},{mask}:{b}x{f}"
-
-            trt_opts["trt_profile_min_shapes"] = shapes(1)
-            trt_opts["trt_profile_opt_shapes"] = shapes(opt_batch)
-            trt_opts["trt_profile_max_shapes"] = shapes(max_batch or opt_batch)
-        return [
-            ("TensorrtExecutionProvider", trt_opts),
-            ("CUDAExecutionProvider", cuda_opts),
-            "CPUExecutionProvider",
-        ]
+        raise InputError(ORT_TRT_EP_REFUSAL)
     raise InputError(f"unknown onnxruntime provider {provider!r} ({', '.join(ORT_PROVIDERS)})")
 
 
-_PROVIDER_NAME = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+_PROVIDER_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class OrtRunner(BaseRunner):
-    """onnxruntime over an exported ONNX file: CPU, CUDA or TensorRT execution provider.
+    """onnxruntime over an exported ONNX file: CPU or CUDA execution provider.
 
     The session is refused (InputError) when the requested provider is missing or onnxruntime silently fell
     back to CPU (e.g. onnxruntime-gpu not installed, or installed alongside onnxruntime). Intra-op spinning
     is off by default: in ``score`` the decode workers share the cores, and spinning threads steal them.
+
+    CUDA runs through IOBinding: device input and output OrtValues are allocated once at ``batch_size`` and
+    bound once; each call copies the (padded) batch in with ``update_inplace`` and reads the outputs back,
+    so nothing is allocated per batch and every batch has the same shape (``use_iobinding`` turns the same
+    path on for the CPU provider, which is how CI tests it).
     """
 
     backend = "onnxruntime"
@@ -102,8 +83,10 @@ class OrtRunner(BaseRunner):
         allow_spinning: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_batch: int | None = None,
-        trt_cache_dir: str | os.PathLike[str] | None = None,
+        use_iobinding: bool | None = None,
     ) -> None:
+        if provider == "tensorrt":
+            raise InputError(ORT_TRT_EP_REFUSAL)
         if provider not in _PROVIDER_NAME:
             raise InputError(f"unknown onnxruntime provider {provider!r} ({', '.join(ORT_PROVIDERS)})")
         mf = open_model(onnx_path)
@@ -116,8 +99,8 @@ class OrtRunner(BaseRunner):
         card = card or mf.card
         graph_precision = str(card.extra.get("onnx_precision", "fp32"))
         if precision in (None, "auto"):
-            precision = "fp16" if provider == "tensorrt" else graph_precision
-        if provider != "tensorrt" and precision != graph_precision:
+            precision = graph_precision
+        if precision != graph_precision:
             raise InputError(
                 f"{path}: this ONNX graph is {graph_precision}; onnxruntime-{provider} runs it as stored "
                 f"(asked for {precision}: export with --fp16 and use the .fp16.onnx file)"
@@ -130,9 +113,13 @@ class OrtRunner(BaseRunner):
         self.graph_optimization = graph_optimization
         self.allow_spinning = allow_spinning
         self.batch_size = batch_size
-        self.profile_max_batch = max_batch or batch_size
-        self.trt_cache_dir = trt_cache_dir
+        self.use_iobinding = provider == "cuda" if use_iobinding is None else use_iobinding
+        if self.use_iobinding:
+            self.max_batch = max_batch or batch_size  # fixed-shape buffers: larger feeds are split
         self.session: Any = None
+        self._binding: Any = None
+        self._in_values: dict[str, Any] = {}
+        self._out_values: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
@@ -162,15 +149,7 @@ class OrtRunner(BaseRunner):
         if self.intra_op_threads:
             so.intra_op_num_threads = int(self.intra_op_threads)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
-        providers = ort_provider_chain(
-            self.provider,
-            device_id=self.device_id,
-            precision=self.precision,
-            card=self.card,
-            opt_batch=self.batch_size,
-            max_batch=self.profile_max_batch,
-            trt_cache_dir=self.trt_cache_dir,
-        )
+        providers = ort_provider_chain(self.provider, device_id=self.device_id)
         assert self.model_path is not None
         try:
             sess = ort.InferenceSession(os.fspath(self.model_path), sess_options=so, providers=providers)
@@ -186,10 +165,41 @@ class OrtRunner(BaseRunner):
         from xbmd_batch.onnx_card import extra_output_names
 
         self._out_names = [*self.card.output_names, *extra_output_names(self.card)]
+        if self.use_iobinding:
+            self._bind(ort)
+
+    def _bind(self, ort: Any) -> None:
+        """Preallocated input/output OrtValues on the provider's device, bound once (shapes fixed at B)."""
+        from xbmd_batch.onnx_card import expected_io, extra_output_names
+
+        b = int(self.max_batch or self.batch_size)
+        where = "cuda" if self.provider == "cuda" else "cpu"
+        ins, outs = expected_io(self.card)
+        outs = {**outs, **{n: (None,) for n in extra_output_names(self.card)}}  # per-image extras: (B,)
+        binding = self.session.io_binding()
+        for name, shape in ins.items():
+            v = ort.OrtValue.ortvalue_from_shape_and_type([b, *shape[1:]], np.float32, where, self.device_id)
+            binding.bind_ortvalue_input(name, v)
+            self._in_values[name] = v
+        for name, shape in outs.items():
+            v = ort.OrtValue.ortvalue_from_shape_and_type([b, *shape[1:]], np.float32, where, self.device_id)
+            binding.bind_ortvalue_output(name, v)
+            self._out_values[name] = v
+        self._binding = binding
 
     def _unload(self) -> None:
+        self._binding = None
+        self._in_values.clear()
+        self._out_values.clear()
         self.session = None
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self._out_names, feeds)
-        return dict(zip(self._out_names, outs, strict=True))
+        if self._binding is None:
+            outs = self.session.run(self._out_names, feeds)
+            return dict(zip(self._out_names, outs, strict=True))
+        b = next(iter(feeds.values())).shape[0]
+        full = pad_batch(feeds, int(self.max_batch or b))  # one shape for the whole session
+        for name, v in self._in_values.items():
+            v.update_inplace(np.ascontiguousarray(full[name]))
+        self.session.run_with_iobinding(self._binding)
+        return {n: np.array(self._out_values[n].numpy()[:b], dtype=np.float32) for n in self._out_names}

@@ -57,18 +57,37 @@ def _gpu_backend_installed(kind: str) -> bool:
     return importlib.util.find_spec("tensorrt") is not None or "CUDAExecutionProvider" in _ort_providers()
 
 
-def _resolve_device(device: str, kind: str) -> tuple[str, str]:
-    """(cpu | cuda, why not cuda). With ``auto``, torch is asked about CUDA only when a CUDA backend for this
-    kind of model file is installed, so the onnxruntime-CPU path never imports torch."""
-    if device not in DEVICES:
-        raise InputError(f"unknown device {device!r}; choose one of {DEVICES}")
-    if device == "auto":
+def _cuda_device_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``auto | cpu | cuda | cuda:N`` -> (kind, index); InputError naming the accepted forms otherwise."""
+    if device in DEVICES:
+        return device, 0
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return "cuda", int(index)
+    raise InputError(f"unknown device {device!r}; choose one of {DEVICES} or cuda:N (N = GPU index)")
+
+
+def _resolve_device(device: str, kind: str) -> tuple[str, int, str]:
+    """(cpu | cuda, GPU index, why not cuda). With ``auto``, torch is asked about CUDA only when a CUDA
+    backend for this kind of model file is installed, so the onnxruntime-CPU path never imports torch."""
+    want, index = parse_device(device)
+    if want == "auto":
         if not _gpu_backend_installed(kind):
-            return "cpu", "no CUDA backend for ONNX installed (no tensorrt, no onnxruntime CUDA provider)"
-        return ("cuda", "") if _cuda_available() else ("cpu", "no CUDA device")
-    if device == "cuda" and not _cuda_available():
-        raise InputError("--device cuda: no CUDA device is visible to torch on this machine")
-    return device, "--device cpu" if device == "cpu" else ""
+            return "cpu", 0, "no CUDA backend for ONNX installed (no tensorrt, no onnxruntime CUDA provider)"
+        return ("cuda", 0, "") if _cuda_available() else ("cpu", 0, "no CUDA device")
+    if want == "cuda":
+        if not _cuda_available():
+            raise InputError(f"--device {device}: no CUDA device is visible to torch on this machine")
+        n = _cuda_device_count()
+        if index >= n:
+            raise InputError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return want, index, "--device cpu" if want == "cpu" else ""
 
 
 def open_runner(
@@ -99,22 +118,23 @@ def open_runner(
         raise InputError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     mf = open_model(model)  # ModelFileError names the file if it is neither checkpoint nor ONNX
     kind, path = mf.kind, mf.path
-    dev, no_cuda = _resolve_device(device, kind)
+    dev, gpu_index, no_cuda = _resolve_device(device, kind)
     prec = None if precision == "auto" else precision
 
     def torch_runner(on: str) -> BaseRunner:
         p = prec or ("fp16" if on == "cuda" else "fp32")
-        return TorchRunner(mf, device=on, precision=p, compile=compile, max_batch=max_batch)
+        where = f"cuda:{gpu_index}" if on == "cuda" else on
+        return TorchRunner(mf, device=where, precision=p, compile=compile, max_batch=max_batch)
 
     def ort_runner(provider: str) -> BaseRunner:
         return OrtRunner(
             mf,
             provider=provider,
+            device_id=gpu_index,
             precision=prec,
             intra_op_threads=intra_op_threads,
             batch_size=batch_size,
             max_batch=max_batch,
-            trt_cache_dir=engine_cache_dir,
         )
 
     def trt_runner() -> BaseRunner:
@@ -124,6 +144,7 @@ def open_runner(
             batch_size=batch_size,
             max_batch=max_batch,
             engine_cache_dir=engine_cache_dir,
+            device_id=gpu_index,
             parity_feeds=parity_feeds,
             log=log,
         )
@@ -143,9 +164,9 @@ def open_runner(
 
     # auto: candidates in speed order, each with a reason it applies or why it was skipped
     skipped: list[str] = []
-    candidates: list[tuple[str, Callable[[], BaseRunner]]] = []
+    candidates: list[tuple[str, Callable[[], BaseRunner]]] = []  # GPU ones first, then CPU ones
     if dev == "cuda":
-        gpu = _cuda_name()
+        gpu = f"{_cuda_name(gpu_index)} (cuda:{gpu_index})"
         trt_ver = _tensorrt_version()
         if kind != "onnx":
             skipped.append("TensorRT/onnxruntime need an exported ONNX file")
@@ -162,7 +183,8 @@ def open_runner(
             candidates.append((f"torch on {gpu}", lambda: torch_runner("cuda")))
     else:
         skipped.append(no_cuda)
-    if device != "cuda":  # an explicit --device cuda never falls back to the CPU
+    n_gpu = len(candidates)
+    if dev != "cuda" or device == "auto":  # an explicit --device cuda[:N] never falls back to the CPU
         if kind == "onnx":
             candidates.append(("onnxruntime on CPU", lambda: ort_runner("cpu")))
         else:
@@ -170,14 +192,19 @@ def open_runner(
                 skipped.append("onnxruntime-CPU needs an exported ONNX file")
             candidates.append(("torch on CPU", lambda: torch_runner("cpu")))
 
-    for label, make in candidates:
+    for i, (label, make) in enumerate(candidates):
+        on_gpu = i < n_gpu
         try:
             runner = make()
             runner.activate()
-        except (InputError, XbmdError, ImportError, RuntimeError) as e:
-            if isinstance(e, ModelFileError) and not isinstance(e, StaleEngineError):
+        except Exception as e:  # noqa: BLE001 - a GPU candidate may fail in any library's own way
+            if not on_gpu and not isinstance(e, (InputError, XbmdError, ImportError, RuntimeError)):
+                raise  # a CPU backend failing in an unexpected way is a bug: show it
+            if not on_gpu and isinstance(e, ModelFileError) and not isinstance(e, StaleEngineError):
                 raise  # the file itself is bad: no other backend will do better
-            skipped.append(f"{label}: {e}")
+            # on a GPU, a TensorRT parse/IO error, an engine that will not load, a provider that will not
+            # start or an unexpected exception type all mean "try the next backend", with the reason kept
+            skipped.append(f"{label}: {type(e).__name__}: {e}")
             continue
         why = f"fastest available: {label}"
         if skipped:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +18,20 @@ if TYPE_CHECKING:
     from torch import nn
 
     from xbmd_batch.modelcard import ModelCard
+
+
+@contextlib.contextmanager
+def ieee_fp32(torch: Any) -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions while inside (restored after), so torch's "fp32" is IEEE
+    fp32 like TensorRT's (TF32 flag cleared) and onnxruntime-CUDA's (``use_tf32=0``). torch 2.14 defaults:
+    matmul "none" (no TF32), cuDNN conv "tf32"."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 class TorchRunner(BaseRunner):
@@ -116,7 +132,8 @@ class TorchRunner(BaseRunner):
                 if self.channels_last:
                     xs[0] = xs[0].contiguous(memory_format=torch.channels_last)
                 if self.precision == "fp32":
-                    bmd, attn = self._fwd(*xs)
+                    with ieee_fp32(torch):  # "fp32" means fp32 here too (cuDNN convs default to TF32)
+                        bmd, attn = self._fwd(*xs)
                 else:
                     dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
                     with torch.autocast("cuda", dtype=dtype):

@@ -57,6 +57,7 @@ class TensorRTRunner(EngineRunner):
             max_batch=max_batch or batch_size,
         )
         self.batch_size, self.min_batch = batch_size, min_batch
+        self.requested_max_batch = max_batch  # None: any cached engine covering batch_size, else a wide build
         self.engine_cache_dir, self.rebuild, self.log = engine_cache_dir, rebuild, log
         self.parity_feeds = parity_feeds
         self.engine_record: Any = None
@@ -69,7 +70,7 @@ class TensorRTRunner(EngineRunner):
             self.model,
             precision=self.precision,
             opt_batch=self.batch_size,
-            max_batch=self.max_batch,
+            max_batch=self.requested_max_batch,
             min_batch=self.min_batch,
             cache_dir=self.engine_cache_dir,
             rebuild=self.rebuild,

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.score.privacy import scrub
 
 
 @dataclass
@@ -166,14 +167,6 @@ def _is_file_error(e: BaseException) -> bool:
     """Exceptions one file can cause: every Exception, plus a Rust decoder's panic (pyo3's PanicException
     derives from BaseException, so a malformed RLE/JPEG file would otherwise stop the whole cohort)."""
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
-
-
-def scrub(message: str, root: Path, rel: str) -> str:
-    """Drop the file's path from an error message: the failure row names the file in its own (possibly
-    pseudonymised) column, and folder names often carry subject IDs."""
-    for s in (str(root / rel), str((root / rel).resolve()), rel):
-        message = message.replace(s, "<file>")
-    return message[:500]
 
 
 def _image_view(slot: np.ndarray, s: int) -> np.ndarray:

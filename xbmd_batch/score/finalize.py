@@ -11,11 +11,12 @@ kept (a file deleted between sessions drops out), in plan order (relative path),
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference, who_class
+from xbmd_batch.clinical import SCREEN_THRESHOLDS, WHO_CLASSES, get_reference, who_class
 from xbmd_batch.fsutil import atomic_write_parquet
 from xbmd_batch.score.cohort_summary import cohort_summary, threshold_suffix
 from xbmd_batch.score.reconcile import FAILURE_SCHEMA
@@ -86,14 +87,15 @@ def finalize(
     interval: float = DEFAULT_LEVEL,
     strata: pl.DataFrame | None = None,
     n_boot: int = 1000,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Write scores.parquet, failures.parquet and cohort_summary.parquet. ``plan_keys``: relative_path,
     sop_instance_uid (output form) in plan order, optionally file_size / file_mtime_ns (the files now): a row
     recorded for other bytes is not used; the latest row of a key wins (a retried transient failure or a
     re-scored changed file supersedes). ``conformal``: the card's out-of-fold residual model (None: null
     intervals and probabilities). ``strata``: meta_row, sex, age_band (the cohort summary's groups).
 
-    Returns counts: scored, failed_in_scoring, not_processed, duplicate_rows_dropped.
+    Returns counts (scored, failed_in_scoring, not_processed, rows_dropped_from_parts, failures_total) and the
+    WHO class distribution of scores.parquet, so nobody has to read the tables back to count them.
     """
     ref = get_reference(reference)
     stat_cols = [c for c in ("file_size", "file_mtime_ns") if c in plan_keys.columns]
@@ -170,4 +172,6 @@ def finalize(
         "failed_in_scoring": failed.height,
         "not_processed": plan_keys.height - parts.height,
         "rows_dropped_from_parts": dropped,
+        "failures_total": failures.height,  # quarantined before scoring + failed while scoring
+        "who_distribution": {c: int((scored.get_column("who_class") == c).sum()) for c in WHO_CLASSES},
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from xbmd_batch.score.privacy import scrub
+
 # HeaderInfo attribute -> output column (all strings except rows/columns).
 HEADER_FIELDS: tuple[str, ...] = (
     "patient_id",
@@ -54,8 +56,6 @@ def _read_one(root: Path, rel: str) -> dict[str, object]:
         if not _is_file_error(e):
             raise
         row.update({f: None for f in HEADER_FIELDS + SIZE_FIELDS})
-        from xbmd_batch.score.decode import scrub
-
         row["header_error"] = scrub(f"{type(e).__name__}: {e}", root, rel)
         return row
     for f in HEADER_FIELDS:

@@ -56,18 +56,63 @@ class Plan:
         return self.quarantine.height
 
 
-def _fail(
-    rel: str | None, subj: str | None, sop: str | None, row: int | None, stage: str, reason: str, msg: str
-):
-    return {
-        "relative_path": rel,
-        "subject_key": subj,
-        "sop_instance_uid": sop,
-        "meta_row": row,
-        "stage": stage,
-        "reason": reason,
-        "message": msg,
-    }
+class Quarantine:
+    """Collects failure rows (FAILURE_SCHEMA) and counts them by reason."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        stage: str,
+        reason: str,
+        msg: str,
+        rel: str | None = None,
+        subj: str | None = None,
+        sop: str | None = None,
+        meta_row: int | None = None,
+    ) -> None:
+        self.rows.append(
+            {
+                "relative_path": rel,
+                "subject_key": subj,
+                "sop_instance_uid": sop,
+                "meta_row": meta_row,
+                "stage": stage,
+                "reason": reason,
+                "message": msg,
+            }
+        )
+
+    def count(self, reason: str) -> int:
+        return sum(r["reason"] == reason for r in self.rows)
+
+    def frame(self) -> pl.DataFrame:
+        return (
+            pl.DataFrame(self.rows, schema=FAILURE_SCHEMA)
+            if self.rows
+            else pl.DataFrame(schema=FAILURE_SCHEMA)
+        )
+
+
+def _is_non_image(j: int, h: dict[str, list[Any]]) -> bool:
+    """A parsed DICOM without image size that is still a DICOM object (DICOMDIR, structured report, ...)."""
+    return bool(h["sop_class_uid"][j] or h["sop_instance_uid"][j] or h["modality"][j]) or (
+        h["relative_path"][j].rsplit("/", 1)[-1].upper() == "DICOMDIR"
+    )
+
+
+def _number_images_per_subject(subjects: list[str | None]) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Several images per subject are all scored, numbered in relative-path order: (index, total, groups)."""
+    idx = np.zeros(len(subjects), dtype=np.int32)
+    tot = np.zeros(len(subjects), dtype=np.int32)
+    groups: dict[str | None, list[int]] = {}
+    for k, s in enumerate(subjects):
+        groups.setdefault(s, []).append(k)
+    for members in groups.values():
+        for n, k in enumerate(members):
+            idx[k], tot[k] = n, len(members)
+    return idx, tot, list(groups.values())
 
 
 def build_plan(
@@ -79,122 +124,58 @@ def build_plan(
     n_derived_values: int,
 ) -> Plan:
     """Decide, per file and per META row, scored / quarantined / listed; count everything."""
-    fails: list[dict[str, Any]] = []
+    q = Quarantine()
     for rel, m in disc.unreadable:
-        fails.append(_fail(rel, None, None, None, "discover", "unreadable_file", m))
+        q.add("discover", "unreadable_file", m, rel)
     for rel, m in disc.bad_names:
-        fails.append(_fail(rel, None, None, None, "discover", "invalid_file_name", m))
+        q.add("discover", "invalid_file_name", m, rel)
 
-    rel = headers.get_column("relative_path").to_list()
-    sop = headers.get_column("sop_instance_uid").to_list()
-    herr = headers.get_column("header_error").to_list()
-    rows = headers.get_column("rows").to_list()
-    cols = headers.get_column("columns").to_list()
-    study = headers.get_column("study_instance_uid").to_list()
-    ts = headers.get_column("transfer_syntax_uid").to_list()
-    phot = headers.get_column("photometric").to_list()
-    sop_class = headers.get_column("sop_class_uid").to_list()
-    modality = headers.get_column("modality").to_list()
-    n_bad_header = sum(e is not None for e in herr)
-
+    h = {c: headers.get_column(c).to_list() for c in headers.columns}
+    rel, sop = h["relative_path"], h["sop_instance_uid"]
     non_image: list[str] = []
     keep: list[int] = []
-    seen_sop: dict[str, str] = {}
-    n_dup = 0
-    reasons_count: dict[str, int] = {}
-    order = np.argsort(np.array(rel, dtype=object), kind="stable")
-    for j in (int(x) for x in order):
+    seen_sop: set[str] = set()
+    for j in (int(x) for x in np.argsort(np.array(rel, dtype=object), kind="stable")):
         subj = joined.subject_key[j]
-        if herr[j] is not None:
-            fails.append(_fail(rel[j], None, None, None, "header", "header_unreadable", herr[j]))
-            continue
-        if not rows[j] or not cols[j]:
-            if sop_class[j] or sop[j] or modality[j] or rel[j].rsplit("/", 1)[-1].upper() == "DICOMDIR":
-                non_image.append(rel[j])  # DICOMDIR, structured reports, ...: listed, not scored
+        if h["header_error"][j] is not None:
+            q.add("header", "header_unreadable", h["header_error"][j], rel[j])
+        elif not h["rows"][j] or not h["columns"][j]:
+            if _is_non_image(j, h):
+                non_image.append(rel[j])  # listed, not scored
             else:  # parsed, but nothing DICOM-like inside: a damaged file
-                fails.append(
-                    _fail(
-                        rel[j],
-                        None,
-                        None,
-                        None,
-                        "header",
-                        "header_unreadable",
-                        "no image attributes, SOP Class/Instance UID or Modality in the header",
-                    )
-                )
-                n_bad_header += 1
-            continue
-        if sop[j] is None:
-            fails.append(
-                _fail(
-                    rel[j],
-                    subj,
-                    None,
-                    None,
-                    "header",
-                    "missing_sop_instance_uid",
-                    "DICOM image has no SOPInstanceUID",
-                )
-            )
-            continue
-        if sop[j] in seen_sop:
-            n_dup += 1
-            fails.append(
-                _fail(
-                    rel[j],
-                    subj,
-                    sop[j],
-                    None,
-                    "reconcile",
-                    "duplicate_sop_instance_uid",
-                    "same SOPInstanceUID as an earlier file, which is scored instead",
-                )
-            )
-            continue
-        seen_sop[sop[j]] = rel[j]
-        if joined.issue[j] is not None:
-            reasons_count[joined.issue[j]] = reasons_count.get(joined.issue[j], 0) + 1
-            fails.append(
-                _fail(rel[j], subj, sop[j], None, "join", joined.issue[j], joined.issue_message[j] or "")
-            )
-            continue
-        keep.append(j)
-
+                msg = "no image attributes, SOP Class/Instance UID or Modality in the header"
+                q.add("header", "header_unreadable", msg, rel[j])
+        elif sop[j] is None:
+            q.add("header", "missing_sop_instance_uid", "DICOM image has no SOPInstanceUID", rel[j], subj)
+        elif sop[j] in seen_sop:
+            msg = "same SOPInstanceUID as an earlier file, which is scored instead"
+            q.add("reconcile", "duplicate_sop_instance_uid", msg, rel[j], subj, sop[j])
+        elif joined.issue[j] is not None:
+            seen_sop.add(sop[j])
+            q.add("join", joined.issue[j], joined.issue_message[j] or "", rel[j], subj, sop[j])
+        else:
+            seen_sop.add(sop[j])
+            keep.append(j)
     for i in joined.meta_rows_without_images:
-        fails.append(
-            _fail(
-                None, None, None, i, "join", "metadata_without_image", f"META row {i} matches no DICOM image"
-            )
-        )
+        q.add("join", "metadata_without_image", f"META row {i} matches no DICOM image", meta_row=i)
 
-    keep_rel = [rel[j] for j in keep]
     keep_subj = [joined.subject_key[j] for j in keep]
-    # Several images per subject: all scored, numbered in relative-path order.
-    idx = np.zeros(len(keep), dtype=np.int32)
-    tot = np.zeros(len(keep), dtype=np.int32)
-    groups: dict[str | None, list[int]] = {}
-    for k, s in enumerate(keep_subj):
-        groups.setdefault(s, []).append(k)
-    for members in groups.values():
-        for n, k in enumerate(members):
-            idx[k], tot[k] = n, len(members)
+    idx, tot, groups = _number_images_per_subject(keep_subj)
     items = pl.DataFrame(
         {
-            "relative_path": keep_rel,
+            "relative_path": [rel[j] for j in keep],
             "subject_key": keep_subj,
             "sop_instance_uid": [sop[j] for j in keep],
-            "study_instance_uid": [study[j] for j in keep],
+            "study_instance_uid": [h["study_instance_uid"][j] for j in keep],
             "meta_row": [int(joined.meta_row[j]) for j in keep],
             "image_index_for_subject": idx,
             "n_images_for_subject": tot,
-            "transfer_syntax_uid": [ts[j] for j in keep],
-            "photometric": [phot[j] for j in keep],
+            "transfer_syntax_uid": [h["transfer_syntax_uid"][j] for j in keep],
+            "photometric": [h["photometric"][j] for j in keep],
         },
         schema=PLAN_SCHEMA,
     )
-    quarantine = pl.DataFrame(fails, schema=FAILURE_SCHEMA) if fails else pl.DataFrame(schema=FAILURE_SCHEMA)
-    multi = [m for m in groups.values() if len(m) > 1]
+    multi = [m for m in groups if len(m) > 1]
     counts = {
         "files_seen": disc.n_files,
         "hidden_files": len(disc.hidden),
@@ -204,12 +185,12 @@ def build_plan(
         "special_files": len(disc.special),
         "invalid_file_names": len(disc.bad_names),
         "dicom_files": len(rel),
-        "header_errors": n_bad_header,
+        "header_errors": q.count("header_unreadable"),
         "non_image_dicoms": len(non_image),
-        "duplicate_sop_instance_uids": n_dup,
-        "images_without_metadata": reasons_count.get("no_metadata", 0),
-        "images_without_subject_key": reasons_count.get("no_subject_key", 0),
-        "images_with_ambiguous_metadata": reasons_count.get("ambiguous_metadata", 0),
+        "duplicate_sop_instance_uids": q.count("duplicate_sop_instance_uid"),
+        "images_without_metadata": q.count("no_metadata"),
+        "images_without_subject_key": q.count("no_subject_key"),
+        "images_with_ambiguous_metadata": q.count("ambiguous_metadata"),
         "matched_images": len(keep),
         "matched_subjects": len(groups),
         "subjects_with_several_images": len(multi),
@@ -219,7 +200,7 @@ def build_plan(
         "metadata_duplicate_keys": len(joined.duplicate_meta_keys),
         "metadata_invalid_values": len(meta_issues),
         "metadata_derived_values": n_derived_values,
-        "quarantined_before_scoring": len(fails),
+        "quarantined_before_scoring": len(q.rows),
     }
     listed = {
         "non_dicom_files": list(disc.non_dicom),
@@ -231,4 +212,4 @@ def build_plan(
         "metadata_duplicate_keys": [{"key": k, "rows": v} for k, v in joined.duplicate_meta_keys.items()],
         "metadata_invalid_values": meta_issues,
     }
-    return Plan(items=items, quarantine=quarantine, counts=counts, listed=listed)
+    return Plan(items=items, quarantine=q.frame(), counts=counts, listed=listed)

@@ -10,6 +10,7 @@ leaves only whole parts (plus a stray .tmp that resume deletes). What resume red
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 class PartWriter:
     """Numbers and writes parts; continues numbering after the parts a previous session left."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, after_write: Callable[[int], None] | None = None) -> None:
         self.dir = Path(out_dir) / "parts"
+        self.after_write = after_write  # called with n_written after each part (the crash tests' kill hook)
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob("*.tmp"):  # a write that a kill interrupted: never renamed, never counted
             stale.unlink(missing_ok=True)
@@ -41,6 +43,8 @@ class PartWriter:
         atomic_write_parquet(path, table)
         self.next_index += 1
         self.n_written += 1
+        if self.after_write is not None:
+            self.after_write(self.n_written)
         return path
 
 

@@ -14,6 +14,7 @@ the same ``get_or_build_engine``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xbmd_batch.defaults import DEFAULT_BATCH_SIZE
+from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, TRT_WIDE_MAX_BATCH
 from xbmd_batch.errors import InputError, ModelFileError, XbmdError
 from xbmd_batch.fsutil import atomic_write_bytes
 from xbmd_batch.infer.base import Feeds
@@ -173,6 +174,34 @@ def _engine_parity(
     return {"reference": cmp.reference, "batches": cmp.batches, "max_abs_bmd": worst}
 
 
+def parity_batches(spec: EngineSpec, n_avail: int) -> tuple[int, ...]:
+    """Batch sizes the parity check runs: 1, 3, opt and max, clamped into the profile's [min, max] (a
+    ``--min-batch 8`` engine cannot run batch 1) and to the rows available."""
+    want = {max(spec.min_batch, min(b, spec.max_batch)) for b in (1, 3, spec.opt_batch, spec.max_batch)}
+    got = tuple(sorted(b for b in want if b <= n_avail))
+    if got:
+        return got
+    if n_avail < spec.min_batch:
+        raise InputError(f"parity needs at least {spec.min_batch} input rows (--min-batch), got {n_avail}")
+    return (n_avail,)
+
+
+def build_spec(
+    card: ModelCard,
+    onnx_sha256: str,
+    precision: str,
+    opt_batch: int,
+    max_batch: int | None,
+    min_batch: int,
+) -> tuple[EngineSpec, EngineSpec]:
+    """(what the caller needs, what a build makes). The need is min..max (``max_batch`` or the batch size);
+    a build without an explicit ``max_batch`` gets the wide profile up to ``TRT_WIDE_MAX_BATCH`` (opt = the
+    batch size), so one engine per GPU x ONNX x precision serves every batch size up to it."""
+    need = EngineSpec.for_card(onnx_sha256, card, precision, opt_batch, max_batch or opt_batch, min_batch)
+    wide = max_batch if max_batch is not None else max(TRT_WIDE_MAX_BATCH, opt_batch)
+    return need, dataclasses.replace(need, max_batch=wide)
+
+
 def get_or_build_engine(
     model: ModelFile | str | os.PathLike[str],
     *,
@@ -188,11 +217,14 @@ def get_or_build_engine(
     device_id: int = 0,
     log: Log | None = None,
 ) -> EngineRecord:
-    """The cached engine for this ONNX file on this GPU, building (and parity-checking) it on a miss.
+    """An engine for this ONNX file on this GPU that runs batches ``min_batch..(max_batch or opt_batch)``:
+    a cached one whose profile covers that (``EngineCache.lookup``), or a new build (wide profile, see
+    ``build_spec``), parity-checked, stored.
 
     Build order for fp16: plain fp16 first; if max |delta BMD| vs onnxruntime exceeds ``tolerance``, rebuild
     with LayerNorm/Softmax/Reduce in fp32; if that still fails, raise (nothing is cached). The parity figures
-    go into the sidecar.
+    go into the sidecar. The whole lookup-build-store runs under the cache's file lock: a second process
+    asking for the same engine waits, then finds it (it is told so through ``log``).
 
     ``parity_feeds`` are real preprocessed inputs (``xbmd_batch.parity_feeds``), or a ``(card, n) -> feeds``
     callable so they are only made on a miss; a miss without them is an error, since an engine is never
@@ -201,27 +233,58 @@ def get_or_build_engine(
     log = log or (lambda _m: None)
     model = open_model(model)
     onnx_path, card = model.path, model.card
-    spec = EngineSpec.for_card(model.sha256, card, precision, opt_batch, max_batch, min_batch)
+    need, spec = build_spec(card, model.sha256, precision, opt_batch, max_batch, min_batch)
     device = DeviceInfo.current(device_id)
     cache = EngineCache(Path(cache_dir) if cache_dir else default_cache_dir(), onnx_path=onnx_path, log=log)
-    if not rebuild:
-        hit = cache.lookup(spec, device)
-        if hit is not None:
-            log(f"engine cache hit: {hit.engine_path}")
-            return hit
+    from filelock import Timeout
+
+    lock = cache.lock(spec, device)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # another process holds it, most likely building this very engine
+        log(f"waiting for another process building a TensorRT engine in {cache.root} ...")
+        lock.acquire()
+    try:
+        if not rebuild:
+            hit = cache.lookup(need, device)
+            if hit is not None:
+                log(f"engine cache hit: {hit.engine_path}")
+                return hit
+        return _build_and_store(
+            model, spec, cache, device, timing_cache_path, parity_feeds, tolerance, device_id, log
+        )
+    finally:
+        lock.release()
+
+
+def _build_and_store(
+    model: ModelFile,
+    spec: EngineSpec,
+    cache: EngineCache,
+    device: DeviceInfo,
+    timing_cache_path: str | os.PathLike[str] | None,
+    parity_feeds: Feeds | FeedsFactory | None,
+    tolerance: float,
+    device_id: int,
+    log: Log,
+) -> EngineRecord:
+    onnx_path, card = model.path, model.card
     if timing_cache_path is None:
         timing_cache_path = cache.timing_cache_path(device)
-
     if parity_feeds is None:
         raise InputError(
             f"{onnx_path}: no cached engine for this GPU and profile, and no parity inputs to check a new "
             f"build; build it with `python -m export tensorrt {onnx_path}`"
         )
+    log(
+        f"no cached TensorRT engine for {device.gpu_name} (TensorRT {device.trt_version}, {spec.precision}, "
+        f"batch {spec.min_batch}/{spec.opt_batch}/{spec.max_batch}): building one, typically 1-3 min per "
+        f"attempt; it is cached in {cache.root} for later runs"
+    )
     if callable(parity_feeds):
         parity_feeds = parity_feeds(card, spec.max_batch)
-    batches = tuple(sorted({b for b in (1, 3, spec.opt_batch, spec.max_batch) if b <= spec.max_batch}))
     n_avail = min(len(v) for v in parity_feeds.values())
-    batches = tuple(b for b in batches if b <= n_avail) or (n_avail,)
+    batches = parity_batches(spec, n_avail)
 
     attempts = [False, True] if spec.precision == "fp16" else [False]
     history: list[dict[str, Any]] = []
@@ -229,6 +292,7 @@ def get_or_build_engine(
         engine_bytes, notes = build_engine(
             model, spec, timing_cache_path, keep_fp32_layers=keep_fp32, log=log, workspace_gib=4.0
         )
+        log(f"engine built in {notes['build_time_s']:.0f} s; parity at batch {', '.join(map(str, batches))}")
         with tempfile.TemporaryDirectory() as tmp:
             tmp_engine = Path(tmp) / "candidate.engine"
             tmp_engine.write_bytes(engine_bytes)

@@ -14,8 +14,9 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as e:
         raise TensorRTUnavailableError(
-            f"the tensorrt package is not importable ({e}); install the GPU extra: "
-            f"pip install 'xbmd-batch[gpu]' (TensorRT 10.x or 11.x with a matching CUDA)"
+            f"the tensorrt package is not importable ({e}); install the tensorrt extra: "
+            f"pip install 'xbmd-batch[tensorrt]' --extra-index-url https://pypi.nvidia.com (or from a "
+            f"wheelhouse, docs/gpu.md)"
         ) from e
     return trt
 

@@ -8,6 +8,7 @@ current machine is refused with the command that rebuilds it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -165,6 +166,24 @@ def _identity(spec: EngineSpec, device: DeviceInfo) -> dict[str, Any]:
     }
 
 
+def profile_covers(built: Any, wanted: Any) -> bool:
+    """Whether an engine built with profile ``built`` runs every shape of ``wanted`` (both as stored in a
+    sidecar: input name -> [min, opt, max] shapes): same inputs and non-batch dims, built min <= wanted min
+    and built max >= wanted max. The opt batch only tunes kernels, so it does not have to match."""
+    if not isinstance(built, dict) or not isinstance(wanted, dict) or set(built) != set(wanted):
+        return False
+    for name, (w_min, _w_opt, w_max) in wanted.items():
+        try:
+            b_min, _b_opt, b_max = built[name]
+        except (TypeError, ValueError):
+            return False
+        if list(b_min[1:]) != list(w_min[1:]) or list(b_max[1:]) != list(w_max[1:]):
+            return False
+        if b_min[0] > w_min[0] or b_max[0] < w_max[0]:
+            return False
+    return True
+
+
 def rebuild_hint(onnx_path: str | os.PathLike[str] | None, spec: EngineSpec, cache_dir: Path | None) -> str:
     onnx_arg = os.fspath(onnx_path) if onnx_path else "model.onnx"
     cache = f" --cache-dir {cache_dir}" if cache_dir else ""
@@ -199,6 +218,7 @@ class EngineCache:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self._locks: dict[str, Any] = {}
 
     def key_for(self, spec: EngineSpec, device: DeviceInfo) -> str:
         return engine_cache_key(
@@ -218,14 +238,81 @@ class EngineCache:
         sm = device.compute_capability.replace(".", "")
         return self.root / f"timing-{_slug(device.gpu_name)}-sm{sm}-trt{_slug(device.trt_version)}.cache"
 
-    def lookup(self, spec: EngineSpec, device: DeviceInfo) -> EngineRecord | None:
-        """The cached engine for (spec, device); None on a miss; StaleEngineError if untrustworthy."""
-        key = self.key_for(spec, device)
-        engine, sidecar = self.paths(key)
-        if not engine.exists():
+    def lock(self, spec: EngineSpec, device: DeviceInfo, timeout: float = -1) -> Any:
+        """A file lock per GPU x TensorRT x ONNX x precision (the engines that could serve each other).
+
+        Builders hold it from lookup to store, so two processes (or nodes sharing the cache over a file
+        system with working ``flock``) build once; ``lookup`` takes it too, so a reader never sees an engine
+        beside the sidecar of another. Reentrant within this cache object.
+        """
+        from filelock import FileLock
+
+        sm = device.compute_capability.replace(".", "")
+        name = (
+            f"{_slug(device.gpu_name)}-sm{sm}-trt{_slug(device.trt_version)}-{spec.precision}-"
+            f"{spec.onnx_sha256[:16]}.lock"
+        )
+        if name not in self._locks:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._locks[name] = FileLock(os.fspath(self.root / name), timeout=timeout)
+        return self._locks[name]
+
+    def lookup(self, spec: EngineSpec, device: DeviceInfo, *, exact: bool = False) -> EngineRecord | None:
+        """A cached engine that serves ``spec`` on ``device``; None on a miss.
+
+        The exact key first; then (unless ``exact``) any engine for the same GPU, TensorRT, ONNX and precision
+        whose profile covers the requested one (``profile_covers``: min <= requested min, max >= requested
+        max), preferring the same opt batch, then the smallest max. So the documented
+        ``python -m export tensorrt --opt-batch 32 --max-batch 64`` engine serves ``score -b 32``. An
+        exact-key engine that fails verification raises StaleEngineError; a broken candidate is skipped.
+        """
+        if not self.root.is_dir():
             return None
-        meta = verify_engine_file(engine, spec, device, cache_dir=self.root, onnx_path=self.onnx_path)
-        return EngineRecord(engine, sidecar, meta, built=False)
+        with self.lock(spec, device):
+            key = self.key_for(spec, device)
+            engine, sidecar = self.paths(key)
+            if engine.exists():
+                meta = verify_engine_file(engine, spec, device, cache_dir=self.root, onnx_path=self.onnx_path)
+                return EngineRecord(engine, sidecar, meta, built=False)
+            if exact:
+                return None
+            want = _identity(spec, device)
+            found: list[tuple[tuple[int, int, str], dict[str, Any], Path]] = []
+            for side in self.root.glob(f"*{SIDECAR_SUFFIX}"):
+                try:
+                    meta = json.loads(side.read_text())
+                except (OSError, ValueError):
+                    continue
+                if not isinstance(meta, dict) or any(
+                    meta.get(k) != v for k, v in want.items() if k != "profile"
+                ):
+                    continue
+                eng = side.with_suffix(ENGINE_SUFFIX)
+                if eng.exists() and profile_covers(meta.get("profile"), want["profile"]):
+                    rank = (
+                        int(meta.get("opt_batch") != spec.opt_batch),
+                        int(meta.get("max_batch") or 0),
+                        side.name,
+                    )
+                    found.append((rank, meta, eng))
+            for _rank, meta, eng in sorted(found, key=lambda t: t[0]):
+                built_spec = dataclasses.replace(
+                    spec,
+                    min_batch=meta["min_batch"],
+                    opt_batch=meta["opt_batch"],
+                    max_batch=meta["max_batch"],
+                )
+                try:
+                    verified = verify_engine_file(eng, built_spec, device, self.root, self.onnx_path)
+                except (StaleEngineError, KeyError, TypeError):
+                    continue
+                if self.log:
+                    self.log(
+                        f"engine cache: reusing {eng.name} (batch {meta['min_batch']}/{meta['opt_batch']}/"
+                        f"{meta['max_batch']}) for batch {spec.min_batch}..{spec.max_batch}"
+                    )
+                return EngineRecord(eng, eng.with_suffix(SIDECAR_SUFFIX), verified, built=False)
+            return None
 
     def store(
         self,
@@ -234,7 +321,8 @@ class EngineCache:
         engine_bytes: bytes,
         extra: Mapping[str, Any] | None = None,
     ) -> EngineRecord:
-        """Write engine then sidecar (each atomically); a reader never sees an engine with a wrong sidecar."""
+        """Write engine then sidecar (each atomically) under the cache lock, so a reader (``lookup`` takes the
+        same lock) never sees an engine with a wrong sidecar."""
         from xbmd_batch import __version__
 
         key = self.key_for(spec, device)
@@ -253,9 +341,10 @@ class EngineCache:
             "xbmd_batch": __version__,
             **dict(extra or {}),
         }
-        sidecar.unlink(missing_ok=True)  # never leave an old sidecar next to a new engine
-        atomic_write_bytes(engine, engine_bytes)
-        atomic_write_bytes(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode())
+        with self.lock(spec, device):
+            sidecar.unlink(missing_ok=True)  # never leave an old sidecar next to a new engine
+            atomic_write_bytes(engine, engine_bytes)
+            atomic_write_bytes(sidecar, json.dumps(meta, indent=2, sort_keys=True).encode())
         return EngineRecord(engine, sidecar, meta, built=True)
 
 

@@ -21,9 +21,20 @@ if TYPE_CHECKING:
 
 
 class TrtExecutor:
-    """Runs one engine: torch CUDA tensors as device buffers (allocated once at max batch), pinned host
-    staging buffers, ``set_input_shape`` per call (so the last partial batch needs no padding), and
-    ``execute_async_v3`` on a private torch CUDA stream."""
+    """Runs one engine with two buffer slots so copies overlap compute.
+
+    Per slot: pinned host input slabs and device input buffers (torch tensors, allocated once at the
+    profile's max batch), device and pinned host outputs. ``submit`` writes a batch into slot k's pinned slab,
+    copies it to the device on the copy stream (``h2d_done[k]``), and enqueues ``execute_async_v3`` plus the
+    D2H copies on the compute stream after waiting for that event; ``collect`` waits only for that slot's
+    ``d2h_done`` event. So batch i+1's host write and H2D run while batch i computes (``infer_many`` keeps
+    two in flight), and no call synchronizes the whole device. Every CUDA call runs under
+    ``torch.cuda.device(device_id)``: ``--device cuda:N`` is honoured for allocation, streams and execution,
+    not only while deserialising.
+    A batch smaller than the profile's min is padded (repeat of its last row) and the outputs are sliced.
+    """
+
+    SLOTS = 2
 
     def __init__(self, engine_path: str | os.PathLike[str], device_id: int = 0) -> None:
         import numpy as np
@@ -37,30 +48,38 @@ class TrtExecutor:
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):
             engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if engine is None:
-            raise StaleEngineError(
-                f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built by another "
-                f"TensorRT version or for another GPU?); rebuild it with "
-                f"`python -m export tensorrt MODEL.onnx --rebuild`"
-            )
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        first = self.input_names[0]
-        self.max_batch = int(engine.get_tensor_profile_shape(first, 0)[2][0])
-        self.shapes = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}  # -1 = batch
-        self.stream = torch.cuda.Stream(device=self.device)
-        self._dev: dict[str, Any] = {}
-        self._host: dict[str, Any] = {}
-        for n in names:
-            np_dtype = trt.nptype(engine.get_tensor_dtype(n))
-            t_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
-            full = (self.max_batch, *self.shapes[n][1:])
-            self._dev[n] = torch.empty(full, dtype=t_dtype, device=self.device)
-            self._host[n] = torch.empty(full, dtype=t_dtype, pin_memory=True)
-            self.context.set_tensor_address(n, self._dev[n].data_ptr())
+            if engine is None:
+                raise StaleEngineError(
+                    f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built by "
+                    f"another TensorRT version or for another GPU?); rebuild it with "
+                    f"`python -m export tensorrt MODEL.onnx --rebuild`"
+                )
+            self.engine = engine
+            self.context = engine.create_execution_context()
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            lo, _opt, hi = engine.get_tensor_profile_shape(self.input_names[0], 0)
+            self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+            self.shapes = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}  # -1 = batch
+            self.copy_stream = torch.cuda.Stream(device=self.device)
+            self.compute_stream = torch.cuda.Stream(device=self.device)
+            self._dev: list[dict[str, Any]] = []
+            self._host: list[dict[str, Any]] = []
+            for _ in range(self.SLOTS):
+                dev, host = {}, {}
+                for n in names:
+                    np_dtype = trt.nptype(engine.get_tensor_dtype(n))
+                    t_dtype = torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+                    full = (self.max_batch, *self.shapes[n][1:])
+                    dev[n] = torch.empty(full, dtype=t_dtype, device=self.device)
+                    host[n] = torch.empty(full, dtype=t_dtype, pin_memory=True)
+                self._dev.append(dev)
+                self._host.append(host)
+            self._h2d_done = [torch.cuda.Event() for _ in range(self.SLOTS)]
+            self._d2h_done = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        self._next = 0
+        self._pending: dict[int, int] = {}  # slot -> rows of the batch in flight there
 
     def io_shapes(self) -> tuple[dict[str, tuple[int | None, ...]], dict[str, tuple[int | None, ...]]]:
         def dyn(s: tuple[int, ...]) -> tuple[int | None, ...]:
@@ -71,31 +90,74 @@ class TrtExecutor:
             {n: dyn(self.shapes[n]) for n in self.output_names},
         )
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One batch of at most ``max_batch`` rows; returns float32 numpy copies."""
-        import numpy as np
+    def submit(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """Enqueue one batch (1..max_batch rows); returns the slot to ``collect``. At most SLOTS in flight."""
+        from xbmd_batch.infer.base import pad_batch
 
         torch = self._torch
         b = int(next(iter(feeds.values())).shape[0])
         if not 1 <= b <= self.max_batch:
             raise InputError(f"batch of {b} is outside this engine's profile (1..{self.max_batch})")
-        with torch.cuda.stream(self.stream):
+        k = self._next
+        if k in self._pending:
+            raise XbmdError("TrtExecutor: both slots are in flight; collect one before submitting")
+        run = max(b, self.min_batch)
+        feeds = pad_batch(feeds, run) if run > b else feeds
+        host, dev = self._host[k], self._dev[k]
+        with torch.cuda.device(self.device):
+            self._d2h_done[k].synchronize()  # this slot's previous outputs were read and its H2D is done
             for n in self.input_names:
-                host = self._host[n][:b]
-                host.numpy()[...] = feeds[n]
-                self._dev[n][:b].copy_(host, non_blocking=True)
-                if not self.context.set_input_shape(n, (b, *self.shapes[n][1:])):
-                    raise InputError(f"TensorRT rejected input shape {(b, *self.shapes[n][1:])} for {n}")
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise XbmdError(f"{self.engine_path}: TensorRT execution failed")
-            for n in self.output_names:
-                self._host[n][:b].copy_(self._dev[n][:b], non_blocking=True)
-        self.stream.synchronize()
-        return {
-            n: np.array(self._host[n][:b].numpy(), dtype=np.float32, copy=True) for n in self.output_names
-        }
+                host[n][:run].numpy()[...] = feeds[n]
+            with torch.cuda.stream(self.copy_stream):
+                for n in self.input_names:
+                    dev[n][:run].copy_(host[n][:run], non_blocking=True)
+                self._h2d_done[k].record(self.copy_stream)
+            with torch.cuda.stream(self.compute_stream):
+                self.compute_stream.wait_event(self._h2d_done[k])
+                for n in (*self.input_names, *self.output_names):
+                    self.context.set_tensor_address(n, dev[n].data_ptr())
+                for n in self.input_names:
+                    if not self.context.set_input_shape(n, (run, *self.shapes[n][1:])):
+                        raise InputError(
+                            f"TensorRT rejected input shape {(run, *self.shapes[n][1:])} for {n}"
+                        )
+                if not self.context.execute_async_v3(self.compute_stream.cuda_stream):
+                    raise XbmdError(f"{self.engine_path}: TensorRT execution failed")
+                for n in self.output_names:
+                    host[n][:run].copy_(dev[n][:run], non_blocking=True)
+                self._d2h_done[k].record(self.compute_stream)
+        self._pending[k] = b
+        self._next = (k + 1) % self.SLOTS
+        return k
+
+    def collect(self, slot: int) -> dict[str, np.ndarray]:
+        """Wait for one submitted batch; float32 numpy copies of its outputs (padding rows dropped)."""
+        import numpy as np
+
+        b = self._pending.pop(slot)
+        self._d2h_done[slot].synchronize()
+        host = self._host[slot]
+        return {n: np.array(host[n][:b].numpy(), dtype=np.float32, copy=True) for n in self.output_names}
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch of at most ``max_batch`` rows, synchronously."""
+        return self.collect(self.submit(feeds))
+
+    def infer_many(self, batches: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Several batches with two in flight: batch i+1's copy overlaps batch i's compute."""
+        out: list[dict[str, np.ndarray]] = []
+        inflight: list[int] = []
+        for feeds in batches:
+            if len(inflight) == self.SLOTS:
+                out.append(self.collect(inflight.pop(0)))
+            inflight.append(self.submit(feeds))
+        out.extend(self.collect(s) for s in inflight)
+        return out
 
     def close(self) -> None:
+        for s in list(self._pending):
+            self._d2h_done[s].synchronize()
+        self._pending.clear()
         self._dev.clear()
         self._host.clear()
         self.context = None
@@ -143,3 +205,6 @@ class EngineRunner(BaseRunner):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._exec.infer(feeds)
+
+    def _infer_many(self, chunks: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return self._exec.infer_many(chunks)  # two batches in flight: copies overlap compute
