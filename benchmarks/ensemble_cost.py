@@ -26,19 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import cpu_model, load_average  # noqa: E402
 
 
-def random_run(folder: Path, k: int) -> Path:
+def random_run(folder: Path, k: int, preset: str) -> Path:
+    import numpy as np_
     import torch
 
+    from train.__main__ import model_config_for
     from train.presets import get_preset
     from xbmd_batch.checkpoint import save_checkpoint
-    from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
+    from xbmd_batch.config import DEFAULT_SCHEMA, PreprocessConfig
     from xbmd_batch.model import build_model
 
-    hp = get_preset("quick")
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA, image_size=hp.image_size, d_model=hp.d_model, n_layers=hp.n_layers,
-        n_heads=hp.n_heads, meta_hidden=hp.meta_hidden, head_hidden=hp.head_hidden, dropout=0.0,
-    )  # fmt: skip
+    hp = get_preset(preset)
+    cfg = model_config_for(DEFAULT_SCHEMA, "xattn", hp, np_.array([0.70, 0.84]))  # the preset's model
     for i in range(k):
         torch.manual_seed(i)
         m = build_model(cfg).eval()
@@ -46,6 +45,12 @@ def random_run(folder: Path, k: int) -> Path:
             folder / f"fold_{i}.pt", m, cfg, DEFAULT_SCHEMA, PreprocessConfig(image_size=hp.image_size)
         )
     return folder
+
+
+def _encoder(fold: Path) -> str:
+    from xbmd_batch.checkpoint import load_model
+
+    return str(load_model(fold)[1].model_config.encoder)
 
 
 def export_single(fold: Path, out: Path) -> None:
@@ -81,6 +86,7 @@ def main() -> int:
         "--run", type=Path, default=None, help="training run with fold_*.pt (default: random quick)"
     )
     p.add_argument("--k", type=int, default=5, help="members when --run is not given")
+    p.add_argument("--preset", default="quick", help="architecture of the random members (train/presets.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
@@ -95,8 +101,9 @@ def main() -> int:
     load0 = load_average()
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        run = a.run if a.run is not None else random_run(tmp, a.k)
+        run = a.run if a.run is not None else random_run(tmp, a.k, a.preset)
         folds = fold_checkpoints(run)
+        encoder = _encoder(folds[0])
         export_single(folds[0], tmp / "single.onnx")
         export_ensemble(run, tmp / "ensemble.onnx", parity_cohort=a.parity_cohort)
         so = ort.SessionOptions()
@@ -128,7 +135,8 @@ def main() -> int:
         "k": len(folds),
         "models": str(a.run)
         if a.run
-        else "random-weight quick-preset models (cost does not depend on weights)",
+        else f"random-weight {a.preset}-preset models (cost does not depend on weights)",
+        "encoder": encoder,
         "backend": f"onnxruntime {ort.__version__} CPU, intra_op_threads={a.threads}",
         "batch_size": b,
         "reps": a.reps,

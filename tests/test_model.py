@@ -276,3 +276,23 @@ def test_smallcnn_encoder_grid_and_size() -> None:
     assert out.shape == (2,) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="unknown encoder"):
         build_model(ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=64, encoder="vit"))
+
+
+@pytest.mark.parametrize(
+    ("size", "side", "kernel", "pooled"), [(64, 64, 1, 64), (96, 64, 2, 48), (100, 64, 2, 50)]
+)
+def test_wide_path_pools_any_image_size(size: int, side: int, kernel: int, pooled: int) -> None:
+    cfg = ModelConfig.for_schema(
+        DEFAULT_SCHEMA,
+        image_size=size,
+        d_model=16,
+        n_layers=1,
+        encoder="smallcnn",
+        cnn_width=4,
+        wide=True,
+        wide_side=side,
+    )
+    m = build_model(cfg).eval()
+    assert m.wide.kernel == kernel and m.wide.n_features == pooled * pooled + 2 * F
+    out = m(torch.rand(2, 1, size, size), torch.zeros(2, F), torch.ones(2, F))
+    assert out.shape == (2,) and torch.isfinite(out).all()

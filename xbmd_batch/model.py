@@ -47,8 +47,8 @@ Head (late concatenation)
     bmd = calib_intercept + calib_slope * raw                  (xbmd_batch.calibration; identity until fitted)
     With ``wide`` (CPU preset) bmd_mean is replaced by a linear "wide" path:
     raw = w . [avgpool_k(image) flattened, meta (missing -> 0), meta_mask] + b + bmd_std * (W_2 ... + b_2),
-    k = image_size / wide_side; (w, b) are fitted by ridge on the training part before the network trains
-    (``train.engine.fit_wide``) and frozen: the network learns what a linear model of its inputs misses.
+    k = ceil(image_size / wide_side); (w, b) are fitted by ridge on the training part before the network
+    trains (``train.engine.fit_wide``), then frozen: the network learns what a linear model misses.
     The calibration pair comes from ModelConfig and sits in non-persistent buffers: state dicts are unchanged
     (old checkpoints load), the exported ONNX graph carries it as constants, and every backend returns the
     calibrated BMD. ``set_calibration`` writes it into a trained model.
@@ -307,10 +307,12 @@ class WidePath(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        side = min(cfg.wide_side, cfg.image_size)
-        if cfg.image_size % side != 0:
-            raise ValueError(f"wide_side {cfg.wide_side} must divide image_size {cfg.image_size}")
-        self.kernel = cfg.image_size // side
+        if cfg.wide_side < 1:
+            raise ValueError(f"wide_side must be >= 1 (got {cfg.wide_side})")
+        # the smallest integer pooling factor giving at most wide_side pixels a side (any image size works:
+        # 96 px with wide_side 64 pools by 2 to 48 x 48; a ragged last row/column is dropped by avg_pool2d)
+        self.kernel = -(-cfg.image_size // cfg.wide_side)
+        side = cfg.image_size // self.kernel
         self.n_features = side * side * cfg.in_chans + 2 * len(cfg.field_names)
         self.linear = nn.Linear(self.n_features, 1)
         nn.init.zeros_(self.linear.weight)
