@@ -15,7 +15,8 @@ from tests.helpers.score import IMAGE_SIZE, make_cohort
 from xbmd_batch.score import ScoreOptions, score_cohort
 from xbmd_batch.testing import hip_phantom, make_dicom
 
-META_HEADER = ["subject_id", "sex", "age_xray", "age_dxa", "height_cm", "weight_kg", "bmi", "smoking"]
+META_HEADER = ["subject_id", "sex", "age_xray", "age_dxa", "height_cm", "weight_kg", "bmi", "smoking",
+               "alcohol_units_week", "activity_score", "diet_score"]  # fmt: skip
 
 
 def _meta(path: Path, ids: list[str]) -> Path:
@@ -23,7 +24,7 @@ def _meta(path: Path, ids: list[str]) -> Path:
         w = csv.writer(f)
         w.writerow(META_HEADER)
         for s in ids:
-            w.writerow([s, "F", 75, 75, 160, 60, "", "never"])
+            w.writerow([s, "F", 75, 75, 160, 60, "", "never", 2, 50, 50])
     return path
 
 

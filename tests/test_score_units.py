@@ -10,11 +10,13 @@ import pyarrow as pa
 import pytest
 
 from xbmd_batch.errors import InputError, ModelFileError
+from xbmd_batch.score import runstate
 from xbmd_batch.score.batcher import Batcher
 from xbmd_batch.score.finalize import screen_column
 from xbmd_batch.score.join import KeySpec, join_metadata
 from xbmd_batch.score.privacy import Pseudonymizer
-from xbmd_batch.score.writer import PartWriter, done_keys, list_parts, load_or_create_state, prepare_out_dir
+from xbmd_batch.score.resume import latest_rows
+from xbmd_batch.score.writer import PartWriter, list_parts
 
 
 def test_batcher_full_and_partial_batches() -> None:
@@ -54,42 +56,61 @@ def test_keyfile_errors(tmp_path) -> None:
         Pseudonymizer.from_keyfile(tmp_path / "empty")
 
 
-def test_part_writer_numbering_and_done_keys(tmp_path) -> None:
+def test_part_writer_numbering_and_latest_rows(tmp_path) -> None:
+    def part(rel: list[str], sop: list[str]) -> pa.Table:
+        return pa.table({"relative_path": rel, "sop_instance_uid": sop, "status": ["scored"] * len(rel),
+                         "reason": pa.nulls(len(rel), pa.string())})  # fmt: skip
+
     w = PartWriter(tmp_path)
-    t = pa.table({"relative_path": ["a", "b"], "sop_instance_uid": ["1", "2"]})
-    w.write(t)
-    w.write(pa.table({"relative_path": ["c"], "sop_instance_uid": ["3"]}))
+    w.write(part(["a", "b"], ["1", "2"]))
+    w.write(part(["c"], ["3"]))
     (tmp_path / "parts" / "part-00007.parquet.tmp").write_bytes(b"garbage")
     w2 = PartWriter(tmp_path)  # a new session continues numbering and removes the stale tmp
     assert w2.next_index == 2
     assert not list((tmp_path / "parts").glob("*.tmp"))
     assert [p.name for p in list_parts(tmp_path)] == ["part-00000.parquet", "part-00001.parquet"]
-    assert done_keys(tmp_path) == {("a", "1"), ("b", "2"), ("c", "3")}
+    assert set(latest_rows(tmp_path)) == {("a", "1"), ("b", "2"), ("c", "3")}
 
 
 def test_state_pins(tmp_path) -> None:
-    expect = {"model_sha256": "m1", "meta_sha256": "x", "pseudonym_key_fingerprint": None, "key_spec": {}}
-    s1, resumed = load_or_create_state(tmp_path, expect)
-    assert not resumed
-    s2, resumed = load_or_create_state(tmp_path, expect)
-    assert resumed and s2["run_id"] == s1["run_id"] and len(s2["sessions"]) == 2
+    expect = {"model_sha256": "m1", "meta_sha256": "x", "pseudonym_key_fingerprint": None, "key_spec": {},
+              "dicom_dir": "/d"}  # fmt: skip
+    assert runstate.read_state(tmp_path) is None
+    s1 = runstate.pin(tmp_path, None, expect, "rid")
+    s2 = runstate.read_state(tmp_path)
+    assert s2 is not None and s2["run_id"] == s1["run_id"] == "rid"
+    runstate.check_pins(tmp_path, s2, expect)
+    s3 = runstate.pin(tmp_path, s2, expect, "ignored")
+    assert s3["run_id"] == "rid" and len(s3["sessions"]) == 2
     with pytest.raises(ModelFileError):
-        load_or_create_state(tmp_path, {**expect, "model_sha256": "m2"})
+        runstate.check_pins(tmp_path, s3, {**expect, "model_sha256": "m2"})
     with pytest.raises(InputError, match="META"):
-        load_or_create_state(tmp_path, {**expect, "meta_sha256": "y"})
+        runstate.check_pins(tmp_path, s3, {**expect, "meta_sha256": "y"})
+    with pytest.raises(InputError, match="DICOM folder"):
+        runstate.check_pins(tmp_path, s3, {**expect, "dicom_dir": "/elsewhere"})
 
 
-def test_prepare_out_dir(tmp_path) -> None:
+def test_check_out_dir(tmp_path) -> None:
     d = tmp_path / "dicom"
     d.mkdir()
     meta = tmp_path / "m.csv"
     meta.write_text("subject_id\n")
     with pytest.raises(InputError, match="inside"):
-        prepare_out_dir(d / "out", d, meta)
+        runstate.check_out_dir(d / "out", d, meta)
     with pytest.raises(InputError, match="inside"):
-        prepare_out_dir(d, d, meta)
-    prepare_out_dir(tmp_path / "new" / "out", d, meta)
-    assert (tmp_path / "new" / "out").is_dir()
+        runstate.check_out_dir(d, d, meta)
+    runstate.check_out_dir(tmp_path / "new" / "out", d, meta)
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "important.txt").write_text("x")
+    with pytest.raises(InputError, match="not an xbmd-batch score output"):
+        runstate.check_out_dir(other, d, meta)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "run.lock").write_text("{}")
+    (ours / ".run_state.json.abc.tmp").write_text("")  # a first state write the disk refused
+    runstate.check_out_dir(ours, d, meta)  # the lock marks it ours: the rerun is not refused
 
 
 def test_join_by_patient_id_duplicates_and_leftovers() -> None:

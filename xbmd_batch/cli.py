@@ -46,7 +46,15 @@ def _exits(interrupted: str = "interrupted") -> Iterator[None]:
         code = exit_code(e)
         if code is None:
             raise
-        typer.echo(interrupted if code == EXIT_INTERRUPTED else f"error: {e}", err=True)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (errors.Terminated, exit 143)
+            msg = (
+                interrupted
+                if code == EXIT_INTERRUPTED
+                else interrupted.replace("interrupted", "terminated (SIGTERM)", 1)
+            )
+        else:
+            msg = f"error: {e}"
+        typer.echo(msg, err=True)
         raise typer.Exit(code) from None
 
 
@@ -102,6 +110,15 @@ def score(
         None, metavar="KEYFILE", help="HMAC-SHA256 subject keys, paths and UIDs with the key in KEYFILE."
     ),
     strict: bool = typer.Option(False, help="Exit 4 before decoding if any input is quarantined."),
+    max_missing: float = typer.Option(
+        0.2, help="Largest share of subjects (0-1) a metadata field may be missing/invalid for (else exit 2)."
+    ),
+    allow_missing: list[str] = typer.Option(
+        [], "--allow-missing", metavar="FIELD", help="Accept FIELD missing beyond --max-missing (repeatable)."
+    ),
+    follow_symlinks: bool = typer.Option(
+        False, help="Follow symlinks that leave DIR (default: listed as skipped, never opened)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
     shard: str | None = typer.Option(
         None, metavar="K/N", help="Score only shard K of N (by subject key); combine with `merge`."
@@ -117,11 +134,14 @@ def score(
 
     Exit codes: 0 every image scored and every META row matched | 3 finished, some inputs quarantined
     (failures.parquet) | 4 --strict and reconciliation quarantined inputs (nothing decoded) | 2 usage,
-    config or input error | 5 the GPU failed (sticky CUDA error; finished rows kept, rerun to resume) |
-    1 other error, e.g. TensorRT missing (one line, no traceback) | 130 interrupted (finished rows kept;
-    rerun to resume).
+    config or input error (also a full or read-only --out) | 5 the GPU failed (sticky CUDA error; finished
+    rows kept, rerun to resume) | 1 other error, e.g. TensorRT missing (one line, no traceback) | 130
+    interrupted, 143 terminated by SIGTERM (finished rows kept; rerun the same command to resume).
     """
     from xbmd_batch.score import ScoreOptions, score_cohort
+    from xbmd_batch.score.privacy import silence_dicom_warnings
+
+    silence_dicom_warnings()
 
     opts = ScoreOptions(
         backend=backend.value,
@@ -137,6 +157,9 @@ def score(
         pseudonymize=pseudonymize,
         strict=strict,
         quiet=quiet,
+        max_missing=max_missing,
+        allow_missing=tuple(allow_missing),
+        follow_symlinks=follow_symlinks,
         shard=shard,
         engine_cache=engine_cache,
     )

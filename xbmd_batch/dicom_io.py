@@ -64,6 +64,32 @@ _PLAUSIBLE_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUI
 # ----------------------------------------------------------------------------------------------------
 
 
+class _CappedReader(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than the bytes left in it.
+
+    pydicom reads an element with ``fp.read(declared_length)``; CPython allocates ``declared_length`` bytes
+    before reading: a corrupt length (0xFFFFFFF0) in a 2 kB file means a 4 GB allocation (found by
+    benchmarks/fuzz_reader.py). Capping the request at the file's size keeps memory bounded by the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(io.FileIO(os.fspath(path), "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > 0:
+            n = min(n, max(0, self._size - self.tell()))
+            if n == 0:
+                return b""
+        return super().read(n)
+
+
+def _dcmread(path: str | os.PathLike[str], **kw: Any) -> Dataset:
+    """``pydicom.dcmread`` through a size-capped reader (see ``_CappedReader``)."""
+    with _CappedReader(path) as fh:
+        return pydicom.dcmread(fh, **kw)
+
+
 def _looks_like_dataset_start(head: bytes) -> bool:
     """Cheap pre-check for a preamble-less dataset: it must start with a group 0002/0008 element tag."""
     if len(head) < 8:
@@ -114,7 +140,7 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
     try:
         with warnings.catch_warnings():  # junk parsed as a dataset makes pydicom warn about every value
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(p, force=True, stop_before_pixels=True, specific_tags=list(_PLAUSIBLE_TAGS))
+            ds = _dcmread(p, force=True, stop_before_pixels=True, specific_tags=list(_PLAUSIBLE_TAGS))
             return _plausible(ds)
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
         return False
@@ -134,7 +160,7 @@ def _open_dataset(path: str | os.PathLike[str], *, stop_before_pixels: bool) -> 
             f"{p}: not a DICOM file (no 'DICM' marker at offset 128 and no dataset at the start)"
         )
     try:
-        ds = pydicom.dcmread(p, force=not has_preamble, stop_before_pixels=stop_before_pixels)
+        ds = _dcmread(p, force=not has_preamble, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, OSError, EOFError, ValueError, struct.error) as e:
         raise InputError(f"{p}: unreadable DICOM file ({type(e).__name__}: {e})") from e
     if not has_preamble and not _plausible(ds):
@@ -417,6 +443,53 @@ def _first_frame_bytes(ds: Dataset) -> bytes:
     return next(generate_frames(ds.PixelData, number_of_frames=nframes))
 
 
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS frame's SOF segment, or None when not found before the scan."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(frame) and frame[i] == 0xFF:
+        m = frame[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m in _JPEG_SOF:
+            return struct.unpack(">H", frame[i + 5 : i + 7])[0], struct.unpack(">H", frame[i + 7 : i + 9])[0]
+        if m == 0xDA:
+            return None
+        i += 2 + struct.unpack(">H", frame[i + 2 : i + 4])[0]
+    return None
+
+
+def _check_codestream(ds: Dataset, path: Path, ts: str) -> bool:
+    """Refuse a JPEG / JPEG 2000 frame whose size disagrees with Rows/Columns before a decoder sees it, and
+    say whether gdcm may see it: gdcm aborts the whole process on such files (a C++ exception reaching
+    std::terminate; found by benchmarks/fuzz_reader.py), so a J2K frame without a readable SIZ/COD main
+    header is left to the other decoders."""
+    is_j2k = ts in _J2K_SYNTAXES
+    if not is_j2k and ts not in _JPEG_LOSSLESS_SYNTAXES and ts not in _JPEG_LOSSY_SYNTAXES:
+        return True
+    try:
+        frame = _first_frame_bytes(ds)
+    except Exception as e:  # noqa: BLE001 - unreadable encapsulation: the decoders report it
+        del e
+        return False
+    if is_j2k:
+        params = _j2k_params(frame)
+        size = None if params is None else (params.height, params.width)
+    else:
+        size = _jpeg_frame_size(frame)
+    rows, cols = _get_int(ds, "Rows"), _get_int(ds, "Columns")
+    if size is not None and size[0] and (size[0], size[1]) != (rows, cols):
+        raise InputError(
+            f"{path}: compressed frame is {size[0]}x{size[1]} pixels but Rows/Columns say {rows}x{cols}"
+        )
+    return size is not None or not is_j2k
+
+
 def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, list[str]]:
     """Decode frame 0 with pydicom, trying plugins in preference order; returns (array, plugin, failures)."""
     from pydicom.pixels import get_decoder
@@ -434,9 +507,11 @@ def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, lis
             f"install the JPEG plugins: {JPEG_EXTRA_HINT}",
             "unsupported_transfer_syntax",
         )
+    gdcm_ok = _check_codestream(ds, path, ts)
     order = [p for p in decoder_preference(ts) if p in available] + [
         p for p in available if p not in decoder_preference(ts)
     ]
+    order = [p for p in order if gdcm_ok or p != "gdcm"]
     failures: list[str] = []
     for plugin in order:
         try:

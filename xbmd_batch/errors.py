@@ -15,6 +15,10 @@ class InputError(XbmdError):
     """Bad user input (a file, a row, an option): the message names where and what."""
 
 
+class OutputError(InputError):
+    """--out cannot be written (disk full, read-only, permissions): nothing done is lost; rerun to resume."""
+
+
 class ModelFileError(InputError):
     """A checkpoint / ONNX / engine file that is not ours, is corrupt, or does not match the model card."""
 
@@ -84,6 +88,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 def exit_code(e: BaseException) -> int | None:
     """The exit code for an exception the CLI reports as one line; None for anything else (a real bug)."""
+    if isinstance(e, Terminated):
+        return 128 + e.signum  # 143 for SIGTERM
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(e, InputError):
@@ -93,3 +99,11 @@ def exit_code(e: BaseException) -> int | None:
     if isinstance(e, XbmdError):
         return EXIT_ERROR
     return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during `score` (a batch scheduler's time limit): handled like Ctrl-C, exit 128 + signal."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -107,13 +107,23 @@ def open_model(path: str | os.PathLike[str] | ModelFile) -> ModelFile:
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"{p}: model file not found")
-    if zipfile.is_zipfile(p):
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise ModelFileError(f"{p}: cannot read model file ({e.strerror or e})") from e
+    if zipfile.is_zipfile(p) or head == b"PK\x03\x04":  # a torch zip, possibly truncated
         return ModelFile(p, "checkpoint")
     from xbmd_batch.onnx_card import load_onnx_proto
 
     try:
         proto = load_onnx_proto(p)
     except ModelFileError as e:
+        if p.suffix.lower() in (".pt", ".pth", ".ckpt") or head[:1] == b"\x80":  # named / pickled as torch
+            raise ModelFileError(
+                f"{p}: not a readable xbmd-batch checkpoint (a .pt must be a torch zip archive written by "
+                "`python -m train`; this file is truncated, corrupt or a legacy pickle)"
+            ) from e
         raise ModelFileError(
             f"{p}: neither an xbmd-batch checkpoint (.pt) nor an exported ONNX model ({e})"
         ) from e

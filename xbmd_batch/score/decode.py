@@ -109,7 +109,11 @@ def _init_worker(
         import signal
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        from xbmd_batch.score.privacy import silence_dicom_warnings
+
+        silence_dicom_warnings()  # a worker's warnings go straight to the user's stderr
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it saves a part
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM (Slurm/PBS signal the whole job)
         _watch_parent(main_pid)
         import sys
 
@@ -157,6 +161,12 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, InputError):
         return "invalid_image"
     return f"decode_error:{name}"
+
+
+def _is_file_error(e: BaseException) -> bool:
+    """Exceptions one file can cause: every Exception, plus a Rust decoder's panic (pyo3's PanicException
+    derives from BaseException, so a malformed RLE/JPEG file would otherwise stop the whole cohort)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def _image_view(slot: np.ndarray, s: int) -> np.ndarray:
@@ -224,7 +234,9 @@ def decode_task(idx: np.ndarray, group: int = -1) -> DecodedTask:
                     images[n] = arr  # type: ignore[index]
             ok[n] = True
             infos.append(_info_dict(info))
-        except Exception as e:  # noqa: BLE001 - one bad file must never stop the cohort
+        except BaseException as e:  # noqa: BLE001 - one bad file must never stop the cohort
+            if not _is_file_error(e):
+                raise
             msg = scrub(
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", _STATE["root"], rel
             )

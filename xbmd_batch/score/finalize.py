@@ -90,8 +90,10 @@ def finalize(
     part_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Write scores.parquet, failures.parquet and cohort_summary.parquet. ``plan_keys``: relative_path,
-    sop_instance_uid (output form) in plan order. ``conformal``: the card's out-of-fold residual model (None:
-    null intervals and probabilities). ``strata``: meta_row, sex, age_band (the cohort summary's groups).
+    sop_instance_uid (output form) in plan order, optionally file_size / file_mtime_ns (the files now): a row
+    recorded for other bytes is not used; the latest row of a key wins (a retried transient failure or a
+    re-scored changed file supersedes). ``conformal``: the card's out-of-fold residual model (None: null
+    intervals and probabilities). ``strata``: meta_row, sex, age_band (the cohort summary's groups).
 
     ``part_files``: read these parts instead of OUT/parts/ (`merge` passes the union of its shards' parts).
 
@@ -99,15 +101,25 @@ def finalize(
     WHO class distribution of scores.parquet, so nobody has to read the tables back to count them.
     """
     ref = get_reference(reference)
-    order = plan_keys.select("relative_path", "sop_instance_uid").with_row_index("_order")
+    stat_cols = [c for c in ("file_size", "file_mtime_ns") if c in plan_keys.columns]
+    order = plan_keys.select("relative_path", "sop_instance_uid", *stat_cols).with_row_index("_order")
+    order = order.rename({c: f"_now_{c}" for c in stat_cols})
     parts = read_parts(out_dir, part_files)
     if parts is None:
         parts = pl.DataFrame(
             schema={"status": pl.String, "relative_path": pl.String, "sop_instance_uid": pl.String}
         )
     n_before = parts.height
-    parts = parts.join(order, on=["relative_path", "sop_instance_uid"], how="inner")
-    parts = parts.unique(subset=["relative_path", "sop_instance_uid"], keep="first", maintain_order=True)
+    parts = parts.join(order, on=["relative_path", "sop_instance_uid"], how="inner", maintain_order="left")
+    if stat_cols and all(c in parts.columns for c in stat_cols):
+        same = pl.lit(True)
+        for c in stat_cols:
+            same = same & (
+                pl.col(c).is_null() | pl.col(f"_now_{c}").is_null() | (pl.col(c) == pl.col(f"_now_{c}"))
+            )
+        parts = parts.filter(same)  # a row about bytes that are no longer on disk
+    parts = parts.drop([f"_now_{c}" for c in stat_cols])
+    parts = parts.unique(subset=["relative_path", "sop_instance_uid"], keep="last", maintain_order=True)
     dropped = n_before - parts.height  # rows of files no longer planned, or (never expected) repeats
     parts = parts.sort("_order")
 

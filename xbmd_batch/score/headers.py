@@ -50,7 +50,11 @@ def _read_one(root: Path, rel: str) -> dict[str, object]:
     row: dict[str, object] = {"relative_path": rel}
     try:
         h = dicom_io.read_header(root / rel)
-    except Exception as e:  # noqa: BLE001 - any unreadable header is a per-file failure, never a crash
+    except BaseException as e:  # noqa: BLE001 - any unreadable header is a per-file failure, never a crash
+        from xbmd_batch.score.decode import _is_file_error
+
+        if not _is_file_error(e):
+            raise
         row.update({f: None for f in HEADER_FIELDS + SIZE_FIELDS})
         row["header_error"] = scrub(f"{type(e).__name__}: {e}", root, rel)
         return row

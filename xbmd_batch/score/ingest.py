@@ -33,6 +33,7 @@ class Ingested:
     encoded: Any  # metadata.EncodedMetadata for every META row, under the given schema
     joined: JoinResult
     plan: Plan
+    meta_info: Any = None  # metadata.TableInfo: separator, decimal mark, encoding, line of each row
 
     def meta_keys(self) -> list[str | None]:
         """The subject key of every META row (stripped; None where empty or when the join is by path only)."""
@@ -49,20 +50,20 @@ def ingest(
     key_spec: KeySpec = KeySpec(),
     threads: int = 8,
     stopwatch: Stopwatch | None = None,
+    follow_symlinks: bool = False,
 ) -> Ingested:
     """Discover, read headers, read + validate META under ``schema``, join, reconcile (times booked on
     ``stopwatch`` as discover / headers / metadata_join / reconcile)."""
-    from xbmd_batch import metadata
+    from xbmd_batch.score import metacheck
 
     sw = stopwatch or Stopwatch()
-    disc = discover(Path(dicom_dir), threads=threads)
+    disc = discover(Path(dicom_dir), threads=threads, follow_symlinks=follow_symlinks)
     sw.lap("discover")
     headers = read_headers(Path(dicom_dir), disc.dicom, threads=threads)
     sw.lap("headers")
 
     read_key = key_spec.key_column or key_spec.path_column or schema.subject_key
-    meta = metadata.read_table(meta_path, subject_key=read_key)
-    enc = metadata.validate_and_encode(meta, schema)
+    meta, meta_info, enc = metacheck.load_meta(Path(meta_path), schema, read_key)
     joined = join_metadata(
         headers.get_column("relative_path").to_list(),
         headers.get_column("patient_id").to_list(),
@@ -73,7 +74,7 @@ def ingest(
     )
     sw.lap("metadata_join")
 
-    issues = [x._asdict() for x in enc.invalid]
+    issues = metacheck.invalid_records(enc, meta_info, pseudonymized=False)  # privacy drops `raw` if asked
     plan = build_plan(disc, headers, joined, meta.height, issues, int(np.asarray(enc.derived, bool).sum()))
     sw.lap("reconcile")
-    return Ingested(disc, headers, meta, enc, joined, plan)
+    return Ingested(disc, headers, meta, enc, joined, plan, meta_info)

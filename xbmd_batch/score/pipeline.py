@@ -25,15 +25,16 @@ from xbmd_batch.clinical import REFERENCES
 from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
 from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
-from xbmd_batch.score import manifest, privacy
+from xbmd_batch.score import manifest, metacheck, privacy, resume, runstate
 from xbmd_batch.score.decode import DecodePool
 from xbmd_batch.score.finalize import finalize
 from xbmd_batch.score.ingest import Ingested, ingest
 from xbmd_batch.score.join import KeySpec
+from xbmd_batch.score.lock import OutLock
 from xbmd_batch.score.loop import ScoringLoop
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.stopwatch import Stopwatch
-from xbmd_batch.score.writer import ChunkBuffer, PartWriter, done_keys, load_or_create_state, prepare_out_dir
+from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 
 # Test hook: "N" SIGKILLs this process right after the N-th part of a session is written; "N:INT" sends
 # SIGINT instead (Ctrl-C). Crash-safety tests only; read once, handed to the PartWriter.
@@ -60,6 +61,9 @@ class ScoreOptions:
     task_size: int = 4  # files per decode task
     max_inflight: int | None = None  # decode tasks queued or running (default 4 per worker)
     header_threads: int = 8
+    max_missing: float = 0.2  # a field missing/invalid for more of the subjects to score is an error...
+    allow_missing: tuple[str, ...] = ()  # ...unless named here (--allow-missing FIELD)
+    follow_symlinks: bool = False  # follow links that leave DIR (links inside DIR are always followed)
     engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
     interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
     shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
@@ -114,6 +118,8 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         from xbmd_batch.score.shard import parse_shard
 
         parse_shard(o.shard)
+    if not 0.0 <= o.max_missing <= 1.0:
+        raise InputError(f"--max-missing must be a share between 0 and 1 (got {o.max_missing})")
     if o.key_column and o.path_column and o.key_column == o.path_column:
         raise InputError("--key-column and --path-column must name different META columns")
     from xbmd_batch.uncertainty import check_level
@@ -147,53 +153,114 @@ def score_cohort(
     Raises InputError / ModelFileError for bad inputs (before anything is scored); per-file problems never
     raise, they become failure rows.
     """
+    opts = options or ScoreOptions()
+    dicom_dir, meta_path, model_path, out_dir = map(Path, (dicom_dir, meta_path, model_path, out_dir))
+    _check_options(opts, dicom_dir, meta_path)
+    try:
+        with _sigterm_as_interrupt(), contextlib.ExitStack() as out_stack:
+            return _score(dicom_dir, meta_path, model_path, out_dir, opts, out_stack)
+    except OSError as e:  # a full / read-only / unwritable --out: a clear message, and the rerun resumes
+        err = runstate.as_output_error(e, out_dir)
+        if err is None:
+            raise
+        raise err from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (what Slurm/PBS send at the time limit) ends the run like Ctrl-C: the current rows are saved
+    as a part, decode workers stop, and the CLI exits 143 saying how to resume."""
+    import threading
+
+    from xbmd_batch.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _score(
+    dicom_dir: Path, meta_path: Path, model_path: Path, out_dir: Path, opts: ScoreOptions, out_stack: Any
+) -> ScoreResult:
     from xbmd_batch.fsutil import sha256_file
     from xbmd_batch.infer.model_file import open_model
     from xbmd_batch.score.cohort_summary import rich_table
     from xbmd_batch.score.summary import final_table, print_tables, reconciliation_table
 
-    opts = options or ScoreOptions()
-    dicom_dir, meta_path, model_path, out_dir = map(Path, (dicom_dir, meta_path, model_path, out_dir))
-    _check_options(opts, dicom_dir, meta_path)
     console = _console(opts.quiet)
     sw = Stopwatch()
 
-    # setup: model card, output folder, the run state that pins model / META / key across resumes
+    # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
     model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
     card, model_sha = model.card, model.sha256
     pseudo = Pseudonymizer.from_keyfile(opts.pseudonymize)
-    prepare_out_dir(out_dir, dicom_dir, meta_path)
+    runstate.check_out_dir(out_dir, dicom_dir, meta_path)
     key_spec = KeySpec(opts.key_column, opts.path_column)
-    state, resumed = load_or_create_state(
-        out_dir,
-        {
-            "model_sha256": model_sha,
-            "meta_sha256": sha256_file(meta_path),
-            "pseudonym_key_fingerprint": pseudo.fingerprint,
-            "key_spec": dataclasses.asdict(key_spec),
-            "shard": opts.shard.replace(" ", "") if opts.shard else None,
-        },
-    )
-    run_id = state["run_id"]
+    expect = {
+        "model_sha256": model_sha,
+        "meta_sha256": sha256_file(meta_path),
+        "pseudonym_key_fingerprint": pseudo.fingerprint,
+        "key_spec": dataclasses.asdict(key_spec),
+        "dicom_dir": str(dicom_dir.resolve()),
+        "shard": opts.shard.replace(" ", "") if opts.shard else None,
+    }
     sw.lap("setup")
 
-    # 1-4. discover, headers, META join, reconcile: before any pixel is decoded
-    ing = ingest(dicom_dir, meta_path, card.schema, key_spec, opts.header_threads, sw)
+    # 1-4. discover, headers, META join, reconcile: before any pixel is decoded; then the per-field
+    # missingness check (a clinical column lost for many subjects is an error unless accepted)
+    ing = ingest(dicom_dir, meta_path, card.schema, key_spec, opts.header_threads, sw, opts.follow_symlinks)
+    meta_report, meta_accepted = metacheck.check_meta(  # on the whole plan: every shard decides alike
+        ing.encoded,
+        ing.meta,
+        ing.plan.items.get_column("meta_row").to_numpy(),
+        max_missing=opts.max_missing,
+        allow=tuple(opts.allow_missing),
+        source=meta_path.name,
+    )
     shard_info = None
     if opts.shard:  # keep what this shard owns (the whole plan was built, so decisions match a single run)
         from xbmd_batch.score import shard as shard_mod
 
         ing.plan, shard_info = shard_mod.restrict_plan(ing.plan, shard_mod.parse_shard(opts.shard))
     plan, join_desc = ing.plan, key_spec.describe(card.schema.subject_key)
-    _write_reconciliation(out_dir, run_id, ing, join_desc, pseudo)
+
+    # --out: created and locked only now; an existing run's pins are checked, but a new run is pinned only
+    # once the runner has opened the model (below)
+    runstate.make_out_dir(out_dir)
+    lock = out_stack.enter_context(OutLock(out_dir))
+    if lock.stale:
+        console.print(
+            f"[yellow]note: the previous run on this folder (PID {lock.stale.get('pid')} on "
+            f"{lock.stale.get('host')}) ended without releasing its lock (killed?); resuming it[/]"
+        )
+    state = runstate.read_state(out_dir)
+    if state is not None:
+        runstate.check_pins(out_dir, state, expect)
+    resumed = state is not None
+    run_id = state["run_id"] if state is not None else runstate.new_run_id()
+    _write_reconciliation(out_dir, run_id, ing, join_desc, pseudo, meta_report, meta_accepted)
     print_tables(console, [reconciliation_table(plan.counts, join_desc)])
+    invalid = metacheck.invalid_records(ing.encoded, ing.meta_info, pseudonymized=True)  # console: no text
+    print_tables(console, metacheck.meta_tables(meta_report, invalid, ing.meta_info, opts.max_missing))
+    for w in [*ing.encoded.warnings, *meta_accepted]:
+        console.print(f"[yellow]META: {w}[/]")
     quarantine = privacy.failures_for_output(plan.quarantine, pseudo)
     ids = privacy.ids_for_output(plan.items, pseudo)
     plan_keys = pl.DataFrame(
         {c: ids[c].tolist() for c in RESUME_KEY}, schema=dict.fromkeys(RESUME_KEY, pl.String)
     )
+    preview = state or {"sessions": [], "created": now_iso(), "meta_sha256": expect["meta_sha256"]}
     run = manifest.run_manifest(
-        run_id, resumed, state, dicom_dir, meta_path, model_path, model_sha, card, opts, pseudo, plan.counts
+        run_id, resumed, preview, dicom_dir, meta_path, model_path, model_sha, card, opts, pseudo, plan.counts
     )
     conformal, strata, run["uncertainty"] = _uncertainty(card, ing, opts, console)
     if shard_info is not None:
@@ -213,10 +280,19 @@ def score_cohort(
         )
         return ScoreResult(EXIT_STRICT, out_dir, {**plan.counts, "scored": 0}, resumed=resumed, run_id=run_id)
 
-    # 5. what is left to do (resume skips rows already in parts)
-    done = done_keys(out_dir)
-    keys = zip(*(ids[c] for c in RESUME_KEY), strict=True)
-    todo = np.array([i for i, k in enumerate(keys) if k not in done], dtype=np.int64)
+    # 5. what is left to do: resume skips rows already in parts, except transient failures (worker crash,
+    # OOM, I/O error) and rows of files changed in place since; unreadable parts are moved aside and redone
+    checked = resume.check_parts(out_dir)
+    for name, why in checked.moved:
+        console.print(
+            f"[yellow]part {name} unreadable ({why}): moved to {resume.CORRUPT_DIR}/, rows redone[/]"
+        )
+    todo, n_redone, file_stats = _todo(plan, ids, ing, out_dir)
+    if n_redone:
+        console.print(f"resume: {n_redone} row(s) redone (transient failures, or files changed since)")
+    plan_keys = plan_keys.with_columns(
+        pl.Series("file_size", file_stats[0], pl.Int64), pl.Series("file_mtime_ns", file_stats[1], pl.Int64)
+    ).with_columns(pl.when(pl.col(c) >= 0).then(pl.col(c)).alias(c) for c in ("file_size", "file_mtime_ns"))
     sw.lap("reconcile")
 
     # 6-7. decode pool (starts while the model loads), runner, then the loop: batches -> runner -> parts
@@ -227,10 +303,12 @@ def score_cohort(
         runner = stack.enter_context(_open_runner(model, opts, console))
         run["runner"] = runner.provenance()
         run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
+        state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/key/DIR
+        run["sessions"], run["created"] = len(state["sessions"]), state["created"]
         why = f" - {runner.reason}" if runner.reason else ""
         console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
         sw.lap("model_load")
-        loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw)
+        loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats)
         progress = _progress(console, opts.quiet)
         with progress:
             stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
@@ -244,6 +322,7 @@ def score_cohort(
     )  # fmt: skip
     sw.lap("finalize")
     result = manifest.result_info(runner, plan, fin, stats, todo, workers, sw.timings, sw.elapsed())
+    result["counts"].update(redone_resume=n_redone, corrupt_parts_moved=len(checked.moved))
     manifest.write_run_json(out_dir, {**run, **result})
     synthetic = run["synthetic_cohort"]
     print_tables(console, final_table({**result, "reference": opts.reference, "synthetic": synthetic}))
@@ -302,8 +381,33 @@ def _uncertainty(card: Any, ing: Ingested, o: ScoreOptions, console: Any) -> tup
     return conformal, strata, {**conformal.describe(o.interval), "available": True}
 
 
+def _todo(
+    plan: Any, ids: dict[str, np.ndarray], ing: Ingested, out_dir: Path
+) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray]]:
+    """Plan rows to (re)do under the resume rules (score/resume.py), how many of them were redone, and the
+    (size, mtime_ns) of each planned file as discovered (-1 unknown)."""
+    latest = resume.latest_rows(out_dir)
+    stats = [ing.disc.stat_of(r) for r in plan.items.get_column("relative_path").to_list()]
+    size = np.array([-1 if st[0] is None else st[0] for st in stats], dtype=np.int64)
+    mtime = np.array([-1 if st[1] is None else st[1] for st in stats], dtype=np.int64)
+    todo: list[int] = []
+    n_redone = 0
+    for i, key in enumerate(zip(*(ids[c] for c in RESUME_KEY), strict=True)):
+        row = latest.get(key)
+        if not resume.is_done(row, int(size[i]), int(mtime[i])):
+            todo.append(i)
+            n_redone += row is not None
+    return np.array(todo, dtype=np.int64), n_redone, (size, mtime)
+
+
 def _write_reconciliation(
-    out_dir: Path, run_id: str, ing: Ingested, join_desc: str, pseudo: Pseudonymizer
+    out_dir: Path,
+    run_id: str,
+    ing: Ingested,
+    join_desc: str,
+    pseudo: Pseudonymizer,
+    meta_report: list[dict[str, Any]],
+    meta_accepted: list[str],
 ) -> None:
     """OUT/reconciliation.json: the plan's counts and lists, every identifier in output form."""
     recon = {
@@ -313,7 +417,9 @@ def _write_reconciliation(
         "pseudonymized": pseudo.enabled,
         "counts": ing.plan.counts,
         **privacy.listed_for_output(ing.plan.listed, pseudo, ing.meta_keys()),
-        "metadata_warnings": list(ing.encoded.warnings),
+        "metadata_warnings": [*ing.encoded.warnings, *meta_accepted],
+        "metadata_table": ing.meta_info.describe(),
+        "metadata_missingness": meta_report,
     }
     atomic_write_json(out_dir / "reconciliation.json", recon)
 
@@ -326,6 +432,7 @@ def _scoring_loop(
     out_dir: Path,
     o: ScoreOptions,
     sw: Stopwatch,
+    file_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ScoringLoop:
     """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
     items, enc = ing.plan.items, ing.encoded
@@ -340,6 +447,7 @@ def _scoring_loop(
         card.schema.names,
         runner.backend,
         runner.precision,
+        file_stats=file_stats,
     )
     writer = PartWriter(out_dir, after_write=kill_hook_from_env())
     values, mask = np.asarray(enc.values, dtype=np.float32), np.asarray(enc.mask, dtype=np.float32)

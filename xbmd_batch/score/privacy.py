@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,8 @@ def listed_for_output(
         "non_dicom_files": pseudo.many(listed["non_dicom_files"]),
         "hidden_files": pseudo.many(listed["hidden_files"]),
         "non_image_dicoms": pseudo.many(listed["non_image_dicoms"]),
+        "skipped_links": [{**d, "path": pseudo(d["path"])} for d in listed.get("skipped_links", [])],
+        "special_files": [{**d, "path": pseudo(d["path"])} for d in listed.get("special_files", [])],
         "metadata_rows_without_images": [
             {"meta_row": i, "subject_key": pseudo(meta_keys[i]) if i < len(meta_keys) else None}
             for i in listed["metadata_rows_without_images"]
@@ -120,6 +123,8 @@ def listed_for_output(
     }
     for issue in listed["metadata_invalid_values"]:
         d = dict(issue)
+        if pseudo.enabled:
+            d.pop("raw", None)  # META cell text can be an identifier typed into the wrong column
         for k in list(d):
             if k in _KEY_FIELDS:
                 d[k] = pseudo(None if d[k] is None else str(d[k]))
@@ -129,3 +134,16 @@ def listed_for_output(
                         d[k] = d[k].replace(mk, "<subject>")
         out["metadata_invalid_values"].append(d)
     return out
+
+
+def silence_dicom_warnings() -> None:
+    """Stop pydicom's per-file warnings reaching stderr during a cohort run.
+
+    They quote raw header values and file paths ("Invalid value for VR UI: '1.2.840.PID_Smith_John.1'"), so
+    under ``--pseudonymize`` they would leak identifiers, and on a 100k cohort they bury the summary. Every
+    file that cannot be used becomes a failure row with a reason instead. Installed by the CLI and in each
+    decode worker (both are whole processes of our own); idempotent.
+    """
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    # pydicom warns with stacklevel > 1, which attributes some warnings to our reading code
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"xbmd_batch\.(dicom_io|preprocess|score)")

@@ -1,7 +1,8 @@
 """Stage 4: plan and reconcile BEFORE any pixel is decoded.
 
-Every file and every META row ends in exactly one bucket: scored, quarantined (a failure row with a reason),
-or listed as not-an-image (non-DICOM, hidden, DICOM without pixels such as DICOMDIR). The same plan is
+Every entry under DIR and every META row ends in exactly one bucket: scored, quarantined (a failure row with
+a reason: unreadable, invalid file name, header, join, ...), or listed as not-an-image (non-DICOM, hidden,
+skipped symlink, special file, DICOM without pixels such as DICOMDIR). The same plan is
 rebuilt on resume, so quarantine decisions are deterministic: files sorted by relative path, the first copy
 of a duplicated SOPInstanceUID is scored and later copies are quarantined.
 """
@@ -126,6 +127,8 @@ def build_plan(
     q = Quarantine()
     for rel, m in disc.unreadable:
         q.add("discover", "unreadable_file", m, rel)
+    for rel, m in disc.bad_names:
+        q.add("discover", "invalid_file_name", m, rel)
 
     h = {c: headers.get_column(c).to_list() for c in headers.columns}
     rel, sop = h["relative_path"], h["sop_instance_uid"]
@@ -178,6 +181,9 @@ def build_plan(
         "hidden_files": len(disc.hidden),
         "non_dicom_files": len(disc.non_dicom),
         "unreadable_files": len(disc.unreadable),
+        "skipped_links": len(disc.skipped_links),
+        "special_files": len(disc.special),
+        "invalid_file_names": len(disc.bad_names),
         "dicom_files": len(rel),
         "header_errors": q.count("header_unreadable"),
         "non_image_dicoms": len(non_image),
@@ -199,6 +205,8 @@ def build_plan(
     listed = {
         "non_dicom_files": list(disc.non_dicom),
         "hidden_files": list(disc.hidden),
+        "skipped_links": [{"path": p, "reason": r} for p, r in disc.skipped_links],
+        "special_files": [{"path": p, "kind": k} for p, k in disc.special],
         "non_image_dicoms": non_image,
         "metadata_rows_without_images": list(joined.meta_rows_without_images),
         "metadata_duplicate_keys": [{"key": k, "rows": v} for k, v in joined.duplicate_meta_keys.items()],

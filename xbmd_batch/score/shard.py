@@ -363,6 +363,9 @@ def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> MergeResult:
         "counts": recon_counts,
         **_merged_lists([s["recon"] for s in shards], pseudonymized),
         "metadata_warnings": shards[0]["recon"].get("metadata_warnings", []),
+        # whole-cohort facts every shard computed alike (before keeping its own slice)
+        "metadata_table": shards[0]["recon"].get("metadata_table"),
+        "metadata_missingness": shards[0]["recon"].get("metadata_missingness", []),
         "merged_from_shards": [
             {"shard": f"{s['run']['shard']['k']}/{s['run']['shard']['n']}", "run_id": s["run"]["run_id"]}
             for s in shards

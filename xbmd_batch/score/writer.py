@@ -1,28 +1,23 @@
-"""Stage 7: atomic parquet parts under OUT/parts/, the run state, and what resume may skip.
+"""Stage 7: atomic parquet parts under OUT/parts/ (and the run state's format constants).
 
 A parquet file without its footer is unreadable and polars cannot append, so every chunk of finished rows
 (scored and failed alike, one ``status`` column) becomes its own part, written atomically
 (``xbmd_batch.fsutil``: a temp file beside it, fsync, ``os.replace``, folder fsync). A kill -9 at any instant
-leaves only whole parts (plus a stray .tmp that resume deletes). Resume skips every (relative_path,
-sop_instance_uid) a part holds; OUT/run_state.json pins the model, META and pseudonym key so a resumed run
-cannot mix them.
+leaves only whole parts (plus a stray .tmp that resume deletes). What resume redoes is decided in
+``score/resume.py``; the pins in OUT/run_state.json live in ``score/runstate.py``.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from xbmd_batch.errors import InputError, ModelFileError
-from xbmd_batch.fsutil import atomic_write_json, atomic_write_parquet, now_iso
+from xbmd_batch.fsutil import atomic_write_parquet
 
 STATE_FORMAT = "xbmd-batch-score-state"
 STATE_VERSION = 1
@@ -60,74 +55,6 @@ def list_parts(out_dir: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if PART_RE.match(p.name))
 
 
-def done_keys(out_dir: Path) -> set[tuple[str, str]]:
-    """(relative_path, sop_instance_uid) of every row already in a part (output form, maybe HMACed)."""
-    keys: set[tuple[str, str]] = set()
-    for p in list_parts(out_dir):
-        t = pq.read_table(p, columns=["relative_path", "sop_instance_uid"])
-        keys.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
-    return keys
-
-
-def prepare_out_dir(out_dir: Path, dicom_dir: Path, meta_path: Path) -> None:
-    """Refuse an --out that would be scanned as input or would overwrite someone else's files."""
-    out_r, dicom_r = Path(out_dir).resolve(), Path(dicom_dir).resolve()
-    if out_r == dicom_r or dicom_r in out_r.parents:
-        raise InputError(
-            f"--out {out_dir} is inside the DICOM folder {dicom_dir}; choose a folder outside it"
-        )
-    if out_r == Path(meta_path).resolve():
-        raise InputError(f"--out {out_dir} is the META file")
-    if out_r.exists() and not out_r.is_dir():
-        raise InputError(f"--out {out_dir} exists and is not a folder")
-    if out_r.is_dir() and any(out_r.iterdir()) and not (out_r / "run_state.json").is_file():
-        raise InputError(
-            f"--out {out_dir} is not empty and holds no run_state.json (not an xbmd-batch score output); "
-            "choose a new or empty folder"
-        )
-    out_r.mkdir(parents=True, exist_ok=True)
-
-
-def load_or_create_state(out_dir: Path, expect: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Return (state, resumed). On resume every pinned value must match ``expect``, or the run is refused."""
-    path = Path(out_dir) / "run_state.json"
-    if path.is_file():
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable run state ({e}); move the folder aside or delete it") from e
-        if state.get("format") != STATE_FORMAT:
-            raise InputError(f"{path}: not an xbmd-batch run state")
-        if state.get("model_sha256") != expect["model_sha256"]:
-            raise ModelFileError(
-                f"{out_dir} holds a run of model sha256 {state.get('model_sha256', '?')[:16]}..., but "
-                f"--model has sha256 {expect['model_sha256'][:16]}...; resume with the same model file "
-                "or use a new --out"
-            )
-        labels = {
-            "meta_sha256": "the META file changed since this run started",
-            "pseudonym_key_fingerprint": "--pseudonymize key differs from this run's (or was added/removed)",
-            "key_spec": "--key-column / --path-column differ from this run's",
-            "shard": "--shard differs from this run's (each shard needs its own --out)",
-        }
-        for k, why in labels.items():
-            if state.get(k) != expect.get(k):
-                raise InputError(f"{out_dir}: cannot resume: {why}; use the original options or a new --out")
-        state.setdefault("sessions", []).append({"started": now_iso()})
-        atomic_write_json(path, state)
-        return state, True
-    state = {
-        "format": STATE_FORMAT,
-        "format_version": STATE_VERSION,
-        "run_id": uuid.uuid4().hex[:16],
-        "created": now_iso(),
-        **expect,
-        "sessions": [{"started": now_iso()}],
-    }
-    atomic_write_json(path, state)
-    return state, False
-
-
 def part_schema(field_names: tuple[str, ...]) -> pa.Schema:
     """Columns of a part file: scored and failed rows together (``status``), ids already in output form."""
     cols: list[tuple[str, pa.DataType]] = [
@@ -149,6 +76,8 @@ def part_schema(field_names: tuple[str, ...]) -> pa.Schema:
         ("message", pa.string()),
         ("backend", pa.string()),
         ("precision", pa.string()),
+        ("file_size", pa.int64()),  # of the file when it was scored: resume redoes a file changed in place
+        ("file_mtime_ns", pa.int64()),
     ]
     return pa.schema(cols)
 
@@ -167,8 +96,10 @@ class ChunkBuffer:
         field_names: tuple[str, ...],
         backend: str,
         precision: str,
+        file_stats: tuple[np.ndarray, np.ndarray] | None = None,  # (size, mtime_ns) per plan row, -1 unknown
     ) -> None:
         self.ids, self.meta_row, self.img_index, self.n_images = ids, meta_row, img_index, n_images
+        self.file_stats = file_stats
         self.missing, self.derived, self.fields = missing, derived, field_names
         self.backend, self.precision = backend, precision
         self.schema = part_schema(field_names)
@@ -195,6 +126,12 @@ class ChunkBuffer:
             d[f"derived_{f}"] = self.derived[rows, j]
         d["backend"] = [self.backend] * k
         d["precision"] = [self.precision] * k
+        if self.file_stats is None:
+            d["file_size"] = d["file_mtime_ns"] = None
+        else:
+            size, mtime = (np.asarray(a, dtype=np.int64)[idx] for a in self.file_stats)
+            d["file_size"] = pa.array(size, mask=size < 0)
+            d["file_mtime_ns"] = pa.array(mtime, mask=mtime < 0)
         return d
 
     def add_scored(
@@ -225,7 +162,10 @@ class ChunkBuffer:
         arrays = []
         for f in self.schema:
             v = d[f.name]
-            arrays.append(pa.nulls(k, f.type) if v is None else pa.array(v, type=f.type))
+            if v is None:
+                arrays.append(pa.nulls(k, f.type))
+            else:
+                arrays.append(v.cast(f.type) if isinstance(v, pa.Array) else pa.array(v, type=f.type))
         self._tables.append(pa.Table.from_arrays(arrays, schema=self.schema))
         self.n_rows += k
 
