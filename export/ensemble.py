@@ -140,7 +140,7 @@ def export_ensemble(
     import onnx
     import torch
 
-    from export.onnx_export import ExportError, _tmp_beside, tool_versions
+    from export.onnx_export import ExportError, _tmp_beside, legacy_export, tool_versions
     from export.parity import reference_feeds
     from xbmd_batch.fsutil import commit, write_synced
     from xbmd_batch.onnx_card import check_io_against_card, embed_card, read_onnx_card
@@ -159,26 +159,9 @@ def export_ensemble(
         torch.ones(2, cfg.n_fields),
     )
     t0 = time.perf_counter()
-    import io
-    import warnings
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The TorchScript exporter: K copies of the member graph trace reliably and fast; the batch axis is
-        # declared dynamic and parity at batch 1/3/32 below proves nothing was baked in.
-        torch.onnx.export(
-            wrapper,
-            args,
-            buf,
-            dynamo=False,
-            input_names=in_names,
-            output_names=out_names,
-            dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
+    # The TorchScript exporter: K copies of the member graph trace reliably and fast; the batch axis is
+    # declared dynamic and parity at batch 1/3/32 below proves nothing was baked in.
+    proto = legacy_export(wrapper, args, in_names, out_names, opset)
     export_s = round(time.perf_counter() - t0, 2)
     card = dataclasses.replace(card, versions={**card.versions, **tool_versions()})
     card = card.with_extra(

@@ -121,7 +121,6 @@ def torch_to_onnx(
 ) -> tuple[onnx.ModelProto, str, list[str]]:
     """(ModelProto, exporter description, notes). ``exporter``: "auto" (dynamo, legacy on failure),
     "dynamo" or "legacy"."""
-    import onnx
     import torch
 
     from xbmd_batch.model import ExportWrapper
@@ -157,7 +156,21 @@ def torch_to_onnx(
             if exporter == "dynamo":
                 raise ExportError(f"dynamo ONNX export failed: {type(e).__name__}: {e}") from e
             notes.append(f"dynamo exporter failed ({type(e).__name__}: {str(e)[:300]}); used the legacy one")
+    return (
+        pin_ir_version(legacy_export(wrapper, args, in_names, out_names, opset)),
+        f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
+        notes,
+    )
+
+
+def legacy_export(
+    wrapper: nn.Module, args: tuple, in_names: list[str], out_names: list[str], opset: int
+) -> onnx.ModelProto:
+    """The TorchScript exporter with every input and output's axis 0 dynamic ("batch")."""
     import io
+
+    import onnx
+    import torch
 
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -173,11 +186,7 @@ def torch_to_onnx(
             opset_version=opset,
             do_constant_folding=True,
         )
-    return (
-        pin_ir_version(onnx.load_from_string(buf.getvalue())),
-        f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
-        notes,
-    )
+    return onnx.load_from_string(buf.getvalue())
 
 
 def graph_sha256(proto: onnx.ModelProto) -> str:
