@@ -44,7 +44,6 @@ __all__ = [
     "preprocess_stored",
     "load_and_preprocess",
     "preprocess_fingerprint",
-    "pad_to_square",
     "block_factor",
     "block_reduce",
     "reduce_stored",
@@ -54,18 +53,6 @@ __all__ = [
 ]
 
 LEGACY_VERSIONS = (1, 2)  # versions served by xbmd_batch.preprocess_v2
-
-
-def pad_to_square(img: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Centre ``img`` on a square canvas filled with its edge value; returns (canvas, (top, left, h, w))."""
-    h, w = img.shape
-    if h == w:
-        return img, (0, 0, h, w)
-    m = max(h, w)
-    out = np.full((m, m), _edge_value(img, _band(img.shape, 1)), dtype=np.float32)
-    top, left = (m - h) // 2, (m - w) // 2
-    out[top : top + h, left : left + w] = img
-    return out, (top, left, h, w)
 
 
 def _edge_value(img: np.ndarray, band: int = 1) -> np.float64:
