@@ -43,6 +43,19 @@ def test_rule_intercept_only_below_min_n_then_ols() -> None:
     assert fit_calibration(np.array([np.nan]), np.array([1.0]))["n"] == 0
 
 
+def test_small_set_intercept_only_when_distinguishable_from_zero() -> None:
+    """Below MIN_N_SLOPE an intercept inside its own noise (|mean| <= 1.96 SE) is not applied."""
+    rng = np.random.default_rng(1)
+    y = rng.normal(0.75, 0.12, 32)
+    noise = rng.normal(0, 0.065, 32)
+    noise -= noise.mean() - 0.004  # mean residual +0.004, SE ~0.011: noise
+    quiet = fit_calibration(y - noise, y)
+    assert quiet["intercept"] == 0.0 and quiet["slope"] == 1.0 and quiet["method"].startswith("none")
+    assert quiet["intercept_estimate"] == pytest.approx(0.004)
+    shifted = fit_calibration(y - noise - 0.03, y)  # a Weighted-Smooth-L1-sized shift is applied
+    assert shifted["intercept"] == pytest.approx(0.034) and "intercept only" in shifted["method"]
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("cal")

@@ -296,3 +296,31 @@ def test_wide_path_pools_any_image_size(size: int, side: int, kernel: int, poole
     assert m.wide.kernel == kernel and m.wide.n_features == pooled * pooled + 2 * F
     out = m(torch.rand(2, 1, size, size), torch.zeros(2, F), torch.ones(2, F))
     assert out.shape == (2,) and torch.isfinite(out).all()
+
+
+def test_wide_gain_is_linear_plus_image_score_times_metadata_gain() -> None:
+    """WidePath with wide_gain: linear(x) + score(x) * gain([meta, mask]); the gain term really acts."""
+    cfg = tiny_cfg(encoder="smallcnn", cnn_width=4, wide=True, wide_side=16, wide_gain=True)
+    m = build_model(cfg).eval()
+    wide = m.wide
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for lin in (wide.linear, wide.score, wide.gain):
+            lin.weight.normal_(0, 0.05)
+            lin.bias.normal_(0, 0.5)
+    image, meta, mask = make_inputs(4)
+    mask[0, 2] = 0.0  # a missing field reads as 0 with mask 0
+    with torch.no_grad():
+        f = wide.features(image, meta, mask).double()
+        lin = f @ wide.linear.weight.double().T + wide.linear.bias.double()
+        z = f @ wide.score.weight.double().T + wide.score.bias.double()
+        g = f[:, -2 * F :] @ wide.gain.weight.double().T + wide.gain.bias.double()
+        want = (lin + z * g).squeeze(-1)
+        got = wide(image, meta, mask).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - lin.squeeze(-1)).abs().min() > 1e-3  # without the gain term the output would differ
+    assert set(dict(wide.named_children())) == {"linear", "score", "gain"}
+    plain = build_model(tiny_cfg(encoder="smallcnn", cnn_width=4, wide=True, wide_side=16))
+    assert plain.wide.score is None and plain.wide.gain is None  # old checkpoints: same state dict keys
+    with pytest.raises(ValueError, match="wide_gain needs the wide path"):
+        build_model(tiny_cfg(encoder="smallcnn", wide_gain=True))

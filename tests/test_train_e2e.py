@@ -50,6 +50,8 @@ def test_tiny_run_writes_every_output(cohort: Path, tmp_path: Path) -> None:
             "--final",
             "--reference",
             "lunar",
+            "--loss",
+            "wsmoothl1",  # the quick preset trains with mse; the weighting must follow --reference
             "--workers",
             "1",
             "--no-progress",

@@ -74,5 +74,33 @@ def test_fit_trains_the_network_on_top_and_keeps_the_last_epoch() -> None:
     )
     assert res.wide is not None and res.epochs_run == 3 and res.best_epoch == 2  # last epoch kept
     w = model.wide.linear.weight.detach().clone()
-    fit(model, make_loss("mse"), data, np.arange(60), None, hp, torch.device("cpu"), seed=1, epochs=1)
+    # crossfit (the preset's) fitted the wide path on train + val = rows 0-59; new rows -> a new fit
+    fit(model, make_loss("mse"), data, np.arange(50), None, hp, torch.device("cpu"), seed=1, epochs=1)
     assert not torch.equal(w, model.wide.linear.weight)  # refitted on the new training rows (final model)
+
+
+def test_crossfit_fits_the_wide_path_on_train_and_val_and_trains_on_cross_fitted_offsets() -> None:
+    """wide_fit "crossfit" (the quick preset): the wide path sees every labelled row the caller gives, the
+    network trains against the wide fit's out-of-fold predictions, kept in FitResult.wide_oof."""
+    from train.wide import fit_wide_arrays
+
+    data = _data()
+    hp = get_preset("quick").replace(image_size=32, epochs=1, batch_size=16)
+    assert hp.wide_fit == "crossfit" and hp.loss == "mse" and hp.wide and not hp.wide_gain
+    model = _model()
+    tr, val = np.arange(40), np.arange(40, 50)
+    res = fit(model, make_loss("mse"), data, tr, val, hp, torch.device("cpu"), seed=0)
+    t = [torch.from_numpy(a) for a in (data.images, data.meta, data.mask)]
+    x = model.wide.features(*t).double().numpy()
+    n_meta = model.wide.n_meta
+    fw = fit_wide_arrays(x[:50], data.y[:50].astype(np.float64), n_meta, gain=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.wide(*t).numpy(), fw.predict(x, n_meta), rtol=0, atol=1e-4)
+    oof = res.wide_oof
+    assert oof is not None and np.isfinite(oof[:50]).all() and np.isnan(oof[50:]).all()
+    assert not np.allclose(oof[:50], fw.predict(x[:50], n_meta), atol=1e-3)  # out of fold, not in-sample
+    inner = fit(
+        _model(), make_loss("mse"), data, np.arange(40), np.arange(40, 50), hp.replace(wide_fit="inner"),
+        torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    assert inner.wide_oof is None and inner.wide["n"] == 40

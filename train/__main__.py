@@ -45,6 +45,7 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         cnn_width=hp.cnn_width,
         wide=hp.wide,
         wide_side=hp.wide_side,
+        wide_gain=hp.wide_gain,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -81,7 +82,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--fusion", default="xattn", choices=["xattn", "concat"])
-    p.add_argument("--loss", default="wsmoothl1", choices=list(LOSSES))
+    p.add_argument(
+        "--loss",
+        default=None,
+        choices=list(LOSSES),
+        help="training loss (default: the preset's: quick mse, paper wsmoothl1)",
+    )
     p.add_argument(
         "--compare",
         nargs="?",
@@ -121,6 +127,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--backbone-lr-mult", type=float, default=None, help="ResNet trunk lr = lr * this")
     p.add_argument("--d-model", type=int, default=None, help="override the preset's embedding width")
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument(
+        "--wide-gain",
+        default=None,
+        choices=["on", "off"],
+        help="metadata gain on the wide path's image score (default: the preset's; 'off' = the ablation)",
+    )
+    p.add_argument(
+        "--wide-fit",
+        default=None,
+        choices=["inner", "crossfit"],
+        help="wide path fitted on the inner-training rows ('inner') or on the whole training part with the "
+        "network trained on its cross-fitted residual ('crossfit'); default: the preset's",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--pretrained",
@@ -331,7 +350,11 @@ def setup_run(args: argparse.Namespace) -> Run:
         d_model=args.d_model,
         patience=args.patience,
         folds=args.folds,
+        wide_gain=None if args.wide_gain is None else args.wide_gain == "on",
+        wide_fit=args.wide_fit,
     )
+    if args.loss is None:
+        args.loss = hp.loss
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
@@ -449,8 +472,11 @@ def train_fold(run: Run, data: Data, fusion: str, loss_name: str, k: int, enc: A
     prog.remove_task(steps)
     # recalibrate on the inner-validation split (not trained on), inside the model itself
     ev_raw = evaluate(model, loss_fn, arrays, te, hp.batch_size, run.device)
+    # (with wide_fit "crossfit" the inner-validation rows get the wide path's cross-fitted offsets: the
+    # calibration then sees predictions no part of the model was fitted on)
     cal = fit_calibration(
-        evaluate(model, loss_fn, arrays, inner_val, hp.batch_size, run.device).pred, cohort.y[inner_val]
+        evaluate(model, loss_fn, arrays, inner_val, hp.batch_size, run.device, res.wide_oof).pred,
+        cohort.y[inner_val],
     )
     mcfg = set_calibration(model, cal["intercept"], cal["slope"])
     ev = evaluate(model, loss_fn, arrays, te, hp.batch_size, run.device)

@@ -22,6 +22,7 @@ from torch import nn
 
 from train.data import ArrayData
 from train.presets import Preset
+from train.wide import ALPHAS as WIDE_ALPHAS  # noqa: F401  (the wide path's ridge penalties; tests use it)
 
 
 def augment(
@@ -86,14 +87,21 @@ def train_one_epoch(
     rng: np.random.Generator,
     gen: torch.Generator,
     on_step: Callable[[], None] | None = None,
+    offsets: np.ndarray | None = None,
 ) -> float:
-    """One pass over idx in shuffled batches; returns the sample-weighted mean training loss."""
+    """One pass over idx in shuffled batches; returns the sample-weighted mean training loss.
+
+    ``offsets`` (per cohort row): the wide path's cross-fitted predictions to train the network's residual
+    against, instead of the fitted wide path's own (in-sample) output.
+    """
     model.train()
     total, count = 0.0, 0
     for b in _batches(idx, hp.batch_size, rng, drop_tiny=True):
-        img, meta, mask, y, _ = data.batch(b, device)
+        img, meta, mask, y, order = data.batch(b, device)
         offset = None
-        if getattr(model, "wide", None) is not None:  # the frozen linear path reads the un-augmented image
+        if offsets is not None:
+            offset = torch.as_tensor(offsets[order], dtype=torch.float32, device=device)
+        elif getattr(model, "wide", None) is not None:  # the frozen linear path reads the un-augmented image
             with torch.no_grad():
                 offset = model.wide(img, meta, mask)
         if hp.augment:
@@ -132,14 +140,21 @@ def evaluate(
     idx: np.ndarray,
     batch_size: int,
     device: torch.device,
+    offsets: np.ndarray | None = None,
 ) -> EvalResult:
-    """Predictions, field attention, and the loss over the whole set at once (not a mean of batch losses)."""
+    """Predictions, field attention, and the loss over the whole set at once (not a mean of batch losses).
+
+    ``offsets`` (per cohort row) replace the wide path's output (cross-fitted calibration, see ``fit``).
+    """
     model.eval()
     preds, atts, ys, rows = [], [], [], []
     for b in _batches(np.sort(idx), max(batch_size, 1) * 2, None, drop_tiny=False):
         img, meta, mask, y, order = data.batch(b, device)
+        kw = {}
+        if offsets is not None:
+            kw["wide_offset"] = torch.as_tensor(offsets[order], dtype=torch.float32, device=device)
         with _autocast(device):
-            out = model(img, meta, mask, return_attention=True)
+            out = model(img, meta, mask, return_attention=True, **kw)
         pred, att = out if isinstance(out, tuple) else (out, torch.full_like(meta, 1.0 / meta.shape[1]))
         preds.append(pred.float().cpu())
         atts.append(att.float().cpu())
@@ -164,7 +179,10 @@ class FitResult:
     best_val_loss: float = float("nan")
     epochs_run: int = 0
     seconds: float = 0.0
-    wide: dict[str, float] | None = None  # fit_wide's result when the model has a wide path
+    wide: dict[str, Any] | None = None  # fit_wide's result when the model has a wide path
+    # cross-fitted wide offsets per cohort row (wide_fit "crossfit"): evaluate(..., offsets=) with them gives
+    # predictions on the inner-validation rows that no part of the model was fitted on (calibration)
+    wide_oof: np.ndarray | None = None
 
 
 def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
@@ -190,33 +208,62 @@ def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
     ]
 
 
-WIDE_ALPHAS = np.logspace(-2, 5, 15)
+@torch.no_grad()
+def wide_features(model: nn.Module, data: ArrayData, idx: np.ndarray, device: torch.device) -> np.ndarray:
+    """The wide path's input features [len(idx), n_features] (float64) of rows ``np.sort(idx)``."""
+    feats = []
+    for b in _batches(np.sort(idx), 256, None, drop_tiny=False):
+        img, meta, mask, _y, _ = data.batch(b, device)
+        feats.append(model.wide.features(img, meta, mask).double().cpu().numpy())
+    return np.concatenate(feats)
 
 
 @torch.no_grad()
-def fit_wide(model: nn.Module, data: ArrayData, idx: np.ndarray, device: torch.device) -> dict[str, float]:
-    """Ridge of y on the wide path's features of rows ``idx`` (standardised columns, penalty by efficient
-    leave-one-out; scikit-learn), folded into ``model.wide.linear`` and frozen. Returns alpha, in-sample R².
+def fit_wide(
+    model: nn.Module,
+    data: ArrayData,
+    idx: np.ndarray,
+    device: torch.device,
+    seed: int = 0,
+    cross_fit: bool = False,
+) -> dict[str, Any]:
+    """Fit the wide path on rows ``idx`` by ridge (``train.wide``; the gain form when the model has it), fold
+    the weights into ``model.wide`` and freeze it. Returns the penalties, the in-sample R² and, with
+    ``cross_fit``, ``"oof"``: the wide fit's out-of-fold predictions per cohort row (NaN off ``idx``).
     """
-    from sklearn.linear_model import RidgeCV
-    from sklearn.preprocessing import StandardScaler
+    from train.wide import cross_fitted_wide, fit_wide_arrays
 
     wide = model.wide
-    feats, ys = [], []
-    for b in _batches(np.sort(idx), 256, None, drop_tiny=False):
-        img, meta, mask, y, _ = data.batch(b, device)
-        feats.append(wide.features(img, meta, mask).double().cpu().numpy())
-        ys.append(y.double().cpu().numpy())
-    x, y = np.concatenate(feats), np.concatenate(ys)
-    sc = StandardScaler().fit(x)
-    ridge = RidgeCV(alphas=WIDE_ALPHAS).fit(sc.transform(x), y)
-    w = ridge.coef_ / sc.scale_
-    b = float(ridge.intercept_ - np.sum(ridge.coef_ * sc.mean_ / sc.scale_))
-    wide.linear.weight.copy_(torch.as_tensor(w, dtype=wide.linear.weight.dtype).view(1, -1))
-    wide.linear.bias.fill_(b)
+    rows = np.sort(np.asarray(idx))
+    x = wide_features(model, data, rows, device)
+    y = data.y[rows].astype(np.float64)
+    gain = wide.gain is not None
+    fw = fit_wide_arrays(x, y, wide.n_meta, gain, seed=seed)
+
+    def put(lin: nn.Linear, w: np.ndarray, b: float) -> None:
+        lin.weight.copy_(torch.as_tensor(w, dtype=lin.weight.dtype).view(1, -1))
+        lin.bias.fill_(float(b))
+
+    put(wide.linear, fw.linear_w, fw.linear_b)
+    if gain:
+        put(wide.score, fw.score_w, fw.score_b)
+        put(wide.gain, fw.gain_w, fw.gain_b)
     for p in wide.parameters():
         p.requires_grad_(False)
-    return {"alpha": float(ridge.alpha_), "r2_in_sample": float(ridge.score(sc.transform(x), y))}
+    pred = fw.predict(x, wide.n_meta)
+    out: dict[str, Any] = {
+        "alpha": fw.alpha,
+        "alpha_stage2": fw.alpha2,
+        "gain": gain,
+        "n": len(rows),
+        "r2_in_sample": float(1.0 - np.mean((y - pred) ** 2) / max(np.var(y), 1e-12)),
+    }
+    if cross_fit:
+        oof = np.full(len(data.y), np.nan)
+        oof[rows] = cross_fitted_wide(x, y, wide.n_meta, gain, seed=seed)
+        out["oof"] = oof
+        out["r2_cross_fitted"] = float(1.0 - np.mean((y - oof[rows]) ** 2) / max(np.var(y), 1e-12))
+    return out
 
 
 def fit(
@@ -235,6 +282,12 @@ def fit(
     """AdamW + warm-up/cosine; keeps the weights of the best inner-validation loss (patience early stop).
 
     Without a validation split (the final all-data model) it trains exactly `epochs` epochs, keeps the last.
+
+    A wide path is fitted first. ``hp.wide_fit`` "inner": on ``train_idx``, the network then learns the
+    residual of the fitted wide path. "crossfit": on ``train_idx`` plus ``val_idx`` (every labelled row the
+    caller gives), and the network learns the residual of the wide fit's cross-fitted (out-of-fold)
+    predictions, the errors it really makes on unseen rows; ``FitResult.wide_oof`` keeps those offsets so the
+    caller can calibrate on ``val_idx`` with predictions no part of the model was fitted on.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -245,8 +298,14 @@ def fit(
     warm = int(round(hp.warmup_epochs * steps_per_epoch))
     model.to(device)
     res = FitResult()
+    offsets = None
     if getattr(model, "wide", None) is not None:  # the linear path first, then the network on its residual
-        res.wide = fit_wide(model, data, train_idx, device)
+        crossfit = hp.wide_fit == "crossfit"
+        wide_rows = np.union1d(train_idx, val_idx) if crossfit and val_idx is not None else train_idx
+        res.wide = fit_wide(model, data, wide_rows, device, seed=seed, cross_fit=crossfit)
+        if crossfit:
+            offsets = res.wide.pop("oof")
+            res.wide_oof = offsets
     opt = torch.optim.AdamW(param_groups(model, hp), lr=hp.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, warm, hp.min_lr_frac))
     best_state: dict[str, torch.Tensor] | None = None
@@ -256,10 +315,12 @@ def fit(
     for ep in range(n_epochs):
         te = time.perf_counter()
         lr = max(g["lr"] for g in opt.param_groups)
-        tr_loss = train_one_epoch(model, loss_fn, opt, sched, data, train_idx, hp, device, rng, gen, on_step)
+        tr_loss = train_one_epoch(
+            model, loss_fn, opt, sched, data, train_idx, hp, device, rng, gen, on_step, offsets
+        )
         rec: dict[str, float] = {"epoch": float(ep), "train_loss": tr_loss, "lr": float(lr)}
         if has_val:
-            ev = evaluate(model, loss_fn, data, val_idx, hp.batch_size, device)
+            ev = evaluate(model, loss_fn, data, val_idx, hp.batch_size, device, offsets)
             rec.update(val_loss=ev.loss, val_mae=ev.mae)
             if not hp.select_best:
                 res.best_epoch, res.best_val_loss = ep, ev.loss  # keep the last epoch

@@ -70,7 +70,7 @@ def repeated_fusion_cv(
                         load_pretrained_resnet34(model, pretrained)
                     loss_fn = make_loss(loss_name, reference=reference)
                     res = fit(model, loss_fn, data, inner_tr, inner_val, hp, device, seed=seed)
-                    val = evaluate(model, loss_fn, data, inner_val, hp.batch_size, device)
+                    val = evaluate(model, loss_fn, data, inner_val, hp.batch_size, device, res.wide_oof)
                     cal = fit_calibration(val.pred, y_all[inner_val])
                     set_calibration(model, cal["intercept"], cal["slope"])
                     ev = evaluate(model, loss_fn, data, te, hp.batch_size, device)

@@ -159,6 +159,10 @@ class ModelConfig:
     # the residual. False: the paper's head (offset = bmd_mean).
     wide: bool = False
     wide_side: int = 64
+    # Metadata gain on the wide path's image score (issue 10; the CPU preset): wide(x) =
+    # linear(x) + score(x) * gain(meta, mask), so metadata can modulate how image density maps to BMD (an
+    # image x metadata interaction an additive ridge cannot express). Needs wide=True. See WidePath.
+    wide_gain: bool = False
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4

@@ -49,6 +49,12 @@ Head (late concatenation)
     raw = w . [avgpool_k(image) flattened, meta (missing -> 0), meta_mask] + b + bmd_std * (W_2 ... + b_2),
     k = ceil(image_size / wide_side); (w, b) are fitted by ridge on the training part before the network
     trains (``train.engine.fit_wide``), then frozen: the network learns what a linear model misses.
+    With ``wide_gain`` the wide path also lets the metadata modulate how image density maps to BMD:
+    wide = w . x + b + (s . x + s_0) * (v . [meta, meta_mask] + v_0),  x = [pooled image, meta, meta_mask];
+    the fit (``train.engine.fit_wide``) makes s . x + s_0 a ridge image score z and regresses y on its
+    cross-fitted values and [meta, mask, z * meta, z * mask], i.e. bmd = c + b . m + (a + u . m) z.
+    (Synthetic generator v2: the image shows rho = m_fat * bmd with a body-fat contrast factor m_fat of BMI,
+    age and sex; an additive model cannot divide by it.)
     The calibration pair comes from ModelConfig and sits in non-persistent buffers: state dicts are unchanged
     (old checkpoints load), the exported ONNX graph carries it as constants, and every backend returns the
     calibrated BMD. ``set_calibration`` writes it into a trained model.
@@ -103,6 +109,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"image_size must be >= 32 (got {cfg.image_size})")
     if cfg.encoder not in ("resnet34", "smallcnn"):
         raise ValueError(f"unknown encoder {cfg.encoder!r}; expected 'resnet34' or 'smallcnn'")
+    if cfg.wide_gain and not cfg.wide:
+        raise ValueError("wide_gain needs the wide path (wide=True)")
     if cfg.encoder == "smallcnn" and cfg.cnn_width < 1:
         raise ValueError(f"cnn_width must be >= 1 (got {cfg.cnn_width})")
 
@@ -303,7 +311,8 @@ class KVUpdater(nn.Module):
 
 
 class WidePath(nn.Module):
-    """Linear model of the average-pooled image and the metadata (a BMD offset); see the module docstring."""
+    """Linear model of the average-pooled image and the metadata (a BMD offset), optionally with a metadata
+    gain on an image score (``wide_gain``); see the module docstring."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -313,10 +322,21 @@ class WidePath(nn.Module):
         # 96 px with wide_side 64 pools by 2 to 48 x 48; a ragged last row/column is dropped by avg_pool2d)
         self.kernel = -(-cfg.image_size // cfg.wide_side)
         side = cfg.image_size // self.kernel
-        self.n_features = side * side * cfg.in_chans + 2 * len(cfg.field_names)
+        self.n_meta = 2 * len(cfg.field_names)  # metadata values (missing -> 0) and the presence mask
+        self.n_features = side * side * cfg.in_chans + self.n_meta
         self.linear = nn.Linear(self.n_features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.constant_(self.linear.bias, cfg.bmd_mean)
+        self.score: nn.Linear | None = None
+        self.gain: nn.Linear | None = None
+        if cfg.wide_gain:
+            # z = score(x): an image score; g = gain(m): a metadata-driven gain on it (both zero at init, so
+            # an unfitted gain path is the plain linear one)
+            self.score = nn.Linear(self.n_features, 1)
+            self.gain = nn.Linear(self.n_meta, 1)
+            for lin in (self.score, self.gain):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def features(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
         x = image if self.kernel == 1 else nn.functional.avg_pool2d(image, self.kernel)
@@ -325,7 +345,13 @@ class WidePath(nn.Module):
         return torch.cat([x.flatten(1), meta, meta_mask], dim=1)  # (B, n_features)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(image, meta, meta_mask)).squeeze(-1)  # (B,)
+        f = self.features(image, meta, meta_mask)  # (B, n_features)
+        out = self.linear(f).squeeze(-1)  # (B,)
+        if self.score is not None and self.gain is not None:
+            z = self.score(f).squeeze(-1)  # (B,) image score
+            g = self.gain(f[:, -self.n_meta :]).squeeze(-1)  # (B,) metadata gain
+            out = out + g * z
+        return out
 
 
 class RegressionHead(nn.Module):
