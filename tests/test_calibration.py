@@ -69,10 +69,13 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory):
         cnn_width=4,
         wide=True,
         wide_side=32,
-    )  # the quick preset's architecture: the wide path's pooling and linear map must export too
+        wide_gain=True,
+    )  # the quick preset's architecture plus the metadata gain: pooling, linear maps and the product export
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.wide.linear.weight.normal_(0, 1e-3)  # a non-trivial wide path
+        model.wide.score.weight.normal_(0, 1e-2)
+        model.wide.gain.weight.normal_(0, 0.1)
     raw_path = save_checkpoint(d / "raw.pt", model, cfg, DEFAULT_SCHEMA, PreprocessConfig(image_size=SIZE))
     cal_cfg = set_calibration(model, A, B)
     cal_path = save_checkpoint(
@@ -127,6 +130,13 @@ def test_round_trip_checkpoint_onnx_every_runner(calibrated) -> None:
     for name, got in outs.items():
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4, err_msg=name)
     assert not np.allclose(outs["onnxruntime"], raw, atol=1e-3)  # the calibration really is in the graph
+    # the metadata gain term is in the graph too: without it the checkpoint model's output moves
+    model, _ = load_model(cal_path)
+    x = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.no_grad():
+        f = model.wide.features(x["image"], x["meta"], x["meta_mask"])
+        term = model.wide.score(f).squeeze(-1) * model.wide.gain(f[:, -model.wide.n_meta :]).squeeze(-1)
+    assert float(term.abs().max()) > 1e-2
 
 
 def test_set_calibration_rejects_nothing_but_replaces(tmp_path: Path) -> None:

@@ -136,9 +136,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--wide-fit",
         default=None,
-        choices=["inner", "crossfit"],
-        help="wide path fitted on the inner-training rows ('inner') or on the whole training part with the "
-        "network trained on its cross-fitted residual ('crossfit'); default: the preset's",
+        choices=["inner", "full", "crossfit"],
+        help="wide path fitted on the inner-training rows ('inner'), on the whole training part ('full'), "
+        "or on the whole training part with the network trained on its cross-fitted residual ('crossfit'); "
+        "default: the preset's",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -208,6 +208,9 @@ def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
     ]
 
 
+WIDE_FITS: tuple[str, ...] = ("inner", "full", "crossfit")
+
+
 @torch.no_grad()
 def wide_features(model: nn.Module, data: ArrayData, idx: np.ndarray, device: torch.device) -> np.ndarray:
     """The wide path's input features [len(idx), n_features] (float64) of rows ``np.sort(idx)``."""
@@ -284,10 +287,11 @@ def fit(
     Without a validation split (the final all-data model) it trains exactly `epochs` epochs, keeps the last.
 
     A wide path is fitted first. ``hp.wide_fit`` "inner": on ``train_idx``, the network then learns the
-    residual of the fitted wide path. "crossfit": on ``train_idx`` plus ``val_idx`` (every labelled row the
-    caller gives), and the network learns the residual of the wide fit's cross-fitted (out-of-fold)
-    predictions, the errors it really makes on unseen rows; ``FitResult.wide_oof`` keeps those offsets so the
-    caller can calibrate on ``val_idx`` with predictions no part of the model was fitted on.
+    residual of the fitted wide path. "full": on ``train_idx`` plus ``val_idx`` (every labelled row the caller
+    gives), the network on its residual. "crossfit": on ``train_idx`` plus ``val_idx``, and the network learns
+    the residual of the wide fit's cross-fitted (out-of-fold) predictions, the errors it makes on unseen
+    rows; ``FitResult.wide_oof`` keeps those offsets so the caller can calibrate on ``val_idx`` with
+    predictions no part of the model was fitted on.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -300,8 +304,11 @@ def fit(
     res = FitResult()
     offsets = None
     if getattr(model, "wide", None) is not None:  # the linear path first, then the network on its residual
+        if hp.wide_fit not in WIDE_FITS:
+            raise ValueError(f"unknown wide_fit {hp.wide_fit!r}; expected one of {WIDE_FITS}")
         crossfit = hp.wide_fit == "crossfit"
-        wide_rows = np.union1d(train_idx, val_idx) if crossfit and val_idx is not None else train_idx
+        every_row = hp.wide_fit in ("crossfit", "full") and val_idx is not None
+        wide_rows = np.union1d(train_idx, val_idx) if every_row else train_idx
         res.wide = fit_wide(model, data, wide_rows, device, seed=seed, cross_fit=crossfit)
         if crossfit:
             offsets = res.wide.pop("oof")
