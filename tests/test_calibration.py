@@ -70,7 +70,8 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory):
         wide=True,
         wide_side=32,
         wide_gain=True,
-    )  # the quick preset's architecture plus the metadata gain: pooling, linear maps and the product export
+        n_members=2,
+    )  # the quick preset's architecture (2 members) plus the metadata gain: every part must export
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.wide.linear.weight.normal_(0, 1e-3)  # a non-trivial wide path
@@ -143,6 +144,10 @@ def test_set_calibration_rejects_nothing_but_replaces(tmp_path: Path) -> None:
     cfg = ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=SIZE, d_model=16, n_layers=1, encoder="smallcnn")
     m = build_model(cfg)
     set_calibration(m, 0.1, 2.0)
+    ens = build_model(ModelConfig.for_schema(DEFAULT_SCHEMA, image_size=SIZE, d_model=16, encoder="smallcnn",
+                                             n_layers=1, n_members=2))  # fmt: skip
+    assert set_calibration(ens, 0.3, 0.9).calib_intercept == 0.3
+    assert float(ens.head.calib_slope) == pytest.approx(0.9)
     new = set_calibration(m, 0.2, 0.5)
     assert (new.calib_intercept, new.calib_slope) == (0.2, 0.5)
     assert float(m.head.calib_intercept) == pytest.approx(0.2) and float(m.head.calib_slope) == 0.5

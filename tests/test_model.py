@@ -324,3 +324,36 @@ def test_wide_gain_is_linear_plus_image_score_times_metadata_gain() -> None:
     assert plain.wide.score is None and plain.wide.gain is None  # old checkpoints: same state dict keys
     with pytest.raises(ValueError, match="wide_gain needs the wide path"):
         build_model(tiny_cfg(encoder="smallcnn", wide_gain=True))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_member_ensemble_is_the_calibrated_mean_of_independent_members(fusion: str) -> None:
+    """n_members > 1: K networks sharing one wide path; eval output = calibration(mean of member outputs);
+    training mode returns the K member outputs (each trained on its own loss)."""
+    from xbmd_batch.model import MemberEnsemble, set_calibration
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(fusion, encoder="smallcnn", cnn_width=4, n_layers=1, wide=True, wide_side=16, n_members=3)
+    m = build_model(cfg)
+    assert isinstance(m, MemberEnsemble) and len(m.members) == 3 and m.has_attention == (fusion == "xattn")
+    assert all(mem.wide is None for mem in m.members)  # one shared wide path
+    for mem in m.members:
+        sensitive(mem)
+        torch.nn.init.normal_(mem.head.net[-1].weight, std=1.0)
+    set_calibration(m, 0.01, 1.1)
+    image, meta, mask = make_inputs(4)
+    m.train()
+    raws = m(image, meta, mask)
+    assert raws.shape == (4, 3)
+    m.eval()
+    with torch.no_grad():
+        bmd, att = m(image, meta, mask, return_attention=True)
+        offset = m.wide(image, meta, mask)
+        each = torch.stack([mem(image, meta, mask, wide_offset=offset) for mem in m.members], -1)
+    assert (each[:, 0] - each[:, 1]).abs().max() > 1e-4  # independently initialised members
+    torch.testing.assert_close(bmd, 0.01 + 1.1 * each.mean(-1), rtol=1e-5, atol=1e-5)
+    assert att.shape == (4, F) and torch.allclose(att.sum(-1), torch.ones(4), atol=1e-5)
+    one = build_model(tiny_cfg(fusion, encoder="smallcnn", n_members=1))
+    assert not isinstance(one, MemberEnsemble)
+    with pytest.raises(ValueError, match="n_members"):
+        build_model(tiny_cfg(fusion, n_members=0))

@@ -104,3 +104,22 @@ def test_crossfit_fits_the_wide_path_on_train_and_val_and_trains_on_cross_fitted
         torch.device("cpu"), seed=0,
     )  # fmt: skip
     assert inner.wide_oof is None and inner.wide["n"] == 40
+
+
+def test_member_ensemble_trains_every_member_on_its_own_loss() -> None:
+    from xbmd_batch.model import MemberEnsemble
+
+    data = _data()
+    cfg = ModelConfig.for_schema(
+        DEFAULT_SCHEMA, image_size=32, d_model=16, n_layers=1, encoder="smallcnn", cnn_width=4,
+        wide=True, wide_side=16, n_members=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, MemberEnsemble)
+    before = [p.detach().clone() for p in model.members.parameters()]
+    hp = get_preset("quick").replace(image_size=32, epochs=1, batch_size=16)
+    fit(model, make_loss("mse"), data, np.arange(40), np.arange(40, 50), hp, torch.device("cpu"), seed=0)
+    moved = [not torch.equal(a, b) for a, b in zip(model.members.parameters(), before, strict=True)]
+    half = len(moved) // 2
+    assert any(moved[:half]) and any(moved[half:])

@@ -46,6 +46,7 @@ def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
         wide=hp.wide,
         wide_side=hp.wide_side,
         wide_gain=hp.wide_gain,
+        n_members=hp.n_members,
         d_model=hp.d_model,
         n_layers=hp.n_layers,
         n_heads=hp.n_heads,
@@ -127,6 +128,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--backbone-lr-mult", type=float, default=None, help="ResNet trunk lr = lr * this")
     p.add_argument("--d-model", type=int, default=None, help="override the preset's embedding width")
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument(
+        "--members",
+        type=int,
+        default=None,
+        help="networks averaged inside one model, each trained on its own loss (default: the preset's)",
+    )
     p.add_argument(
         "--wide-gain",
         default=None,
@@ -353,6 +360,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         folds=args.folds,
         wide_gain=None if args.wide_gain is None else args.wide_gain == "on",
         wide_fit=args.wide_fit,
+        n_members=args.members,
     )
     if args.loss is None:
         args.loss = hp.loss

@@ -108,7 +108,11 @@ def train_one_epoch(
             img = augment(img, hp, gen, data.norm_mean, data.norm_std)
         with _autocast(device):
             pred = model(img, meta, mask) if offset is None else model(img, meta, mask, wide_offset=offset)
-        loss = loss_fn(pred.float(), y)
+        pred = pred.float()
+        if pred.ndim == 2:  # a MemberEnsemble in training mode: one output per member, each on its own loss
+            y = y.unsqueeze(-1).expand_as(pred).flatten()
+            pred = pred.flatten()
+        loss = loss_fn(pred, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if hp.grad_clip > 0:
@@ -195,7 +199,7 @@ def param_groups(model: nn.Module, hp: Preset) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        trunk = name.startswith(("image_encoder.stem.", "image_encoder.layers."))
+        trunk = ".image_encoder.stem." in f".{name}" or ".image_encoder.layers." in f".{name}"
         decay = p.ndim >= 2 and name.split(".")[-1] != "pos"
         groups.setdefault((trunk, decay), []).append(p)
     return [

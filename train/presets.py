@@ -31,6 +31,7 @@ class Preset:
     # "inner": wide path fitted on the inner-training rows, network on its in-sample residual;
     # "crossfit": fitted on the whole training part, network on its cross-fitted residual (train.engine.fit)
     wide_fit: str = "inner"
+    n_members: int = 1  # networks averaged in one model (xbmd_batch.model.MemberEnsemble)
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4

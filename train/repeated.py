@@ -157,7 +157,7 @@ def markdown(res: dict[str, Any], syn: str = "") -> list[str]:
         rows.append(
             f"| {lab} | {f(r['mean_xattn'])} | {f(r['mean_concat'])} | {f(r['mean_diff'], 5)} "
             f"[{f(r.get('ci_low', float('nan')), 5)}, {f(r.get('ci_high', float('nan')), 5)}] | "
-            f"{f(r['t'], 2)} | {f(r['p_value'], 3)} | {r['wins_xattn']}/{r['n_splits']} | "
+            f"{f(r['t'], 2)} | {f(r['p_value'], 3)} | {r['wins_xattn']}/{int(r['n_splits'])} | "
             f"{f(bs[m][0], 5)} [{f(bs[m][1], 5)}, {f(bs[m][2], 5)}] |"
         )
     return [

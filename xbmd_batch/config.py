@@ -163,6 +163,10 @@ class ModelConfig:
     # linear(x) + score(x) * gain(meta, mask), so metadata can modulate how image density maps to BMD (an
     # image x metadata interaction an additive ridge cannot express). Needs wide=True. See WidePath.
     wide_gain: bool = False
+    # n_members > 1: that many independently initialised copies of the network (encoder, fusion, head) that
+    # share the wide path; each is trained on its own loss, the output is their mean (xbmd_batch.model
+    # MemberEnsemble). 1 = one network (the paper's model).
+    n_members: int = 1
     d_model: int = 256
     n_layers: int = 3
     n_heads: int = 4

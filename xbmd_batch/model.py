@@ -109,6 +109,8 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"image_size must be >= 32 (got {cfg.image_size})")
     if cfg.encoder not in ("resnet34", "smallcnn"):
         raise ValueError(f"unknown encoder {cfg.encoder!r}; expected 'resnet34' or 'smallcnn'")
+    if cfg.n_members < 1:
+        raise ValueError(f"n_members must be >= 1 (got {cfg.n_members})")
     if cfg.wide_gain and not cfg.wide:
         raise ValueError("wide_gain needs the wide path (wide=True)")
     if cfg.encoder == "smallcnn" and cfg.cnn_width < 1:
@@ -385,10 +387,11 @@ def _wide_offset(
     mask: torch.Tensor,
     given: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """The wide path's offset: ``given`` (training passes it from the un-augmented image) or computed here."""
-    if wide is None:
-        return None
-    return given if given is not None else wide(image, meta, mask)
+    """The wide path's offset: ``given`` (training passes it from the un-augmented image; an ensemble passes
+    its shared wide path's to its members) or computed here."""
+    if given is not None:
+        return given
+    return None if wide is None else wide(image, meta, mask)
 
 
 class XAttnBMD(nn.Module):
@@ -468,6 +471,67 @@ class ConcatBaseline(nn.Module):
         return bmd
 
 
+class OutputCalibration(nn.Module):
+    """``bmd = calib_intercept + calib_slope * raw`` from non-persistent buffers (the ensemble's; a single
+    network's RegressionHead carries the same two buffers)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("calib_intercept", torch.tensor(float(cfg.calib_intercept)), persistent=False)
+        self.register_buffer("calib_slope", torch.tensor(float(cfg.calib_slope)), persistent=False)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.calib_intercept + self.calib_slope * raw
+
+
+class MemberEnsemble(nn.Module):
+    """``n_members`` networks of one fusion kind sharing one wide path; output = calibrated member mean.
+
+    raw_k = wide(x) + bmd_std * head_k(z_k)   (member k: own encoders, fusion and head; own initialisation)
+    bmd   = calib_intercept + calib_slope * mean_k raw_k;  field_attention = mean_k of the members' attention
+    In training mode ``forward`` returns the members' raw outputs [B, K] so that each member is fitted on its
+    own loss (``train.engine`` flattens them against the repeated labels): K independently trained networks,
+    averaged at inference, which removes most of a small network's seed-to-seed variance. One ONNX graph.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        _check_config(cfg)
+        import dataclasses
+
+        self.cfg = cfg
+        member_cfg = dataclasses.replace(
+            cfg, n_members=1, wide=False, wide_gain=False, calib_intercept=0.0, calib_slope=1.0
+        )
+        cls = XAttnBMD if cfg.fusion == "xattn" else ConcatBaseline
+        self.has_attention = cls.has_attention
+        self.members = nn.ModuleList(cls(member_cfg) for _ in range(cfg.n_members))
+        self.wide = WidePath(cfg) if cfg.wide else None
+        self.head = OutputCalibration(cfg)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        meta: torch.Tensor,
+        meta_mask: torch.Tensor,
+        return_attention: bool = False,
+        wide_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        offset = _wide_offset(self.wide, image, meta, meta_mask, wide_offset)  # (B,) or None
+        outs, atts = [], []
+        for member in self.members:
+            raw, att = member(image, meta, meta_mask, return_attention=True, wide_offset=offset)
+            outs.append(raw)
+            atts.append(att)
+        raws = torch.stack(outs, dim=-1)  # (B, K)
+        if self.training and not return_attention:
+            return raws  # each member gets its own loss
+        bmd = self.head(raws.mean(dim=-1))  # (B,)
+        if return_attention:
+            return bmd, torch.stack(atts, dim=0).mean(dim=0)  # (B,), (B, F)
+        return bmd
+
+
 class ExportWrapper(nn.Module):
     """Always returns ``(bmd [B], field_attention [B, F])``, in ``config.OUTPUT_NAMES`` order, for export."""
 
@@ -482,8 +546,13 @@ class ExportWrapper(nn.Module):
         return bmd, field_attention
 
 
-def build_model(cfg: ModelConfig) -> XAttnBMD | ConcatBaseline:
-    """The model ``cfg.fusion`` names: "xattn" -> XAttnBMD, "concat" -> ConcatBaseline."""
+def build_model(cfg: ModelConfig) -> XAttnBMD | ConcatBaseline | MemberEnsemble:
+    """The model ``cfg.fusion`` names: "xattn" -> XAttnBMD, "concat" -> ConcatBaseline; with
+    ``n_members`` > 1 a MemberEnsemble of that many."""
+    if cfg.fusion not in ("xattn", "concat"):
+        raise ValueError(f"unknown fusion {cfg.fusion!r}; expected 'xattn' or 'concat'")
+    if cfg.n_members > 1:
+        return MemberEnsemble(cfg)
     if cfg.fusion == "xattn":
         return XAttnBMD(cfg)
     if cfg.fusion == "concat":
