@@ -20,12 +20,13 @@ import typer
 
 from xbmd_batch import __version__
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS
 from xbmd_batch.errors import EXIT_INTERRUPTED, InputError, exit_code
 
 # Closed vocabularies as Enums: Typer lists the choices in --help and rejects a typo with exit 2.
 Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Reference = Enum("Reference", {r: r for r in sorted(REFERENCES)}, type=str)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -123,6 +124,15 @@ def score(
     shard: str | None = typer.Option(
         None, metavar="K/N", help="Score only shard K of N (by subject key); combine with `merge`."
     ),
+    engine: Engine = typer.Option(
+        "local", help="local, or ray: decode tasks + model actors on a Ray cluster (extra `ray`)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, metavar="ADDR", help="--engine ray: cluster address, e.g. auto [a local Ray runtime]."
+    ),
+    ray_actors: int | None = typer.Option(
+        None, metavar="N", help="--engine ray: model actors [one per GPU; without GPUs one per 4 CPUs]."
+    ),
 ) -> None:
     """Score every hip X-ray under DIR with its META row: scores.parquet (with conformal intervals and
     predictive probabilities), cohort_summary.parquet, failures.parquet, run.json in OUT.
@@ -162,6 +172,9 @@ def score(
         follow_symlinks=follow_symlinks,
         shard=shard,
         engine_cache=engine_cache,
+        engine=engine.value,
+        ray_address=ray_address,
+        ray_actors=ray_actors,
     )
     with _exits(f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume"):
         res = score_cohort(dicom_dir, meta, model, out, opts)
