@@ -35,6 +35,7 @@ from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 # own actor process (as a segfault or OOM kill would); Ray restarts the actor and retries the batch.
 KILL_ACTOR_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_ONCE"
 _AUX = ("_runner", "_infer_s", "_decode_s")  # per-batch facts on each table's first row, not part columns
+_WORKER_READY: list[bool] = []  # this Ray worker process has set up decode (one thread per native pool)
 CPUS_PER_CPU_ACTOR = 4  # sizing rule without GPUs: one model actor per 4 CPUs (decode is the bottleneck)
 
 
@@ -51,7 +52,10 @@ def decode_rows(batch: dict[str, np.ndarray], root: str, paths: pa.Array, cfg: d
     from xbmd_batch.score import decode
     from xbmd_batch.score.privacy import silence_dicom_warnings
 
-    silence_dicom_warnings()
+    if not _WORKER_READY:  # once per Ray worker process, as the local pool's initializer does
+        silence_dicom_warnings()
+        decode._one_thread_per_worker()
+        _WORKER_READY.append(True)
     decode._init_worker(root, paths, cfg)  # the worker state only (file list, config); images by value
     t = decode.decode_task(np.asarray(batch["idx"], dtype=np.int64))
     k = len(t.idx)
