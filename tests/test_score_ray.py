@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from tests.helpers.score import plant_mismatches
 from xbmd_batch.cli import app
-from xbmd_batch.errors import InputError
+from xbmd_batch.errors import InputError, exit_code
 from xbmd_batch.score import ScoreOptions, score_cohort
-from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV
+from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV, n_actors
 from xbmd_batch.score.writer import list_parts
 
 COUNTS = ("scored", "failed_in_scoring", "failures_total", "not_processed", "matched_images")
@@ -138,3 +138,28 @@ def test_ray_options_refused_without_ray_engine(tmp_path: Path, cohort: Path, ti
     r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o"), "--engine", "spark"])
     assert r.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_actor_sizing_rule() -> None:
+    """One actor per GPU; without GPUs one per 4 CPUs, and never so many that decode gets no CPU."""
+    assert n_actors({"CPU": 16.0, "GPU": 4.0}, None) == (4, 1)
+    assert n_actors({"CPU": 16.0}, None) == (4, 0)
+    assert n_actors({"CPU": 2.0}, None) == (1, 0)
+    assert n_actors({"CPU": 8.0}, 3) == (3, 0)
+    with pytest.raises(InputError, match="use --ray-actors 1 or fewer"):
+        n_actors({"CPU": 2.0}, 2)
+    with pytest.raises(InputError, match="needs at least 2"):
+        n_actors({"CPU": 1.0}, None)
+
+
+def test_runner_that_cannot_open_fails_as_locally(runs: dict, tmp_path: Path) -> None:
+    """The actors' open_runner error reaches the caller as the project error it is (same exit code)."""
+    args = (runs["dicom"], runs["meta"], runs["model"])
+    errors = []
+    for name, kw in (("local", {"workers": 0}), ("ray", {"engine": "ray"})):
+        with pytest.raises(Exception) as e:
+            score_cohort(*args, tmp_path / name, ScoreOptions(quiet=True, backend="tensorrt", **kw))
+        errors.append(e.value)
+    assert type(errors[1]) is type(errors[0]) and str(errors[1]) == str(errors[0])
+    assert exit_code(errors[1]) == exit_code(errors[0]) is not None
+    assert not (tmp_path / "ray" / "run_state.json").exists()  # not pinned: the run never started

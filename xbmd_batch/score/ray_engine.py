@@ -36,6 +36,7 @@ from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 KILL_ACTOR_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_ONCE"
 _AUX = ("_runner", "_infer_s", "_decode_s")  # per-batch facts on each table's first row, not part columns
 _WORKER_READY: list[bool] = []  # this Ray worker process has set up decode (one thread per native pool)
+_RAY_RETRY_NOTE = "\nFailed to apply UDF transform"
 CPUS_PER_CPU_ACTOR = 4  # sizing rule without GPUs: one model actor per 4 CPUs (decode is the bottleneck)
 
 
@@ -89,11 +90,19 @@ class ScoreActor:
         from xbmd_batch.infer.select import open_runner
         from xbmd_batch.parity_feeds import make_reference_feeds
 
+        self.kill_marker = kill_marker
+        # A constructor that raises kills the actor and Ray keeps only the error's text; an error kept here
+        # and raised by the first batch reaches the driver as the exception itself (exit code as locally).
+        self.init_error: XbmdError | None = None
         buf, values, mask = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (buf, values, mask))
-        model = open_model(Path(model_path))
-        if model.sha256 != model_sha256:  # every node must see the driver's model file, unchanged
-            raise ModelFileError(f"{model_path}: this node's copy differs from the driver's (sha256)")
-        runner = open_runner(model, parity_feeds=make_reference_feeds, **runner_kwargs)
+        try:
+            model = open_model(Path(model_path))
+            if model.sha256 != model_sha256:  # every node must see the driver's model file, unchanged
+                raise ModelFileError(f"{model_path}: this node's copy differs from the driver's (sha256)")
+            runner = open_runner(model, parity_feeds=make_reference_feeds, **runner_kwargs)
+        except XbmdError as e:
+            self.init_error = e
+            return
         self.runner = runner.__enter__()  # held for the actor's lifetime (Ray ends the process)
         buf.backend, buf.precision = runner.backend, runner.precision
         self.loop = ScoringLoop(
@@ -101,9 +110,10 @@ class ScoreActor:
         )
         prov = {**runner.provenance(), "backend_reason": runner.reason, "actor_pid": os.getpid()}
         self.provenance = json.dumps(prov, default=str)
-        self.kill_marker = kill_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.init_error is not None:
+            raise self.init_error
         if self.kill_marker and not os.path.exists(self.kill_marker):
             Path(self.kill_marker).touch()
             os._exit(1)  # the test hook: this actor dies mid-run, once
@@ -157,17 +167,28 @@ def connect(address: str | None) -> Any:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the pipeline's own progress bar counts rows
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a UDF's own exception, not a UserCodeException wrapper
     return ray
 
 
 def n_actors(resources: dict[str, float], requested: int | None) -> tuple[int, int]:
-    """(model actors, GPUs per actor): one actor per GPU, or without GPUs one per 4 CPUs (at least one)."""
-    gpus = int(resources.get("GPU", 0))
-    if requested:
-        return requested, 1 if gpus else 0
+    """(model actors, GPUs per actor): one actor per GPU, or without GPUs one per 4 CPUs (at least one).
+
+    Every actor holds one CPU for its lifetime and decode tasks need the rest: without GPUs, actors that
+    would take every CPU (decode could never be scheduled: a hang) are refused."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     if gpus:
-        return gpus, 1
-    return max(1, int(resources.get("CPU", 1)) // CPUS_PER_CPU_ACTOR), 0
+        return requested or gpus, 1
+    actors = requested or max(1, cpus // CPUS_PER_CPU_ACTOR)
+    if cpus < 2:
+        raise InputError(f"--engine ray: this Ray cluster has {cpus} CPU(s) and no GPU; it needs at least 2")
+    if actors >= cpus:
+        raise InputError(
+            f"--engine ray: {actors} model actor(s) would hold all {cpus} CPU(s) of this Ray cluster (one "
+            f"each), leaving none for the decode tasks; use --ray-actors {max(1, cpus - 1)} or fewer, or a "
+            f"cluster with more CPUs (or GPUs)"
+        )
+    return actors, 0
 
 
 def _decode_task_args() -> dict[str, Any]:
@@ -184,16 +205,20 @@ def _dataset(ray: Any, todo: np.ndarray, cpus: int, task_size: int) -> Any:
 
 
 def _xbmd_cause(e: BaseException) -> XbmdError | None:
-    """The project error a Ray task/actor raised (Ray wraps it), so exit codes match the local engine's."""
+    """The project error a Ray task/actor raised (Ray wraps it: the innermost one), so that the caller sees
+    the local engine's exception and exit code."""
     seen: set[int] = set()
+    found: XbmdError | None = None
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         if isinstance(cur, XbmdError):
-            return cur
+            found = cur
         seen.add(id(cur))
         cause = getattr(cur, "cause", None)
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
-    return None
+    if found is not None and len(found.args) == 1 and isinstance(found.args[0], str):
+        found.args = (found.args[0].split(_RAY_RETRY_NOTE)[0],)  # Ray Data appends its retry advice
+    return found
 
 
 def score_on_ray(
