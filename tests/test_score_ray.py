@@ -21,7 +21,7 @@ from tests.helpers.score import plant_mismatches
 from xbmd_batch.cli import app
 from xbmd_batch.errors import InputError, exit_code
 from xbmd_batch.score import ScoreOptions, score_cohort
-from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV, n_actors
+from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV, KILL_DECODE_ONCE_ENV, n_actors
 from xbmd_batch.score.writer import list_parts
 
 COUNTS = ("scored", "failed_in_scoring", "failures_total", "not_processed", "matched_images")
@@ -94,10 +94,11 @@ def test_resume_on_ray_rescores_nothing(runs: dict) -> None:
     assert after.drop("run_id").equals(before.drop("run_id"))
 
 
-def test_actor_killed_mid_run_is_retried_without_duplicates(
+def test_killed_actor_and_decode_worker_are_retried_without_duplicates(
     runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A partial resume on Ray (half the parts removed) whose model actor dies on its first batch."""
+    """A partial resume on Ray (half the parts removed) whose model actor dies on its first batch and whose
+    decode worker dies on its first batch (that batch is then decoded file by file by a local DecodePool)."""
     root = runs["root"]
     out = tmp_path / "resumed"
     shutil.copytree(root / "ray", out)
@@ -105,10 +106,12 @@ def test_actor_killed_mid_run_is_retried_without_duplicates(
     removed = sum(pl.read_parquet(p).height for p in parts[::2])
     for p in parts[::2]:
         p.unlink()
-    marker = tmp_path / "actor-killed"
-    monkeypatch.setenv(KILL_ACTOR_ONCE_ENV, str(marker))
+    markers = tmp_path / "actor-killed", tmp_path / "decode-killed"
+    monkeypatch.setenv(KILL_ACTOR_ONCE_ENV, str(markers[0]))
+    monkeypatch.setenv(KILL_DECODE_ONCE_ENV, str(markers[1]))
     res = score_cohort(runs["dicom"], runs["meta"], runs["model"], out, runs["opts"])
-    assert marker.exists()  # the hook fired: an actor process died mid-run
+    assert all(m.exists() for m in markers)  # the hooks fired: an actor and a decode worker died mid-run
+    assert json.loads((out / "run.json").read_text())["ray"]["decode_batches_redone_file_by_file"] >= 1
     assert res.exit_code == 3
     assert res.counts["scored_this_session"] + res.counts["failed_this_session"] == removed
     rows = pl.concat([pl.read_parquet(p) for p in list_parts(out)], how="vertical_relaxed")

@@ -34,7 +34,13 @@ from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 # Test hook: a marker file path. The first actor batch that finds the file absent creates it and kills its
 # own actor process (as a segfault or OOM kill would); Ray restarts the actor and retries the batch.
 KILL_ACTOR_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_ONCE"
-_AUX = ("_runner", "_infer_s", "_decode_s")  # per-batch facts on each table's first row, not part columns
+KILL_DECODE_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_DECODE_ONCE"  # the same for the first decode batch
+_AUX = (
+    "_runner",
+    "_infer_s",
+    "_decode_s",
+    "_redone",
+)  # per-batch facts on each table's first row, not part columns
 _WORKER_READY: list[bool] = []  # this Ray worker process has set up decode (one thread per native pool)
 _RAY_RETRY_NOTE = "\nFailed to apply UDF transform"
 CPUS_PER_CPU_ACTOR = 4  # sizing rule without GPUs: one model actor per 4 CPUs (decode is the bottleneck)
@@ -48,8 +54,33 @@ def require_ray() -> None:
         raise InputError("--engine ray needs Ray Data: pip install 'xbmd-batch[ray]'")
 
 
-def decode_rows(batch: dict[str, np.ndarray], root: str, paths: pa.Array, cfg: dict[str, Any]) -> dict:
-    """Ray CPU task: the local pool's ``decode.decode_task`` on ``batch["idx"]``; failures as columns."""
+class Attempts:
+    """A tiny actor (no CPU) counting how often each decode batch was started, so a batch whose Ray worker
+    died (a decoder segfault, an OOM kill) is decoded file by file the second time."""
+
+    def __init__(self) -> None:
+        self.n: dict[int, int] = {}
+
+    def begin(self, key: int) -> int:
+        self.n[key] = self.n.get(key, 0) + 1
+        return self.n[key]
+
+
+def decode_rows(
+    batch: dict[str, np.ndarray],
+    root: str,
+    paths: pa.Array,
+    cfg: dict[str, Any],
+    attempts: Any = None,
+    crash_marker: str | None = None,
+) -> dict:
+    """Ray CPU task: the local pool's ``decode.decode_task`` on ``batch["idx"]``; failures as columns.
+
+    A batch started before (its worker died, Ray retried it) goes through the local ``DecodePool`` with one
+    worker and one file per task instead: a file that kills its process twice becomes a ``worker_crashed``
+    failure row, as in a local run, rather than being retried by Ray forever."""
+    import ray
+
     from xbmd_batch.score import decode
     from xbmd_batch.score.privacy import silence_dicom_warnings
 
@@ -57,17 +88,46 @@ def decode_rows(batch: dict[str, np.ndarray], root: str, paths: pa.Array, cfg: d
         silence_dicom_warnings()
         decode._one_thread_per_worker()
         _WORKER_READY.append(True)
-    decode._init_worker(root, paths, cfg)  # the worker state only (file list, config); images by value
-    t = decode.decode_task(np.asarray(batch["idx"], dtype=np.int64))
-    k = len(t.idx)
+    idx = np.asarray(batch["idx"], dtype=np.int64)
+    retried = attempts is not None and ray.get(attempts.begin.remote(int(idx[0]))) > 1
+    if crash_marker and not retried and not os.path.exists(crash_marker):
+        Path(crash_marker).touch()
+        os._exit(1)  # the test hook: this decode worker dies mid-batch, once
+    if retried:
+        tasks = _decode_isolated(root, paths, cfg, idx)
+    else:
+        decode._init_worker(root, paths, cfg)  # the worker state only (file list, config); images by value
+        tasks = [decode.decode_task(idx)]
+    s = int(cfg["image_size"])
+    out_idx = np.concatenate([t.idx for t in tasks])
+    k = len(out_idx)
+    images = np.zeros((k, 1, s, s), dtype=np.float32)
+    ok = np.concatenate([t.ok for t in tasks])
     reason, message = np.full(k, "", dtype=object), np.full(k, "", dtype=object)
-    pos = {int(i): n for n, i in enumerate(t.idx)}
-    for i, r, m in t.failures:
-        reason[pos[i]], message[pos[i]] = r, m
-    seconds = np.zeros(k, dtype=np.float64)
-    seconds[:1] = t.seconds
-    return {"idx": t.idx, "image": t.images, "ok": t.ok, "reason": reason, "message": message,
-            "_decode_s": seconds}  # fmt: skip
+    seconds, redone = np.zeros(k, dtype=np.float64), np.zeros(k, dtype=np.int64)
+    seconds[:1], redone[:1] = sum(t.seconds for t in tasks), int(retried)
+    pos = {int(i): n for n, i in enumerate(out_idx)}
+    for t in tasks:
+        for n, i in enumerate(t.idx):
+            if t.ok[n]:
+                images[pos[int(i)]] = t.images[n]
+        for i, r, m in t.failures:
+            reason[pos[i]], message[pos[i]] = r, m
+    return {"idx": out_idx, "image": images, "ok": ok, "reason": reason, "message": message,
+            "_decode_s": seconds, "_redone": redone}  # fmt: skip
+
+
+def _decode_isolated(root: str, paths: pa.Array, cfg: dict[str, Any], idx: np.ndarray) -> list[Any]:
+    """``idx`` through a one-worker local DecodePool, one file per task (its crash handling, its rows)."""
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score.decode import DecodePool
+
+    out = []
+    with DecodePool(Path(root), paths, PreprocessConfig.from_dict(cfg), workers=1, task_size=1) as pool:
+        for t in pool.run(idx):
+            t.images = np.array(t.images, copy=True)  # a view of the pool's shared memory until the next task
+            out.append(t)
+    return out
 
 
 class ScoreActor:
@@ -135,6 +195,7 @@ class ScoreActor:
             "_runner": pa.array([self.provenance] + [None] * (n - 1), type=pa.string()),
             "_infer_s": pa.array(np.where(first, time.perf_counter() - t0, 0.0)),
             "_decode_s": pa.array(np.where(first, float(np.sum(batch["_decode_s"])), 0.0)),
+            "_redone": pa.array(np.where(first, int(np.sum(batch["_redone"])), 0)),
         }
         for name, col in aux.items():
             table = table.append_column(name, col)
@@ -271,7 +332,13 @@ def score_on_ray(
             decode_rows,
             batch_size=opts.task_size,
             batch_format="numpy",
-            fn_kwargs={"root": str(dicom_dir), "paths": paths, "cfg": card.preprocess.to_dict()},
+            fn_kwargs={
+                "root": str(dicom_dir),
+                "paths": paths,
+                "cfg": card.preprocess.to_dict(),
+                "attempts": ray.remote(num_cpus=0)(Attempts).remote(),
+                "crash_marker": os.environ.get(KILL_DECODE_ONCE_ENV) or None,
+            },  # fmt: skip
             compute=ray.data.TaskPoolStrategy(size=opts.workers or None),
             ray_remote_args_fn=_decode_task_args,
         )
@@ -326,7 +393,7 @@ def _drive(
     rows already received are written before it propagates."""
     runner: RayRunner | None = None
     pending: list[pa.Table] = []
-    infer_s, first_s, first_rows = 0.0, 0.0, 0
+    infer_s, first_s, first_rows, redone = 0.0, 0.0, 0, 0
 
     def write() -> None:
         if pending:
@@ -342,6 +409,7 @@ def _drive(
                 first_s, first_rows = time.perf_counter() - t0, batch.num_rows
             stats.decode_worker_s += float(pc.sum(batch["_decode_s"]).as_py() or 0.0)
             infer_s += float(pc.sum(batch["_infer_s"]).as_py() or 0.0)
+            redone += int(pc.sum(batch["_redone"]).as_py() or 0)
             rows = batch.drop_columns(list(_AUX)).select(schema.names).cast(schema)
             n_scored = int(pc.sum(pc.equal(rows["status"], "scored")).as_py() or 0)
             stats.scored += n_scored
@@ -361,4 +429,4 @@ def _drive(
         stats.loop_s = time.perf_counter() - t0
     assert runner is not None
     return runner, {"infer_actor_s": round(infer_s, 3), "first_rows_after_s": round(first_s, 3),
-                    "first_rows": first_rows}  # fmt: skip
+                    "first_rows": first_rows, "decode_batches_redone_file_by_file": redone}  # fmt: skip
