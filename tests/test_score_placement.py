@@ -117,6 +117,9 @@ def test_plan_preprocess_cpu_auto_and_refusals(tiny_model: Path, tiny_onnx: Path
         plan_preprocess("cuda", card, "checkpoint", "torch", "cpu")
     with pytest.raises(InputError, match="unknown"):
         plan_preprocess("gpu", card, "checkpoint", "auto", "auto")
+    assert plan_preprocess("auto", card, "onnx", "auto", "auto", engine="ray").handoff == "image"
+    with pytest.raises(InputError, match="local engine"):
+        plan_preprocess("cuda", card, "onnx", "auto", "auto", engine="ray")
     legacy = _with_version(card, 2)
     assert plan_preprocess("auto", legacy, "checkpoint", "auto", "auto").handoff == "image"
     with pytest.raises(InputError, match="version 2"):

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # where preprocessing finishes (`score --preprocess-device`): auto = the runner's device (score/placement.py)
 PREPROCESS_DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "ray")  # `score --engine`: this machine, or a Ray cluster (docs/scale-out.md)
 
 # what each backend can run
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")  # fp16/bf16 via CUDA autocast; CPU is fp32 only

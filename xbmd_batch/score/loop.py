@@ -49,7 +49,7 @@ class ScoringLoop:
         runner: Any,
         card: Any,
         buf: ChunkBuffer,
-        writer: PartWriter,
+        writer: PartWriter | None,  # None: the caller takes the buffer's rows (Ray actors)
         meta_values: np.ndarray,
         meta_mask: np.ndarray,
         meta_row: np.ndarray,
@@ -80,11 +80,7 @@ class ScoringLoop:
         try:
             for dec in pool.results():
                 st.decode_worker_s += dec.seconds
-                if dec.failures:
-                    f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
-                    self.buf.add_failed(
-                        f_idx, "decode", [f[1] for f in dec.failures], [f[2] for f in dec.failures]
-                    )
+                self.add_decode_failures(dec.failures)
                 for b in self._add(dec):
                     self._infer(b.idx, b.images)
                 st.images += len(dec.idx)
@@ -134,6 +130,16 @@ class ScoringLoop:
             f_idx = np.array([x[0] for x in f], dtype=np.int64)
             self.buf.add_failed(f_idx, "decode", [x[1] for x in f], [x[2] for x in f])
         return b
+
+    def add_decode_failures(self, failures: list[tuple[int, str, str]]) -> None:
+        """A decode task's (plan index, reason, message) failures as rows (the Ray engine's actors too)."""
+        if failures:
+            f_idx = np.array([f[0] for f in failures], dtype=np.int64)
+            self.buf.add_failed(f_idx, "decode", [f[1] for f in failures], [f[2] for f in failures])
+
+    def score_batch(self, idx: np.ndarray, images: np.ndarray) -> None:
+        """One model batch into the buffer, exactly as `run` scores it (the Ray engine's actors call this)."""
+        self._infer(idx, images)
 
     def _feeds(self, idx: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
         rows = self.meta_row[idx]

@@ -52,7 +52,9 @@ class Placement:
         }
 
 
-def plan_preprocess(requested: str, card: Any, model_kind: str, backend: str, device: str) -> Placement:
+def plan_preprocess(
+    requested: str, card: Any, model_kind: str, backend: str, device: str, engine: str = "local"
+) -> Placement:
     """Step 1 (module docstring). InputError for a request this machine or model cannot honour."""
     from xbmd_batch.preprocess import LEGACY_VERSIONS
 
@@ -62,6 +64,13 @@ def plan_preprocess(requested: str, card: Any, model_kind: str, backend: str, de
         )
     if requested == "cpu":
         return Placement("cpu", "image", "--preprocess-device cpu")
+    if engine != "local":  # score/ray_engine.py: its decode tasks preprocess completely
+        if requested == "cuda":
+            raise InputError(
+                "--preprocess-device cuda needs the local engine (the Ray engine's decode tasks preprocess "
+                "on the CPU); use --preprocess-device cpu or auto with --engine ray"
+            )
+        return Placement("auto", "image", f"--engine {engine}: its decode tasks preprocess")
     version = card.preprocess.version
     if version in LEGACY_VERSIONS:
         why = f"this model's preprocessing (version {version}) has no on-device path"
