@@ -85,7 +85,6 @@ def main() -> None:
             ray.shutdown()
             run_json = json.loads((a.work / name / "run.json").read_text())
             res[name] = {"ray_init_and_first_task_s": startup, **r,
-                         "first_batch_s": run_json["timings_s"].get("model_load"),
                          "ray": run_json["ray"], "load_avg_after": load_average(),
                          "images_per_s_over_local": round(r["images_per_s"] / res["local"]["images_per_s"],
                                                           3),

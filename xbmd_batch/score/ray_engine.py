@@ -301,13 +301,13 @@ def score_on_ray(
         num_gpus=gpus_per_actor,
     )
     try:
-        runner, infer_s = _drive(ds, buf.schema, writer, opts.chunk_size, on_start, stats, progress, task, t0)
+        runner, timing = _drive(ds, buf.schema, writer, opts.chunk_size, on_start, stats, progress, task, t0)
     except Exception as e:
         cause = _xbmd_cause(e)
         if cause is not None and cause is not e:
             raise cause from None
         raise
-    info["infer_actor_s"] = round(infer_s, 3)
+    info.update(timing)
     return runner, stats, info
 
 
@@ -321,12 +321,12 @@ def _drive(
     progress: Any,
     task: Any,
     t0: float,
-) -> tuple[RayRunner, float]:
+) -> tuple[RayRunner, dict[str, float]]:
     """Stream the actors' tables into parts of ``chunk_size`` rows; on any exception (Ctrl-C included) the
     rows already received are written before it propagates."""
     runner: RayRunner | None = None
     pending: list[pa.Table] = []
-    infer_s = 0.0
+    infer_s, first_s, first_rows = 0.0, 0.0, 0
 
     def write() -> None:
         if pending:
@@ -336,9 +336,10 @@ def _drive(
 
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if runner is None:
+            if runner is None:  # the first rows: Ray start-up + the first actor's model load are behind us
                 runner = RayRunner.from_json(batch["_runner"][0].as_py())
                 on_start(runner)
+                first_s, first_rows = time.perf_counter() - t0, batch.num_rows
             stats.decode_worker_s += float(pc.sum(batch["_decode_s"]).as_py() or 0.0)
             infer_s += float(pc.sum(batch["_infer_s"]).as_py() or 0.0)
             rows = batch.drop_columns(list(_AUX)).select(schema.names).cast(schema)
@@ -359,4 +360,5 @@ def _drive(
     finally:
         stats.loop_s = time.perf_counter() - t0
     assert runner is not None
-    return runner, infer_s
+    return runner, {"infer_actor_s": round(infer_s, 3), "first_rows_after_s": round(first_s, 3),
+                    "first_rows": first_rows}  # fmt: skip
