@@ -21,7 +21,7 @@ import typer
 
 from xbmd_batch import __version__
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS, PREPROCESS_DEVICES
 from xbmd_batch.errors import EXIT_INTERRUPTED, InputError, exit_code
 
 # Idle OpenMP threads sleep instead of spinning. Read once, when torch's libgomp loads, so it is set here,
@@ -33,6 +33,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Closed vocabularies as Enums: Typer lists the choices in --help and rejects a typo with exit 2.
 Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+PreprocessDevice = Enum("PreprocessDevice", {d: d for d in PREPROCESS_DEVICES}, type=str)
+_PREPROCESS_HELP = (
+    "Where preprocessing finishes: cpu (decode workers) | cuda (batched on the runner's GPU; workers hand "
+    "over reduced images) | auto (the runner's device)."
+)
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Reference = Enum("Reference", {r: r for r in sorted(REFERENCES)}, type=str)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -100,6 +105,7 @@ def score(
     backend: Backend = typer.Option("auto", help="Inference backend (auto picks the fastest that works)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
     precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
+    preprocess_device: PreprocessDevice = typer.Option("auto", help=_PREPROCESS_HELP),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
     engine_cache: Path | None = typer.Option(
@@ -179,6 +185,7 @@ def score(
         follow_symlinks=follow_symlinks,
         shard=shard,
         engine_cache=engine_cache,
+        preprocess_device=preprocess_device.value,
         engine=engine.value,
         ray_address=ray_address,
         ray_actors=ray_actors,
@@ -228,6 +235,9 @@ def bench(
     backend: list[Backend] = typer.Option(["auto"], help="Repeat to compare backends."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
     precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
+    preprocess_device: PreprocessDevice = typer.Option(
+        "auto", help="As for score (the end-to-end runs only)."
+    ),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
@@ -255,6 +265,7 @@ def bench(
         end_to_end=not no_e2e,
         plot=plot,
         plain_loop_n=plain_loop_n,
+        preprocess_device=preprocess_device.value,
     )
     with _exits():
         df = run_bench(dicom_dir, meta, list(model), out, opts)

@@ -305,6 +305,12 @@ class DecodePool:
         # memory block cost nothing.
         slot_bytes = s * s * 4 if handoff == "image" else (4 * s) * (8 * s) * 4
         # One group per task in flight, +1 so a finished task can be held while the next is submitted.
+        n_slots = (self.max_inflight + 1) * self.task_size
+        room = _shm_room()
+        if handoff == "reduced" and room is not None and n_slots * slot_bytes > room // 2:
+            # A container's /dev/shm is often small (Docker: 64 MB) and touching pages beyond it kills the
+            # worker with SIGBUS: keep the block within half of it; larger images then travel by value.
+            slot_bytes = max(4096, room // 2 // n_slots // 4096 * 4096)
         self._shape = (self.max_inflight + 1, self.task_size, slot_bytes)
         self._shm: Any = None
         self._slots: np.ndarray | None = None
@@ -438,6 +444,15 @@ class DecodePool:
     def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
         self.start(order)
         return self.results()
+
+
+def _shm_room() -> int | None:
+    """Bytes free in /dev/shm (where ``multiprocessing.shared_memory`` lives on Linux); None if unknown."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return int(st.f_bavail * st.f_frsize)
 
 
 def _crashed(t: np.ndarray) -> DecodedTask:

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS, PREPROCESS_DEVICES
 from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest, metacheck, privacy, resume, runstate
@@ -32,6 +32,7 @@ from xbmd_batch.score.ingest import Ingested, ingest
 from xbmd_batch.score.join import KeySpec
 from xbmd_batch.score.lock import OutLock
 from xbmd_batch.score.loop import ScoringLoop
+from xbmd_batch.score.placement import Placement, plan_preprocess
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.stopwatch import Stopwatch
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter
@@ -67,6 +68,7 @@ class ScoreOptions:
     engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
     interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
     shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
+    preprocess_device: str = "auto"  # where preprocessing finishes: auto (the runner's device) | cpu | cuda
     engine: str = "local"  # "ray": decode tasks + model actors on a Ray cluster (score/ray_engine.py)
     ray_address: str | None = None  # --engine ray: "auto" = the running cluster; None = a local Ray runtime
     ray_actors: int | None = None  # --engine ray: model actors (default: one per GPU, or per 4 CPUs)
@@ -90,6 +92,7 @@ class ScoreResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
     run_id: str = ""
+    preprocess_device: str = ""  # where preprocessing finished ("cpu" = the decode workers)
 
 
 def default_workers() -> int:
@@ -111,7 +114,11 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError(f"--chunk-size must be >= 1 (got {o.chunk_size})")
     if o.workers is not None and o.workers < 0:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
-    vocab = (("--backend", o.backend, BACKENDS), ("--precision", o.precision, PRECISIONS))
+    vocab = (
+        ("--backend", o.backend, BACKENDS),
+        ("--precision", o.precision, PRECISIONS),
+        ("--preprocess-device", o.preprocess_device, PREPROCESS_DEVICES),
+    )
     for name, value, allowed in vocab:  # the CLI's Enums refuse these first; library callers get this
         if value not in allowed:
             raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
@@ -215,6 +222,9 @@ def _score(
     # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
     model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
     card, model_sha = model.card, model.sha256
+    placement = plan_preprocess(
+        opts.preprocess_device, card, model.kind, opts.backend, opts.device, opts.engine
+    )
     pseudo = Pseudonymizer.from_keyfile(opts.pseudonymize)
     runstate.check_out_dir(out_dir, dicom_dir, meta_path)
     key_spec = KeySpec(opts.key_column, opts.path_column)
@@ -314,20 +324,25 @@ def _score(
             dicom_dir, model_path, model_sha, card, ing, ids, todo, file_stats, out_dir, opts, sw, console,
             run, lambda: runstate.pin(out_dir, state, expect, run_id),
         )  # fmt: skip
+        run["preprocess"] = placement.describe(None)
     else:
         workers = default_workers() if opts.workers is None else opts.workers
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts))
+            pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts, placement))
             pool.start(todo)
             runner = stack.enter_context(_open_runner(model, opts, console))
+            finish_device = placement.finish_device(runner)
             run["runner"] = runner.provenance()
+            run["preprocess"] = placement.describe(finish_device)
             run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
             state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/...
             run["sessions"], run["created"] = len(state["sessions"]), state["created"]
             why = f" - {runner.reason}" if runner.reason else ""
             console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
+            if finish_device is not None:
+                console.print(f"preprocessing finished on {finish_device} ({placement.reason})")
             sw.lap("model_load")
-            loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats)
+            loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device)
             progress = _progress(console, opts.quiet)
             with progress:
                 stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
@@ -358,6 +373,7 @@ def _score(
         result["timings_s"],
         resumed,
         run_id,
+        run["preprocess"]["device"],
     )
 
 
@@ -394,10 +410,12 @@ def _score_on_ray(
 
 
 def _decode_pool(
-    dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions
+    dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions, placement: Placement
 ) -> DecodePool:
     paths = pa.array(items.get_column("relative_path").to_list(), type=pa.large_string())
-    return DecodePool(dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight)
+    return DecodePool(
+        dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight, handoff=placement.handoff
+    )
 
 
 def _open_runner(model: Any, o: ScoreOptions, console: Any = None) -> Any:
@@ -510,11 +528,14 @@ def _scoring_loop(
     o: ScoreOptions,
     sw: Stopwatch,
     file_stats: tuple[np.ndarray, np.ndarray] | None = None,
+    finish_device: str | None = None,
 ) -> ScoringLoop:
     """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
     buf, values, mask = _loop_inputs(card, ing, ids, runner.backend, runner.precision, file_stats)
     writer = PartWriter(out_dir, after_write=kill_hook_from_env())
-    return ScoringLoop(runner, card, buf, writer, values, mask, buf.meta_row, o.batch_size, o.chunk_size, sw)
+    return ScoringLoop(
+        runner, card, buf, writer, values, mask, buf.meta_row, o.batch_size, o.chunk_size, sw, finish_device
+    )
 
 
 def _console(quiet: bool) -> Any:
