@@ -121,11 +121,23 @@ def test_killed_actor_and_decode_worker_are_retried_without_duplicates(
 
 
 def test_shard_on_ray_equals_local_shard(runs: dict) -> None:
-    """--engine ray with --shard K/N: the shard's slice of the plan, scored on Ray, equals the local shard."""
+    """`score --engine ray --ray-actors 1 --shard 2/3` (through the CLI): the shard's slice of the plan,
+    scored on Ray, equals the local shard."""
     root, args = runs["root"], (runs["dicom"], runs["meta"], runs["model"])
     local = score_cohort(*args, root / "local-s2", ScoreOptions(quiet=True, workers=0, shard="2/3"))
-    on_ray = score_cohort(*args, root / "ray-s2", ScoreOptions(quiet=True, engine="ray", shard="2/3"))
-    assert on_ray.exit_code == local.exit_code
+    cli = [
+        "score",
+        str(runs["dicom"]),
+        str(runs["meta"]),
+        "-m",
+        str(runs["model"]),
+        "-o",
+        str(root / "ray-s2"),
+    ]
+    r = CliRunner().invoke(app, [*cli, "--engine", "ray", "--ray-actors", "1", "--shard", "2/3", "--quiet"])
+    assert r.exit_code == local.exit_code, r.output
+    run = json.loads((root / "ray-s2" / "run.json").read_text())
+    assert run["options"]["engine"] == "ray" and run["ray"]["actors"] == 1
     s1, s2 = (pl.read_parquet(root / d / "scores.parquet") for d in ("local-s2", "ray-s2"))
     assert 0 < s2.height < pl.read_parquet(root / "local" / "scores.parquet").height
     assert s2["relative_path"].to_list() == s1["relative_path"].to_list()
