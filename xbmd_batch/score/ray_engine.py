@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from xbmd_batch.errors import InputError, XbmdError
 from xbmd_batch.score.loop import LoopStats
-from xbmd_batch.score.ray_tasks import AUX, Attempts, ScoreActor, decode_rows
+from xbmd_batch.score.ray_tasks import Attempts, ScoreActor, decode_rows, replay
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 
 # Test hook: a marker file path. The first actor batch that finds the file absent creates it and kills its
@@ -202,7 +201,7 @@ def score_on_ray(
                 "batch_size": opts.batch_size,
                 "engine_cache_dir": opts.engine_cache,
             },
-            "buf": ray.put(buf),
+            "meta_row": ray.put(np.asarray(buf.meta_row, dtype=np.int64)),
             "values": ray.put(values),
             "mask": ray.put(mask),
             "batch_size": opts.batch_size,
@@ -213,7 +212,7 @@ def score_on_ray(
         num_gpus=gpus_per_actor,
     )
     try:
-        runner, timing = _drive(ds, buf.schema, writer, opts.chunk_size, on_start, stats, progress, task, t0)
+        runner, timing = _drive(ds, buf, writer, opts.chunk_size, on_start, stats, progress, task, t0)
     except Exception as e:
         cause = _xbmd_cause(e)
         if cause is not None and cause is not e:
@@ -225,7 +224,7 @@ def score_on_ray(
 
 def _drive(
     ds: Any,
-    schema: pa.Schema,
+    buf: ChunkBuffer,
     writer: PartWriter,
     chunk_size: int,
     on_start: Callable[[RayRunner], None],
@@ -233,38 +232,38 @@ def _drive(
     progress: Any,
     task: Any,
     t0: float,
-) -> tuple[RayRunner, dict[str, float]]:
-    """Stream the actors' tables into parts of ``chunk_size`` rows; on any exception (Ctrl-C included) the
-    rows already received are written before it propagates."""
+) -> tuple[RayRunner, dict[str, Any]]:
+    """Book the actors' rows into ``buf`` (as the local loop books its own) and write a part every
+    ``chunk_size`` rows; on any exception (Ctrl-C included) the rows already booked are written first."""
     runner: RayRunner | None = None
-    pending: list[pa.Table] = []
     infer_s, first_s, first_rows, redone = 0.0, 0.0, 0, 0
 
     def write() -> None:
-        if pending:
-            writer.write(pa.concat_tables(pending).combine_chunks())
-            pending.clear()
+        table = buf.take()
+        if table is not None:
+            writer.write(table)
             stats.parts += 1
 
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if runner is None:  # the first rows: Ray start-up + the first actor's model load are behind us
-                runner = RayRunner.from_json(batch["_runner"][0].as_py())
+                runner = RayRunner.from_json(str(batch["_runner"][0]))
+                buf.backend, buf.precision = runner.backend, runner.precision  # the part rows' columns
                 on_start(runner)
-                first_s, first_rows = time.perf_counter() - t0, batch.num_rows
-            stats.decode_worker_s += float(pc.sum(batch["_decode_s"]).as_py() or 0.0)
-            infer_s += float(pc.sum(batch["_infer_s"]).as_py() or 0.0)
-            redone += int(pc.sum(batch["_redone"]).as_py() or 0)
-            rows = batch.drop_columns(list(AUX)).select(schema.names).cast(schema)
-            n_scored = int(pc.sum(pc.equal(rows["status"], "scored")).as_py() or 0)
-            stats.scored += n_scored
-            stats.failed += rows.num_rows - n_scored
-            stats.images += rows.num_rows
-            pending.append(rows)
+                first_s, first_rows = time.perf_counter() - t0, len(batch["idx"])
+            stats.decode_worker_s += float(np.sum(batch["_decode_s"]))
+            infer_s += float(np.sum(batch["_infer_s"]))
+            redone += int(np.sum(batch["_redone"]))
+            n, n_scored = len(batch["idx"]), replay(batch, buf)
+            stats.scored, stats.failed, stats.images = (
+                stats.scored + n_scored,
+                stats.failed + n - n_scored,
+                stats.images + n,
+            )
             if progress is not None:
                 el = time.perf_counter() - t0
                 progress.update(task, completed=stats.images, rate=stats.images / el if el > 0 else 0.0)
-            if sum(t.num_rows for t in pending) >= chunk_size:
+            if buf.n_rows >= chunk_size:
                 write()
         write()
     except BaseException:

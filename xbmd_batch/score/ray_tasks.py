@@ -2,9 +2,10 @@
 
 ``decode_rows``: a Ray CPU task running the local pool's ``decode.decode_task``; a batch whose worker died
 is redone file by file through a one-worker local ``DecodePool`` (``Attempts`` counts the starts).
-``ScoreActor``: one model per actor (``open_runner``), each batch booked by a local ``ScoringLoop``
-(``add_decode_failures``, ``score_batch``) into part-schema rows plus a few per-batch facts (``AUX`` columns,
-on the first row)."""
+``ScoreActor``: one model per actor (``open_runner``); each batch goes through a local ``ScoringLoop``
+(``add_decode_failures``, ``score_batch``) into a ``RowRecorder``, whose row outcomes (plus a few per-batch
+facts on the first row: ``_runner``, ``_infer_s``, ...) the driver books with ``replay``.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from xbmd_batch.score.loop import ScoringLoop
 from xbmd_batch.score.stopwatch import Stopwatch
 from xbmd_batch.score.writer import ChunkBuffer
 
-# per-batch facts on the first row of each table an actor returns (not part columns; the driver drops them)
-AUX = ("_runner", "_infer_s", "_decode_s", "_redone")
 _WORKER_READY: list[bool] = []  # this Ray worker process has set up decode (one thread per native pool)
 
 
@@ -103,15 +102,81 @@ def _decode_isolated(root: str, paths: pa.Array, cfg: dict[str, Any], idx: np.nd
     return out
 
 
+class RowRecorder:
+    """Stands in for the ``ChunkBuffer`` of an actor's ``ScoringLoop``: records what the loop books (plan
+    index, outcome) without the plan's ids; ``take`` hands the rows over as columns. The driver replays them
+    into its ``ChunkBuffer`` (``replay``), the one a local run fills: actors never hold the whole plan's ids
+    (they grow with the cohort), and part rows are built by the same code as locally."""
+
+    def __init__(self, n_fields: int) -> None:
+        self.n_fields = n_fields
+        self._calls: list[tuple[Any, ...]] = []
+
+    def add_scored(
+        self, idx: np.ndarray, bmd: np.ndarray, attn: np.ndarray | None, sd_models: np.ndarray | None = None
+    ) -> None:
+        self._calls.append(("scored", np.asarray(idx, dtype=np.int64), bmd, attn, sd_models, "", [], []))
+
+    def add_failed(self, idx: np.ndarray, stage: str, reasons: list[str], messages: list[str]) -> None:
+        self._calls.append(
+            ("failed", np.asarray(idx, dtype=np.int64), None, None, None, stage, reasons, messages)
+        )
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The recorded rows as numpy columns (NaN / empty where a column does not apply); buffer emptied."""
+        cols: dict[str, list[Any]] = {c: [] for c in RECORD_COLUMNS}
+        for status, idx, bmd, attn, sd, stage, reasons, messages in self._calls:
+            k = len(idx)
+            cols["idx"].append(idx)
+            cols["status"].append(np.full(k, status, dtype=object))
+            cols["bmd"].append(np.full(k, np.nan, np.float32) if bmd is None else np.asarray(bmd, np.float32))
+            cols["attn"].append(
+                np.full((k, self.n_fields), np.nan, np.float32)
+                if attn is None
+                else np.asarray(attn, np.float32)
+            )
+            cols["has_attn"].append(np.full(k, attn is not None))
+            cols["sd"].append(np.full(k, np.nan, np.float32) if sd is None else np.asarray(sd, np.float32))
+            cols["has_sd"].append(np.full(k, sd is not None))
+            cols["stage"].append(np.full(k, stage, dtype=object))
+            cols["reason"].append(np.asarray(list(reasons) or [""] * k, dtype=object))
+            cols["message"].append(np.asarray(list(messages) or [""] * k, dtype=object))
+        self._calls = []
+        return {c: np.concatenate(v) for c, v in cols.items()}
+
+
+RECORD_COLUMNS = ("idx", "status", "bmd", "attn", "has_attn", "sd", "has_sd", "stage", "reason", "message")
+
+
+def replay(rows: dict[str, np.ndarray], buf: ChunkBuffer) -> int:
+    """Book an actor's recorded rows into the driver's ``ChunkBuffer`` (calls grouped as the loop made them:
+    scored rows by whether attention / ensemble SD came with them, failures by stage); returns rows scored."""
+    idx, status = np.asarray(rows["idx"], dtype=np.int64), np.asarray(rows["status"])
+    scored = status == "scored"
+    has_attn, has_sd = np.asarray(rows["has_attn"], bool), np.asarray(rows["has_sd"], bool)
+    for a, d in {(bool(x), bool(y)) for x, y in zip(has_attn[scored], has_sd[scored], strict=True)}:
+        m = scored & (has_attn == a) & (has_sd == d)
+        attn = np.asarray(rows["attn"], np.float32)[m] if a else None
+        buf.add_scored(idx[m], np.asarray(rows["bmd"], np.float32)[m], attn,
+                       np.asarray(rows["sd"], np.float32)[m] if d else None)  # fmt: skip
+    stage = np.asarray(rows["stage"])
+    for st in sorted(set(stage[~scored].tolist())):
+        m = ~scored & (stage == st)
+        buf.add_failed(
+            idx[m], str(st), [str(x) for x in rows["reason"][m]], [str(x) for x in rows["message"][m]]
+        )
+    return int(scored.sum())
+
+
 class ScoreActor:
-    """One model per actor (opened once); each batch of decoded rows -> a part-schema table of its rows."""
+    """One model per actor (opened once); each batch of decoded rows -> its rows' outcomes as columns."""
 
     def __init__(
         self,
         model_path: str,
         model_sha256: str,
         runner_kwargs: dict[str, Any],
-        buf: ChunkBuffer,
+        meta_row: np.ndarray,
         values: np.ndarray,
         mask: np.ndarray,
         batch_size: int,
@@ -127,7 +192,9 @@ class ScoreActor:
         # A constructor that raises kills the actor and Ray keeps only the error's text; an error kept here
         # and raised by the first batch reaches the driver as the exception itself (exit code as locally).
         self.init_error: XbmdError | None = None
-        buf, values, mask = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (buf, values, mask))
+        meta_row, values, mask = (  # numeric arrays: zero-copy views of Ray's object store
+            ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (meta_row, values, mask)
+        )
         try:
             model = open_model(Path(model_path))
             if model.sha256 != model_sha256:  # every node must see the driver's model file, unchanged
@@ -137,14 +204,14 @@ class ScoreActor:
             self.init_error = e
             return
         self.runner = runner.__enter__()  # held for the actor's lifetime (Ray ends the process)
-        buf.backend, buf.precision = runner.backend, runner.precision
+        self.rec = RowRecorder(values.shape[1])
         self.loop = ScoringLoop(
-            runner, model.card, buf, None, values, mask, buf.meta_row, batch_size, 1, Stopwatch()
+            runner, model.card, self.rec, None, values, mask, meta_row, batch_size, 1, Stopwatch()
         )
         prov = {**runner.provenance(), "backend_reason": runner.reason, "actor_pid": os.getpid()}
         self.provenance = json.dumps(prov, default=str)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.init_error is not None:
             raise self.init_error
         if self.kill_marker and not os.path.exists(self.kill_marker):
@@ -159,17 +226,18 @@ class ScoreActor:
         )
         if ok.any():
             self.loop.score_batch(idx[ok], np.ascontiguousarray(batch["image"][ok], dtype=np.float32))
-        table = self.loop.buf.take()
-        assert table is not None and table.num_rows == len(idx)  # every row booked exactly once
-        n = table.num_rows
-        first = np.zeros(n, dtype=bool)
-        first[0] = True
-        aux = {
-            "_runner": pa.array([self.provenance] + [None] * (n - 1), type=pa.string()),
-            "_infer_s": pa.array(np.where(first, time.perf_counter() - t0, 0.0)),
-            "_decode_s": pa.array(np.where(first, float(np.sum(batch["_decode_s"])), 0.0)),
-            "_redone": pa.array(np.where(first, int(np.sum(batch["_redone"])), 0)),
-        }
-        for name, col in aux.items():
-            table = table.append_column(name, col)
-        return table
+        out = self.rec.take()
+        n = len(out["idx"])
+        assert n == len(idx) and set(out["idx"].tolist()) == set(
+            idx.tolist()
+        )  # every row booked exactly once
+        runner = np.full(n, "", dtype=object)
+        runner[0] = self.provenance
+        first = np.arange(n) == 0
+        out.update(
+            _runner=runner,
+            _infer_s=np.where(first, time.perf_counter() - t0, 0.0),
+            _decode_s=np.where(first, float(np.sum(batch["_decode_s"])), 0.0),
+            _redone=np.where(first, int(np.sum(batch["_redone"])), 0),
+        )
+        return out
