@@ -195,7 +195,7 @@ pins_step() {  # the GPU extra's pins (requirements/gpu-pins.txt) in a small ven
   PYTHONPATH="$ROOT" "$WORK/pins/bin/python" "$ROOT/tests/fp16_pins_probe.py" "${model[@]}"
 }
 
-bench_call() {  # NAME PRECISION BATCH E2E(0/1) BACKEND...
+bench_call() {  # NAME PRECISION BATCH E2E(0/1) BACKEND...   (env PREP: --preprocess-device, default cpu)
   local name=$1 prec=$2 b=$3 e2e=$4; shift 4
   local args=()
   for be in "$@"; do args+=(--backend "$be"); done
@@ -204,7 +204,8 @@ bench_call() {  # NAME PRECISION BATCH E2E(0/1) BACKEND...
   models+=(-m "$WORK/model.pt")
   (( e2e )) || args+=(--no-e2e)
   "$PY" -m xbmd_batch bench "$WORK/cohort/dicom" "$WORK/cohort/meta.csv" "${models[@]}" "${args[@]}" \
-    --device "$DEVICE" --precision "$prec" -b "$b" --workers "$WORKERS" -o "$WORK/bench/$name"
+    --device "$DEVICE" --precision "$prec" -b "$b" --workers "$WORKERS" --preprocess-device "${PREP:-cpu}" \
+    -o "$WORK/bench/$name"
 }
 
 backends_for() {  # PRECISION -> the backends that can run it here
@@ -237,7 +238,9 @@ xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS
                  pins venv (requirements/gpu-pins.txt, optional) probes the fp16 conversion of that model
   9. engines     if tensorrt imports: python -m export tensorrt, fp16 and fp32, profile 1/${E2E_BATCH}/256 (build time)
  10. bench       for precision in ${PRECISIONS}; batch in ${BATCHES}: xbmd-batch bench --device cuda per available
-                 backend (bf16: torch only), end-to-end at batch ${E2E_BATCH}; GPU sampled every 0.25 s
+                 backend (bf16: torch only), end-to-end at batch ${E2E_BATCH} with --preprocess-device cpu;
+                 then fp16 end-to-end at batch ${E2E_BATCH} again with --preprocess-device cuda (workers hand over
+                 reduced images, batches finished on the GPU); GPU sampled every 0.25 s
  11. summarize   summary.json / summary.md (SYNTHETIC labels, machine facts), artifacts.tgz
 EOF
 }
@@ -255,6 +258,7 @@ if (( DRY )); then
   "$PY" "$HELPER" --help >/dev/null || { echo "dry-run: helper does not start"; ok=0; }
   "$PY" -c "import xbmd_batch.cli, export.onnx_export" || { echo "dry-run: project not importable"; ok=0; }
   "$PY" -m xbmd_batch bench --help >/dev/null || { echo "dry-run: bench --help failed"; ok=0; }
+  [[ "$("$PY" -m xbmd_batch bench --help 2>&1)" == *--preprocess-device* ]] || { echo "dry-run: bench has no --preprocess-device"; ok=0; }
   "$PY" -m export tensorrt --help >/dev/null || { echo "dry-run: export tensorrt --help failed"; ok=0; }
   [[ -f "$ROOT/requirements/gpu-pins.txt" && -f "$ROOT/tests/fp16_pins_probe.py" ]] || { echo "dry-run: pins files missing"; ok=0; }
   if [[ -n "${WHEELHOUSE:-}" ]]; then ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1 || { echo "dry-run: no wheels in $WHEELHOUSE"; ok=0; }; fi
@@ -301,6 +305,13 @@ for prec in $PRECISIONS; do
     run_step "bench_${prec}_b${b}" 1 $(( 15 + 20 * e2e * ${#bes[@]} )) bench_call "${prec}_b${b}" "$prec" "$b" "$e2e" "${bes[@]}"
   done
 done
+if [[ $DEVICE == cuda ]]; then  # on-device preprocessing, end to end, against the fp16 rows above
+  read -r -a bes <<< "$(backends_for fp16)"
+  PREP=cuda run_step "bench_prepcuda_fp16_b${E2E_BATCH}" 1 $(( 15 + 20 * ${#bes[@]} )) \
+    bench_call "prepcuda_fp16_b${E2E_BATCH}" fp16 "$E2E_BATCH" 1 "${bes[@]}"
+else
+  skip_step "bench_prepcuda" "FIRST_LIGHT_DEVICE=cpu: --preprocess-device cuda needs a GPU"
+fi
 [[ -n "$SAMPLER_PID" ]] && kill "$SAMPLER_PID" 2>/dev/null; SAMPLER_PID=""
 
 "$PY" "$HELPER" summarize "$OUT" | tee -a "$LOG"

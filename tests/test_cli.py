@@ -119,3 +119,19 @@ def test_synth_bad_parameter_exits_2(tmp_path: Path) -> None:
     r = runner.invoke(app, ["synth", str(tmp_path / "c"), "--n", "0", "--quiet"])
     assert r.exit_code == 2, r.output
     assert "error: synth:" in r.output
+
+
+def test_cli_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None:
+    """torch's OpenMP threads must not spin next to the decode workers (OMP_WAIT_POLICY is read when torch
+    loads, so the CLI module sets it at import); a user's own value is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import xbmd_batch.cli, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -338,6 +338,37 @@ def test_ort_iobinding_path_matches_plain_run(tiny_onnx: Path) -> None:
                 np.testing.assert_allclose(got[k], ref[k], atol=1e-5)
 
 
+def test_runners_take_torch_tensor_feeds_where_they_lie(tiny_model: Path, tiny_onnx: Path) -> None:
+    """On-device preprocessing hands runners a torch tensor: torch and onnxruntime IOBinding read it where it
+    lies (bound by pointer for IOBinding; exercised here on the CPU provider and CPU torch), a plain
+    onnxruntime session gets a host copy; the numbers equal the numpy feeds'. A numpy call after a tensor
+    call rebinds the preallocated input (no stale pointer)."""
+    import torch
+
+    from xbmd_batch.infer.ort_runner import OrtRunner
+    from xbmd_batch.infer.torch_runner import TorchRunner
+    from xbmd_batch.parity_feeds import make_reference_feeds
+
+    with (
+        TorchRunner(tiny_model) as t,
+        OrtRunner(tiny_onnx) as plain,
+        OrtRunner(tiny_onnx, batch_size=4, use_iobinding=True) as bound,
+    ):
+        feeds = make_reference_feeds(plain.card, n=7)
+        img = torch.from_numpy(feeds["image"].copy())
+        assert t.takes_tensor(img) and bound.takes_tensor(img) and not plain.takes_tensor(img)
+        for r in (t, plain, bound):
+            for b in (3, 7):  # bound: 3 is padded on the tensor, 7 = 4 + 3 (split)
+                sub = {k: v[:b] for k, v in feeds.items()}
+                ref = r.infer(sub)
+                got = r.infer({**sub, "image": img[:b]})
+                again = r.infer(sub)
+                for k in ref:
+                    np.testing.assert_allclose(got[k], ref[k], atol=1e-5, err_msg=f"{r.name} b={b} {k}")
+                    np.testing.assert_allclose(again[k], ref[k], atol=1e-6)
+        assert not bound.takes_tensor(img.to(torch.float64).to("meta"))
+
+
 # ------------------------------------------------------------------------------ on a GPU (skip here)
 
 
@@ -378,6 +409,17 @@ def test_trt_min_batch_padding_and_overlapped_batches(tmp_path: Path, tiny_onnx:
         res = compare_runners(ref, t, feeds, (1, 5, 8, 21))
         assert max(v["max_abs_bmd"] for v in res.batches.values()) <= 5e-3
         assert t.max_batch == 8
+        # a CUDA tensor image (on-device preprocessing) is bound by its own address, also when padded to
+        # the profile's min (1 row) and split with two batches in flight (21 rows)
+        import torch
+
+        img = torch.from_numpy(feeds["image"]).to("cuda")
+        assert t.takes_tensor(img)
+        for b in (1, 21):
+            sub = {k: v[:b] for k, v in feeds.items()}
+            want, got = t.infer(sub), t.infer({**sub, "image": img[:b]})
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k], atol=1e-5)
 
 
 @pytest.mark.gpu

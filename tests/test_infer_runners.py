@@ -144,12 +144,22 @@ def test_cuda_runners_agree(model_files, feeds) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     ckpt, onnx_path = model_files
+    img = torch.from_numpy(feeds["image"]).to("cuda")  # on-device preprocessing's feed
     with TorchRunner(ckpt) as ref, TorchRunner(ckpt, device="cuda", precision="fp16") as gpu:
         res = compare_runners(ref, gpu, feeds, (1, 7, 32))
         assert res.worst("bmd") <= 5e-3
+        assert gpu.takes_tensor(img)
+        want = gpu.infer(feeds)
+        got = gpu.infer({**feeds, "image": img})
+        np.testing.assert_allclose(got["bmd"], want["bmd"], atol=1e-5)
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         with TorchRunner(ckpt) as ref, OrtRunner(onnx_path, provider="cuda") as o:
             res = compare_runners(ref, o, feeds, (1, 7, 32))
             assert res.worst("bmd") <= 1e-3
+            assert o.takes_tensor(img)  # bound by pointer (IOBinding)
+            for b in (7, 32):
+                sub = {k: v[:b] for k, v in feeds.items()}
+                want, got = o.infer(sub), o.infer({**sub, "image": img[:b]})
+                np.testing.assert_allclose(got["bmd"], want["bmd"], atol=1e-5)

@@ -210,11 +210,18 @@ def test_pool_hands_images_over_in_shared_memory(tmp_path: Path, workers: int) -
         assert not Path("/dev/shm", shm_name.lstrip("/")).exists()
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_reduced_handoff_finished_in_torch_matches_cpu(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "small_shm"), [(0, False), (1, False), (1, True)])
+def test_reduced_handoff_finished_in_torch_matches_cpu(
+    tmp_path: Path, workers: int, small_shm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On-device preprocessing path on CPU torch: workers hand over block means (integers) in shared memory,
-    DeviceBatcher uploads and finishes batches; equal to the CPU path within 2e-3 (model-input units)."""
+    DeviceBatcher uploads and finishes batches; equal to the CPU path within 2e-3 (model-input units).
+    With a small /dev/shm (a container's) the slots shrink and images that do not fit travel by value."""
     pytest.importorskip("torch")
+    from xbmd_batch.score import decode as decode_mod
+
+    if small_shm:
+        monkeypatch.setattr(decode_mod, "_shm_room", lambda: 2 * 3 * 2 * 4096)  # 1 page per slot
     import pyarrow as pa
 
     from xbmd_batch.config import PreprocessConfig
@@ -230,6 +237,7 @@ def test_reduced_handoff_finished_in_torch_matches_cpu(tmp_path: Path, workers: 
     with DecodePool(
         root, pa.array(names), cfg, workers, task_size=2, max_inflight=2, handoff="reduced"
     ) as pool:
+        assert (pool._shape[2] == 4096) == small_shm
         batches = []
         for task in pool.run(np.arange(len(names))):
             assert task.images.shape[0] == 0 and task.reduced is not None
@@ -243,3 +251,31 @@ def test_reduced_handoff_finished_in_torch_matches_cpu(tmp_path: Path, workers: 
     for i, img in got.items():
         ref = load_and_preprocess(root / names[i], cfg)[0]
         assert np.abs(img - ref).max() <= 2e-3
+
+
+def _worker_thread_pools() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [int(p["num_threads"]) for p in threadpool_info()]
+
+
+def test_decode_workers_run_one_native_thread_each(tmp_path: Path) -> None:
+    """A decode worker's BLAS/OpenMP pools are cut to one thread: numpy is loaded before the initializer runs,
+    so OMP_NUM_THREADS alone left OpenBLAS at one thread per core, and two workers' spinning BLAS threads took
+    the model's cores (decode CPU 35 s instead of 2.4 s for 256 images on the 2-core box)."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow as pa
+
+    from xbmd_batch.preprocess import PreprocessConfig
+    from xbmd_batch.score.decode import _init_worker
+
+    cfg = PreprocessConfig().to_dict()
+    args = (str(tmp_path), pa.array([], pa.string()), cfg, os.getpid(), None, "image")
+    ctx = mp.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=args) as ex:
+        pools = ex.submit(_worker_thread_pools).result(timeout=60)
+    assert pools, "numpy's BLAS pool should be visible to threadpoolctl"
+    assert max(pools) == 1, pools

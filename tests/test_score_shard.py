@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers.score import make_model
+from tests.helpers.score import make_model, plant_mismatches
 from tests.helpers.uncertainty import simulate_pairs
 from xbmd_batch.cli import app
 from xbmd_batch.errors import InputError
@@ -23,34 +22,6 @@ from xbmd_batch.score import ScoreOptions, score_cohort
 from xbmd_batch.score.shard import merge_shards, parse_shard, shard_of
 
 N = 3
-
-
-def _plant(cohort: Path) -> Path:
-    """The reconciliation test's planted mismatches: every bucket of the plan gets at least one member."""
-    dicom = cohort / "dicom"
-    files = sorted(p for p in dicom.rglob("*") if p.is_file() and not p.name.startswith("."))
-    with (cohort / "meta.csv").open("a") as f:
-        f.write("EXTRA0001,F,75,75,160,60,,never,1,50,50\n")  # META row without image
-    ds = pydicom.dcmread(files[0])
-    ds.PatientID = "NOMETA01"
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.save_as(dicom / "nometa.dcm")  # image without META
-    (dicom / "zz_copy").mkdir()
-    shutil.copy(files[1], dicom / "zz_copy" / files[1].name)  # duplicate SOPInstanceUID
-    for i, name in ((2, "zz_second_view.dcm"), (5, "aa_second_view.dcm")):  # two subjects with 2 images
-        d = pydicom.dcmread(files[i])
-        d.SOPInstanceUID = pydicom.uid.generate_uid()
-        d.save_as(dicom / name)
-    (dicom / "notes.txt").write_text("reading list")  # non-DICOM
-    shutil.copy(files[3], dicom / ".hidden_copy.dcm")  # hidden
-    raw = files[4].read_bytes()
-    bad = dicom / "zz_truncated.dcm"  # decode failure
-    d = pydicom.dcmread(files[4])
-    d.SOPInstanceUID = pydicom.uid.generate_uid()
-    d.save_as(bad)
-    bad.write_bytes(bad.read_bytes()[: len(raw) // 2])
-    (dicom / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # header failure
-    return dicom
 
 
 def _opts(**kw: object) -> ScoreOptions:
@@ -74,7 +45,7 @@ def sharded(
     root = tmp_path_factory.mktemp("shard")
     cohort = root / "cohort"
     shutil.copytree(cohort_session, cohort)
-    dicom = _plant(cohort)
+    dicom = plant_mismatches(cohort)
     meta = cohort / "meta.csv"
     single = score_cohort(dicom, meta, tiny_model, root / "single", _opts())
     shards = [

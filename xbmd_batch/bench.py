@@ -67,6 +67,7 @@ class BenchOptions:
     end_to_end: bool = True
     plain_loop_n: int = 32  # files for the plain-loop reference (0: skip it)
     plot: Path | None = None
+    preprocess_device: str = "auto"  # end-to-end runs: where preprocessing finishes (score's option)
 
 
 def _row(**kw: Any) -> dict[str, Any]:
@@ -161,13 +162,15 @@ def bench_end_to_end(
             batch_size=o.batch_size,
             workers=o.workers,
             quiet=True,
+            preprocess_device=o.preprocess_device,
         ),  # fmt: skip
     )
     tp = res.throughput
     return _row(
         stage="end_to_end", backend=res.backend, precision=res.precision, batch_size=o.batch_size,
         workers=tp.get("decode_workers"), n=tp.get("images_this_session"), seconds=tp.get("scoring_loop_s"),
-        items_per_s=tp.get("images_per_s"), note=f"score exit {res.exit_code}",
+        items_per_s=tp.get("images_per_s"),
+        note=f"score exit {res.exit_code}; preprocessing on {res.preprocess_device}",
     )  # fmt: skip
 
 

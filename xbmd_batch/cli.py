@@ -10,6 +10,7 @@ every command; option vocabularies are checked by the parser, before anything to
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -20,12 +21,24 @@ import typer
 
 from xbmd_batch import __version__
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS, PREPROCESS_DEVICES
 from xbmd_batch.errors import EXIT_INTERRUPTED, InputError, exit_code
+
+# Idle OpenMP threads sleep instead of spinning. Read once, when torch's libgomp loads, so it is set here,
+# before any command imports torch (the user's own value wins). In `score` the model's threads and the decode
+# workers share the cores; spinning threads stole them: `score --backend torch` on 256 SYNTHETIC images,
+# 2-core VM at load ~7, ran at 2.5-2.8 images/s spinning vs 9.8-12.7 passive (issue 11).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Closed vocabularies as Enums: Typer lists the choices in --help and rejects a typo with exit 2.
 Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+PreprocessDevice = Enum("PreprocessDevice", {d: d for d in PREPROCESS_DEVICES}, type=str)
+_PREPROCESS_HELP = (
+    "Where preprocessing finishes: cpu (decode workers) | cuda (batched on the runner's GPU; workers hand "
+    "over reduced images) | auto (the runner's device)."
+)
+Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Reference = Enum("Reference", {r: r for r in sorted(REFERENCES)}, type=str)
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -92,6 +105,7 @@ def score(
     backend: Backend = typer.Option("auto", help="Inference backend (auto picks the fastest that works)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
     precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
+    preprocess_device: PreprocessDevice = typer.Option("auto", help=_PREPROCESS_HELP),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes (default: one per core; 0: in-process)."),
     engine_cache: Path | None = typer.Option(
@@ -122,6 +136,15 @@ def score(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
     shard: str | None = typer.Option(
         None, metavar="K/N", help="Score only shard K of N (by subject key); combine with `merge`."
+    ),
+    engine: Engine = typer.Option(
+        "local", help="local, or ray: decode tasks + model actors on a Ray cluster (extra `ray`)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, metavar="ADDR", help="--engine ray: cluster address, e.g. auto [a local Ray runtime]."
+    ),
+    ray_actors: int | None = typer.Option(
+        None, metavar="N", help="--engine ray: model actors [one per GPU; without GPUs one per 4 CPUs]."
     ),
 ) -> None:
     """Score every hip X-ray under DIR with its META row: scores.parquet (with conformal intervals and
@@ -162,6 +185,10 @@ def score(
         follow_symlinks=follow_symlinks,
         shard=shard,
         engine_cache=engine_cache,
+        preprocess_device=preprocess_device.value,
+        engine=engine.value,
+        ray_address=ray_address,
+        ray_actors=ray_actors,
     )
     with _exits(f"interrupted: finished rows kept in {out}/parts; rerun the same command to resume"):
         res = score_cohort(dicom_dir, meta, model, out, opts)
@@ -208,6 +235,9 @@ def bench(
     backend: list[Backend] = typer.Option(["auto"], help="Repeat to compare backends."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N.", callback=_check_device),
     precision: Precision = typer.Option("auto", help="Numeric precision (backend permitting)."),
+    preprocess_device: PreprocessDevice = typer.Option(
+        "auto", help="As for score (the end-to-end runs only)."
+    ),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", help="Images per model call."),
     workers: int | None = typer.Option(None, help="Decode processes for the end-to-end run."),
     plot: Path | None = typer.Option(None, help="Also write a PNG bar chart here."),
@@ -235,6 +265,7 @@ def bench(
         end_to_end=not no_e2e,
         plot=plot,
         plain_loop_n=plain_loop_n,
+        preprocess_device=preprocess_device.value,
     )
     with _exits():
         df = run_bench(dicom_dir, meta, list(model), out, opts)

@@ -9,6 +9,7 @@ paths are one definition; ``tests/test_preprocess_torch.py`` checks them against
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,37 @@ def _dense(chunks: Any, n_in: int, s: int) -> np.ndarray:
     return w
 
 
+@functools.lru_cache(maxsize=64)
+def _geometry(
+    full_shape: tuple[int, int],
+    step: int,
+    phase: float,
+    shape: tuple[int, int],
+    cfg: PreprocessConfig,
+    device: str,
+) -> tuple[Any, Any, Any, tuple[int, int, int, int]]:
+    """Per image geometry, on ``device`` and cached (a cohort has a handful of detector sizes, so building
+    and uploading the dense weights per image would cost more than the resize itself):
+    (row weights [S, h], column weights [w, S], the padding's share [S, S], image area in output pixels)."""
+    import torch
+
+    s = int(cfg.image_size)
+    probe = Reduced(_Shape(shape), 0.0, 1.0, 0.0, step, phase, full_shape)  # type: ignore[arg-type]
+    rows, sv, cols, sh = axis_weights(probe, cfg)
+    h, w = shape
+    wv = torch.from_numpy(_dense(rows, h, s)).to(device)
+    wh = torch.from_numpy(np.ascontiguousarray(_dense(cols, w, s).T)).to(device)
+    pad = torch.from_numpy((1.0 - np.outer(sv, sh)).astype(np.float32)).to(device)
+    return wv, wh, pad, geometry(full_shape, cfg).area
+
+
+class _Shape:
+    """Stands in for a pixel array where only ``.shape`` is read."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+
+
 def finish_batch(items: list[Reduced], cfg: PreprocessConfig, device: Any = "cpu") -> Any:
     """Reduced images -> model input torch.float32 [B, 1, S, S] on ``device``.
 
@@ -36,28 +68,30 @@ def finish_batch(items: list[Reduced], cfg: PreprocessConfig, device: Any = "cpu
 
     s = int(cfg.image_size)
     b = len(items)
+    dev_key = str(torch.device(device))
     hmax = max(r.pixels.shape[0] for r in items)
     wmax = max(r.pixels.shape[1] for r in items)
     x = torch.zeros((b, hmax, wmax), dtype=torch.float32, device=device)
-    wv = np.zeros((b, s, hmax), np.float32)
-    wh = np.zeros((b, wmax, s), np.float32)
-    pad = np.zeros((b, s, s), np.float32)  # the padding's share of each output pixel
+    wv = torch.zeros((b, s, hmax), dtype=torch.float32, device=device)
+    wh = torch.zeros((b, wmax, s), dtype=torch.float32, device=device)
+    pad = torch.empty((b, s, s), dtype=torch.float32, device=device)  # the padding's share of each pixel
     area = torch.zeros((b, s, s), dtype=torch.bool, device=device)
     for i, r in enumerate(items):
         h, w = r.pixels.shape
-        rows, sv, cols, sh = axis_weights(r, cfg)
-        wv[i, :, :h] = _dense(rows, h, s)
-        wh[i, :w, :] = _dense(cols, w, s).T
-        pad[i] = 1.0 - np.outer(sv, sh)
+        gv, gh, gp, (r0, r1, c0, c1) = _geometry(
+            tuple(r.full_shape), int(r.step), float(r.phase), (int(h), int(w)), cfg, dev_key
+        )
+        wv[i, :, :h] = gv
+        wh[i, :w, :] = gh
+        pad[i] = gp
         px = r.pixels if torch.is_tensor(r.pixels) else torch.from_numpy(np.ascontiguousarray(r.pixels))
         x[i, :h, :w] = px.to(device).to(torch.float32)  # (uint16 / int16 / float32 block means)
-        r0, r1, c0, c1 = geometry(r.full_shape, cfg).area
         area[i, r0:r1, c0:c1] = True
     fill = torch.tensor([r.fill for r in items], dtype=torch.float32, device=device)[:, None, None]
     scale = torch.tensor([r.scale for r in items], dtype=torch.float32, device=device)[:, None, None]
     offset = torch.tensor([r.offset for r in items], dtype=torch.float32, device=device)[:, None, None]
-    y = torch.bmm(torch.bmm(torch.from_numpy(wv).to(device), x), torch.from_numpy(wh).to(device))  # (B, S, S)
-    y = y + fill * torch.from_numpy(pad).to(device)
+    y = torch.bmm(torch.bmm(wv, x), wh)  # (B, S, S)
+    y = y + fill * pad
     y = scale * y + offset
     q = torch.tensor([p / 100.0 for p in cfg.clip_percentiles], dtype=torch.float32, device=device)
     # Percentiles over each image's area only: NaN elsewhere, nanquantile (linear, as numpy's default).

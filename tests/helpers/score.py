@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 IMAGE_SIZE = 64
-__all__ = ["IMAGE_SIZE", "export_onnx", "make_cohort", "make_model"]
+__all__ = ["IMAGE_SIZE", "export_onnx", "make_cohort", "make_model", "plant_mismatches"]
 
 
 def make_model(path: Path, seed: int = 0, training_summary: dict | None = None) -> Path:
@@ -72,3 +72,37 @@ def make_cohort(out: Path, n: int = 24, seed: int = 1, **kw: object) -> Path:
     cfg.update(kw)
     generate_cohort(out, SynthConfig(**cfg), progress=False)  # type: ignore[arg-type]
     return out
+
+
+def plant_mismatches(cohort: Path) -> Path:
+    """Plant one member of every bucket of the plan in a cohort copy (its meta.csv is appended to): META row
+    without image, image without META, duplicate SOPInstanceUID, two subjects with two images, non-DICOM,
+    hidden, a truncated (decode failure) and a junk-header file. Returns the DICOM folder."""
+    import shutil
+
+    import pydicom
+
+    dicom = cohort / "dicom"
+    files = sorted(p for p in dicom.rglob("*") if p.is_file() and not p.name.startswith("."))
+    with (cohort / "meta.csv").open("a") as f:
+        f.write("EXTRA0001,F,75,75,160,60,,never,1,50,50\n")  # META row without image
+    ds = pydicom.dcmread(files[0])
+    ds.PatientID = "NOMETA01"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(dicom / "nometa.dcm")  # image without META
+    (dicom / "zz_copy").mkdir()
+    shutil.copy(files[1], dicom / "zz_copy" / files[1].name)  # duplicate SOPInstanceUID
+    for i, name in ((2, "zz_second_view.dcm"), (5, "aa_second_view.dcm")):  # two subjects with 2 images
+        d = pydicom.dcmread(files[i])
+        d.SOPInstanceUID = pydicom.uid.generate_uid()
+        d.save_as(dicom / name)
+    (dicom / "notes.txt").write_text("reading list")  # non-DICOM
+    shutil.copy(files[3], dicom / ".hidden_copy.dcm")  # hidden
+    raw = files[4].read_bytes()
+    bad = dicom / "zz_truncated.dcm"  # decode failure
+    d = pydicom.dcmread(files[4])
+    d.SOPInstanceUID = pydicom.uid.generate_uid()
+    d.save_as(bad)
+    bad.write_bytes(bad.read_bytes()[: len(raw) // 2])
+    (dicom / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # header failure
+    return dicom

@@ -5,11 +5,18 @@ Every runner is a context manager with ``infer(feeds) -> outputs``: dicts of num
 ``field_attention`` [B,F], all float32). Any B >= 0 is accepted: runners with a maximum batch (TensorRT's
 profile) split larger feeds, and a last partial batch is just a smaller dynamic shape. So scoring, parity
 checks and benchmarks compare backends with a loop, not special cases.
+
+Device tensors (on-device preprocessing, ``score --preprocess-device cuda``): a feed may also be a torch
+tensor (float32, same shape rules). A runner that can read it where it lies says so in
+``takes_tensor(t)`` (torch on its device; TensorRT and onnxruntime IOBinding on their CUDA device, or the
+CPU for IOBinding on the CPU provider) and gets it as is, with no host copy; any other runner gets
+``t.cpu().numpy()``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -46,8 +53,15 @@ class Runner(Protocol):
     def provenance(self) -> dict[str, Any]: ...
 
 
+def is_tensor(x: object) -> bool:
+    """A torch tensor? (Answered without importing torch: a tensor exists only if torch was imported.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def validate_feeds(feeds: Feeds, card: ModelCard, source: str = "runner") -> dict[str, np.ndarray]:
-    """Contiguous float32 arrays with the card's names and shapes; InputError naming the first problem."""
+    """Contiguous float32 arrays (or torch tensors, kept where they are) with the card's names and shapes;
+    InputError naming the first problem."""
     from xbmd_batch.onnx_card import expected_io
 
     exp_in, _ = expected_io(card)
@@ -60,10 +74,17 @@ def validate_feeds(feeds: Feeds, card: ModelCard, source: str = "runner") -> dic
     out: dict[str, np.ndarray] = {}
     batch: int | None = None
     for name, want in exp_in.items():
-        arr = np.asarray(feeds[name])
-        if arr.dtype.kind not in "fiub":
-            raise InputError(f"{source}: {name} has dtype {arr.dtype}, expected float32")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        arr = feeds[name]
+        if is_tensor(arr):
+            torch = sys.modules["torch"]
+            if arr.dtype.is_complex:  # type: ignore[attr-defined]
+                raise InputError(f"{source}: {name} has dtype {arr.dtype}, expected float32")  # type: ignore[attr-defined]
+            arr = arr.detach().to(torch.float32).contiguous()  # type: ignore[attr-defined]
+        else:
+            arr = np.asarray(arr)
+            if arr.dtype.kind not in "fiub":
+                raise InputError(f"{source}: {name} has dtype {arr.dtype}, expected float32")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
         if arr.ndim != len(want) or tuple(arr.shape[1:]) != tuple(want[1:]):
             shape = "[B, " + ", ".join(map(str, want[1:])) + "]"
             raise InputError(f"{source}: {name} has shape {list(arr.shape)}, expected {shape}")
@@ -89,8 +110,18 @@ def pad_batch(feeds: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
         b = v.shape[0]
         if b == 0 or b > rows:
             raise ValueError(f"pad_batch: cannot pad {b} rows of {k} to {rows}")
-        out[k] = v if b == rows else np.concatenate([v, np.repeat(v[-1:], rows - b, axis=0)])
+        if b == rows:
+            out[k] = v
+        elif is_tensor(v):  # a device tensor is padded where it lies
+            out[k] = sys.modules["torch"].cat([v, v[-1:].expand(rows - b, *v.shape[1:])])
+        else:
+            out[k] = np.concatenate([v, np.repeat(v[-1:], rows - b, axis=0)])
     return out
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A feed as a host numpy array (a torch tensor is copied to the host once)."""
+    return x.detach().cpu().numpy() if is_tensor(x) else x
 
 
 def _empty_outputs(card: ModelCard) -> dict[str, np.ndarray]:
@@ -201,6 +232,7 @@ class BaseRunner:
         self.activate()
         card = self.card
         x = validate_feeds(feeds, card, self.name)
+        x = {k: v if not is_tensor(v) or self.takes_tensor(v) else to_numpy(v) for k, v in x.items()}
         b = next(iter(x.values())).shape[0]
         if b == 0:
             return _empty_outputs(card)
@@ -214,6 +246,10 @@ class BaseRunner:
         if len(parts) == 1:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def takes_tensor(self, t: Any) -> bool:
+        """Can ``_infer`` read this torch tensor where it lies (no host copy)? Runners that can override."""
+        return False
 
     def _infer_many(self, chunks: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Several batches of at most ``max_batch`` rows; runners that can overlap them override this."""

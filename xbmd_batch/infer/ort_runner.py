@@ -8,13 +8,14 @@ provider could never load next to the native TensorRT runner (``--backend tensor
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xbmd_batch.defaults import DEFAULT_BATCH_SIZE, ORT_PROVIDERS
 from xbmd_batch.errors import InputError, ModelFileError
-from xbmd_batch.infer.base import BaseRunner, pad_batch
+from xbmd_batch.infer.base import BaseRunner, is_tensor, pad_batch
 from xbmd_batch.infer.model_file import ModelFile, open_model
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ class OrtRunner(BaseRunner):
     CUDA runs through IOBinding: device input and output OrtValues are allocated once at ``batch_size`` and
     bound once; each call copies the (padded) batch in with ``update_inplace`` and reads the outputs back,
     so nothing is allocated per batch and every batch has the same shape (``use_iobinding`` turns the same
-    path on for the CPU provider, which is how CI tests it).
+    path on for the CPU provider, which is how CI tests it). A torch tensor feed on the provider's device
+    (on-device preprocessing) is bound by its pointer instead (``IOBinding.bind_input``): no host copy.
     """
 
     backend = "onnxruntime"
@@ -120,6 +122,7 @@ class OrtRunner(BaseRunner):
         self._binding: Any = None
         self._in_values: dict[str, Any] = {}
         self._out_values: dict[str, Any] = {}
+        self._bound_ptr: set[str] = set()  # inputs currently bound to a torch tensor's memory
 
     @property
     def name(self) -> str:
@@ -187,7 +190,13 @@ class OrtRunner(BaseRunner):
             self._out_values[name] = v
         self._binding = binding
 
+    def takes_tensor(self, t: Any) -> bool:
+        if not self.use_iobinding or t.device.type != ("cuda" if self.provider == "cuda" else "cpu"):
+            return False
+        return self.provider == "cpu" or (t.device.index or 0) == self.device_id
+
     def _unload(self) -> None:
+        self._bound_ptr.clear()
         self._binding = None
         self._in_values.clear()
         self._out_values.clear()
@@ -200,6 +209,18 @@ class OrtRunner(BaseRunner):
         b = next(iter(feeds.values())).shape[0]
         full = pad_batch(feeds, int(self.max_batch or b))  # one shape for the whole session
         for name, v in self._in_values.items():
-            v.update_inplace(np.ascontiguousarray(full[name]))
+            x = full[name]
+            if is_tensor(x):  # bound where it lies; ``full`` keeps it alive until the run returns
+                if x.device.type == "cuda":  # written on torch's stream; onnxruntime reads on its own
+                    sys.modules["torch"].cuda.current_stream(x.device).synchronize()
+                dev = "cuda" if x.device.type == "cuda" else "cpu"
+                shape = tuple(x.shape)
+                self._binding.bind_input(name, dev, self.device_id, np.float32, shape, x.data_ptr())
+                self._bound_ptr.add(name)
+                continue
+            if name in self._bound_ptr:  # back to the preallocated OrtValue
+                self._binding.bind_ortvalue_input(name, v)
+                self._bound_ptr.discard(name)
+            v.update_inplace(np.ascontiguousarray(x))
         self.session.run_with_iobinding(self._binding)
         return {n: np.array(self._out_values[n].numpy()[:b], dtype=np.float32) for n in self._out_names}

@@ -73,7 +73,7 @@ def parse_device(device: str) -> tuple[str, int]:
     raise InputError(f"unknown device {device!r}; choose one of {DEVICES} or cuda:N (N = GPU index)")
 
 
-def _resolve_device(device: str, kind: str) -> tuple[str, int, str]:
+def resolve_device(device: str, kind: str) -> tuple[str, int, str]:
     """(cpu | cuda, GPU index, why not cuda). With ``auto``, torch is asked about CUDA only when a CUDA
     backend for this kind of model file is installed, so the onnxruntime-CPU path never imports torch."""
     want, index = parse_device(device)
@@ -118,7 +118,7 @@ def open_runner(
         raise InputError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     mf = open_model(model)  # ModelFileError names the file if it is neither checkpoint nor ONNX
     kind, path = mf.kind, mf.path
-    dev, gpu_index, no_cuda = _resolve_device(device, kind)
+    dev, gpu_index, no_cuda = resolve_device(device, kind)
     prec = None if precision == "auto" else precision
 
     def torch_runner(on: str) -> BaseRunner:

@@ -7,7 +7,7 @@ is flushed at the end; runners accept any batch size up to their maximum.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,7 +15,8 @@ import numpy as np
 @dataclass
 class Batch:
     idx: np.ndarray  # int64 [b] plan indices
-    images: np.ndarray  # float32 [b, 1, S, S] (a view; consumed before the next add)
+    images: np.ndarray  # float32 [b, 1, S, S] (a view; consumed before the next add); DeviceBatcher: a tensor
+    failures: list[tuple[int, str, str]] = field(default_factory=list)  # (plan index, reason, message)
 
 
 class Batcher:
@@ -74,12 +75,35 @@ class DeviceBatcher:
         return dataclasses.replace(red, pixels=dev)  # type: ignore[call-overload]
 
     def _emit(self) -> Batch:
+        """Finish the gathered items; an item that cannot be finished becomes a failure row (the batch is
+        then finished item by item), while a sticky device error propagates (the loop stops on it)."""
+        from xbmd_batch.errors import is_device_error
         from xbmd_batch.preprocess_torch import finish_batch
 
-        images = finish_batch(self._items, self.cfg, self.device)  # type: ignore[arg-type]
-        b = Batch(np.asarray(self._idx, dtype=np.int64), images)
+        items, idx = self._items, np.asarray(self._idx, dtype=np.int64)
         self._items, self._idx = [], []
-        return b
+        try:
+            return Batch(idx, finish_batch(items, self.cfg, self.device))  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - isolate the item that broke it
+            if is_device_error(e):
+                raise
+        import torch
+
+        good: list[int] = []
+        out: list[object] = []
+        failures: list[tuple[int, str, str]] = []
+        for i, red in zip(idx, items, strict=True):
+            try:
+                out.append(finish_batch([red], self.cfg, self.device))  # type: ignore[list-item]
+                good.append(int(i))
+            except Exception as e1:  # noqa: BLE001
+                if is_device_error(e1):
+                    raise
+                oom = "out of memory" in str(e1).lower()  # transient: a resume retries it
+                why = "out_of_memory" if oom else f"decode_error:{type(e1).__name__}"
+                failures.append((int(i), why, f"{type(e1).__name__}: {e1}"[:500]))
+        images = torch.cat(out) if out else torch.zeros((0, 1, 1, 1), device=self.device)  # type: ignore[arg-type]
+        return Batch(np.asarray(good, dtype=np.int64), images, failures)
 
     def add(self, idx: np.ndarray, reduced: list[object]) -> Iterator[Batch]:
         """Add decoded items (None = failed, skipped); yield every batch that fills up."""

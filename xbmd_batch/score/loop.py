@@ -5,18 +5,24 @@ card's input names, and books every image exactly once: scored (finite predictio
 inference error, non-finite output), in a `ChunkBuffer` that becomes a part every ``chunk_size`` rows. A
 failed batch is retried image by image so one bad image cannot take its neighbours down. On any exception,
 Ctrl-C included, the rows already finished are written before it propagates.
+
+On-device preprocessing (``finish_device``, from ``score --preprocess-device``): the pool hands over reduced
+integer images (``DecodePool(handoff="reduced")``), a ``DeviceBatcher`` uploads each one to the device and
+finishes whole batches there (``preprocess_torch.finish_batch``), and the runner takes the device tensor as
+its image feed (no host copy: ``BaseRunner.takes_tensor``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from xbmd_batch.errors import DeviceError, is_device_error
-from xbmd_batch.score.batcher import Batcher
+from xbmd_batch.score.batcher import Batch, Batcher, DeviceBatcher
 from xbmd_batch.score.decode import DecodePool
 from xbmd_batch.score.stopwatch import Stopwatch
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter
@@ -43,17 +49,24 @@ class ScoringLoop:
         runner: Any,
         card: Any,
         buf: ChunkBuffer,
-        writer: PartWriter,
+        writer: PartWriter | None,  # None: the caller takes the buffer's rows (Ray actors)
         meta_values: np.ndarray,
         meta_mask: np.ndarray,
         meta_row: np.ndarray,
         batch_size: int,
         chunk_size: int,
         stopwatch: Stopwatch,
+        finish_device: str | None = None,
     ) -> None:
         self.runner, self.buf, self.writer = runner, buf, writer
         self.values, self.mask, self.meta_row = meta_values, meta_mask, meta_row
-        self.batcher = Batcher(batch_size, card.preprocess.image_size)
+        # finish_device None: workers preprocess completely; else a torch device (the pool must have been
+        # opened with handoff="reduced") where whole batches are finished
+        self.batcher: Batcher | DeviceBatcher = (
+            Batcher(batch_size, card.preprocess.image_size)
+            if finish_device is None
+            else DeviceBatcher(batch_size, card.preprocess, finish_device)
+        )
         self.chunk_size = chunk_size
         self.sw = stopwatch
         self.image_name, self.meta_name, self.mask_name = card.input_names
@@ -67,13 +80,8 @@ class ScoringLoop:
         try:
             for dec in pool.results():
                 st.decode_worker_s += dec.seconds
-                if dec.failures:
-                    f_idx = np.array([f[0] for f in dec.failures], dtype=np.int64)
-                    self.buf.add_failed(
-                        f_idx, "decode", [f[1] for f in dec.failures], [f[2] for f in dec.failures]
-                    )
-                ok = dec.ok
-                for b in self.batcher.add(dec.idx[ok], dec.images[ok]):
+                self.add_decode_failures(dec.failures)
+                for b in self._add(dec):
                     self._infer(b.idx, b.images)
                 st.images += len(dec.idx)
                 if progress is not None:
@@ -81,7 +89,7 @@ class ScoringLoop:
                     progress.update(task, completed=st.images, rate=st.images / el if el > 0 else 0.0)
                 if self.buf.n_rows >= self.chunk_size:
                     self._write_part()
-            last = self.batcher.flush()
+            last = self._flush()
             if last is not None:
                 self._infer(last.idx, last.images)
             self._write_part()
@@ -93,6 +101,45 @@ class ScoringLoop:
             st.scored, st.failed = self.buf.n_scored, self.buf.n_failed
             st.loop_s = time.perf_counter() - t0
         return st
+
+    def _add(self, dec: Any) -> Iterator[Batch]:
+        """The task's good images into the batcher; every batch that fills up (device failures booked)."""
+        if isinstance(self.batcher, Batcher):
+            ok = dec.ok
+            yield from self.batcher.add(dec.idx[ok], dec.images[ok])
+            return
+        reduced = dec.reduced if dec.reduced is not None else [None] * len(dec.idx)  # crashed task: none
+        t0 = time.perf_counter()  # uploads + finishing: stage "preprocess_device" (not the runner's time)
+        for b in self.batcher.add(dec.idx, reduced):
+            self.sw.add("preprocess_device", time.perf_counter() - t0)
+            yield self._booked(b)
+            t0 = time.perf_counter()
+        self.sw.add("preprocess_device", time.perf_counter() - t0)
+
+    def _flush(self) -> Batch | None:
+        t0 = time.perf_counter()
+        last = self.batcher.flush()
+        if isinstance(self.batcher, DeviceBatcher):
+            self.sw.add("preprocess_device", time.perf_counter() - t0)
+        return None if last is None else self._booked(last)
+
+    def _booked(self, b: Batch) -> Batch:
+        """Book the items the device could not finish as failure rows."""
+        if b.failures:
+            f = b.failures
+            f_idx = np.array([x[0] for x in f], dtype=np.int64)
+            self.buf.add_failed(f_idx, "decode", [x[1] for x in f], [x[2] for x in f])
+        return b
+
+    def add_decode_failures(self, failures: list[tuple[int, str, str]]) -> None:
+        """A decode task's (plan index, reason, message) failures as rows (the Ray engine's actors too)."""
+        if failures:
+            f_idx = np.array([f[0] for f in failures], dtype=np.int64)
+            self.buf.add_failed(f_idx, "decode", [f[1] for f in failures], [f[2] for f in failures])
+
+    def score_batch(self, idx: np.ndarray, images: np.ndarray) -> None:
+        """One model batch into the buffer, exactly as `run` scores it (the Ray engine's actors call this)."""
+        self._infer(idx, images)
 
     def _feeds(self, idx: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
         rows = self.meta_row[idx]

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from xbmd_batch.clinical import REFERENCES
-from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, PRECISIONS
+from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS, PREPROCESS_DEVICES
 from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
 from xbmd_batch.fsutil import atomic_write_json, now_iso
 from xbmd_batch.score import manifest, metacheck, privacy, resume, runstate
@@ -32,6 +32,7 @@ from xbmd_batch.score.ingest import Ingested, ingest
 from xbmd_batch.score.join import KeySpec
 from xbmd_batch.score.lock import OutLock
 from xbmd_batch.score.loop import ScoringLoop
+from xbmd_batch.score.placement import Placement, plan_preprocess
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.stopwatch import Stopwatch
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter
@@ -67,6 +68,10 @@ class ScoreOptions:
     engine_cache: Path | None = None  # TensorRT engines (default $XBMD_ENGINE_CACHE or ~/.cache/...)
     interval: float = 0.9  # central level of bmd_lo/bmd_hi (0.8, 0.9 or 0.95)
     shard: str | None = None  # "K/N": score only shard K of N (xbmd_batch.score.shard)
+    preprocess_device: str = "auto"  # where preprocessing finishes: auto (the runner's device) | cpu | cuda
+    engine: str = "local"  # "ray": decode tasks + model actors on a Ray cluster (score/ray_engine.py)
+    ray_address: str | None = None  # --engine ray: "auto" = the running cluster; None = a local Ray runtime
+    ray_actors: int | None = None  # --engine ray: model actors (default: one per GPU, or per 4 CPUs)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -87,6 +92,7 @@ class ScoreResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
     run_id: str = ""
+    preprocess_device: str = ""  # where preprocessing finished ("cpu" = the decode workers)
 
 
 def default_workers() -> int:
@@ -108,12 +114,26 @@ def _check_options(o: ScoreOptions, dicom_dir: Path, meta_path: Path) -> None:
         raise InputError(f"--chunk-size must be >= 1 (got {o.chunk_size})")
     if o.workers is not None and o.workers < 0:
         raise InputError(f"--workers must be >= 0 (got {o.workers})")
-    vocab = (("--backend", o.backend, BACKENDS), ("--precision", o.precision, PRECISIONS))
+    vocab = (
+        ("--backend", o.backend, BACKENDS),
+        ("--precision", o.precision, PRECISIONS),
+        ("--preprocess-device", o.preprocess_device, PREPROCESS_DEVICES),
+    )
     for name, value, allowed in vocab:  # the CLI's Enums refuse these first; library callers get this
         if value not in allowed:
             raise InputError(f"{name} {value!r} is unknown; choose one of {list(allowed)}")
     if o.reference not in REFERENCES:
         raise InputError(f"--reference {o.reference!r} is unknown; choose one of {sorted(REFERENCES)}")
+    if o.engine not in ENGINES:
+        raise InputError(f"--engine {o.engine!r} is unknown; choose one of {list(ENGINES)}")
+    if o.engine == "ray":
+        from xbmd_batch.score.ray_engine import require_ray
+
+        require_ray()
+    elif o.ray_address or o.ray_actors:
+        raise InputError("--ray-address and --ray-actors need --engine ray")
+    if o.ray_actors is not None and o.ray_actors < 1:
+        raise InputError(f"--ray-actors must be >= 1 (got {o.ray_actors})")
     if o.shard is not None:
         from xbmd_batch.score.shard import parse_shard
 
@@ -202,6 +222,9 @@ def _score(
     # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
     model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
     card, model_sha = model.card, model.sha256
+    placement = plan_preprocess(
+        opts.preprocess_device, card, model.kind, opts.backend, opts.device, opts.engine
+    )
     pseudo = Pseudonymizer.from_keyfile(opts.pseudonymize)
     runstate.check_out_dir(out_dir, dicom_dir, meta_path)
     key_spec = KeySpec(opts.key_column, opts.path_column)
@@ -296,22 +319,33 @@ def _score(
     sw.lap("reconcile")
 
     # 6-7. decode pool (starts while the model loads), runner, then the loop: batches -> runner -> parts
-    workers = default_workers() if opts.workers is None else opts.workers
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts))
-        pool.start(todo)
-        runner = stack.enter_context(_open_runner(model, opts, console))
-        run["runner"] = runner.provenance()
-        run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
-        state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/key/DIR
-        run["sessions"], run["created"] = len(state["sessions"]), state["created"]
-        why = f" - {runner.reason}" if runner.reason else ""
-        console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
-        sw.lap("model_load")
-        loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats)
-        progress = _progress(console, opts.quiet)
-        with progress:
-            stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
+    if opts.engine == "ray":  # the same decode, inference and parts on a Ray cluster (score/ray_engine.py)
+        runner, stats, workers = _score_on_ray(
+            dicom_dir, model_path, model_sha, card, ing, ids, todo, file_stats, out_dir, opts, sw, console,
+            run, lambda: runstate.pin(out_dir, state, expect, run_id),
+        )  # fmt: skip
+        run["preprocess"] = placement.describe(None)
+    else:
+        workers = default_workers() if opts.workers is None else opts.workers
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(_decode_pool(dicom_dir, plan.items, card, workers, opts, placement))
+            pool.start(todo)
+            runner = stack.enter_context(_open_runner(model, opts, console))
+            finish_device = placement.finish_device(runner)
+            run["runner"] = runner.provenance()
+            run["preprocess"] = placement.describe(finish_device)
+            run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
+            state = runstate.pin(out_dir, state, expect, run_id)  # the run really starts: pin model/META/...
+            run["sessions"], run["created"] = len(state["sessions"]), state["created"]
+            why = f" - {runner.reason}" if runner.reason else ""
+            console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
+            if finish_device is not None:
+                console.print(f"preprocessing finished on {finish_device} ({placement.reason})")
+            sw.lap("model_load")
+            loop = _scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device)
+            progress = _progress(console, opts.quiet)
+            with progress:
+                stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
     sw.add("decode_wait", stats.decode_wait_s)
     sw.restart()
 
@@ -339,14 +373,49 @@ def _score(
         result["timings_s"],
         resumed,
         run_id,
+        run["preprocess"]["device"],
     )
 
 
+def _score_on_ray(
+    dicom_dir: Path, model_path: Path, model_sha: str, card: Any, ing: Ingested, ids: dict[str, np.ndarray],
+    todo: np.ndarray, file_stats: Any, out_dir: Path, o: ScoreOptions, sw: Stopwatch, console: Any,
+    run: dict[str, Any], pin: Callable[[], dict[str, Any]],
+) -> tuple[Any, Any, int]:  # fmt: skip
+    """Steps 6-7 on Ray: the driver keeps the plan and writes every part; the run is pinned once the first
+    actor has opened the model (as the local engine pins once its runner has)."""
+    from xbmd_batch.score import ray_engine
+
+    def started(runner: Any) -> None:
+        run["runner"] = runner.info or {"backend": None, "reason": runner.reason}
+        run["model"]["engine_sha256"] = run["runner"].get("engine_sha256")
+        state = pin()
+        run["sessions"], run["created"] = len(state["sessions"]), state["created"]
+        why = f" - {runner.reason}" if runner.reason else ""
+        console.print(f"backend: [bold]{runner.backend or '-'}[/] ({runner.precision or '-'}) on Ray{why}")
+        sw.lap("model_load")
+
+    buf, values, mask = _loop_inputs(card, ing, ids, "", "", file_stats)  # backend: each actor's runner
+    paths = pa.array(ing.plan.items.get_column("relative_path").to_list(), type=pa.large_string())
+    progress = _progress(console, o.quiet)
+    with progress:
+        runner, stats, run["ray"] = ray_engine.score_on_ray(
+            opts=o, dicom_dir=dicom_dir, paths=paths, card=card, model_path=model_path,
+            model_sha256=model_sha, todo=todo, buf=buf, values=values, mask=mask,
+            writer=PartWriter(out_dir, after_write=kill_hook_from_env()), on_start=started,
+            progress=progress, task=progress.add_task("scoring (Ray)", total=len(todo), rate=0.0),
+        )  # fmt: skip
+    sw.add("infer", run["ray"].get("infer_actor_s", 0.0))
+    return runner, stats, o.workers or int(run["ray"].get("cluster_cpus", 0))
+
+
 def _decode_pool(
-    dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions
+    dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions, placement: Placement
 ) -> DecodePool:
     paths = pa.array(items.get_column("relative_path").to_list(), type=pa.large_string())
-    return DecodePool(dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight)
+    return DecodePool(
+        dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight, handoff=placement.handoff
+    )
 
 
 def _open_runner(model: Any, o: ScoreOptions, console: Any = None) -> Any:
@@ -424,17 +493,15 @@ def _write_reconciliation(
     atomic_write_json(out_dir / "reconciliation.json", recon)
 
 
-def _scoring_loop(
-    runner: Any,
+def _loop_inputs(
     card: Any,
     ing: Ingested,
     ids: dict[str, np.ndarray],
-    out_dir: Path,
-    o: ScoreOptions,
-    sw: Stopwatch,
+    backend: str,
+    precision: str,
     file_stats: tuple[np.ndarray, np.ndarray] | None = None,
-) -> ScoringLoop:
-    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
+) -> tuple[ChunkBuffer, np.ndarray, np.ndarray]:
+    """The part buffer over this plan (its rows' ids, META flags, file stats) and the encoded META."""
     items, enc = ing.plan.items, ing.encoded
     meta_row = items.get_column("meta_row").to_numpy().astype(np.int64)
     buf = ChunkBuffer(
@@ -445,13 +512,30 @@ def _scoring_loop(
         np.asarray(enc.missing, dtype=bool),
         np.asarray(enc.derived, dtype=bool),
         card.schema.names,
-        runner.backend,
-        runner.precision,
+        backend,
+        precision,
         file_stats=file_stats,
     )
+    return buf, np.asarray(enc.values, dtype=np.float32), np.asarray(enc.mask, dtype=np.float32)
+
+
+def _scoring_loop(
+    runner: Any,
+    card: Any,
+    ing: Ingested,
+    ids: dict[str, np.ndarray],
+    out_dir: Path,
+    o: ScoreOptions,
+    sw: Stopwatch,
+    file_stats: tuple[np.ndarray, np.ndarray] | None = None,
+    finish_device: str | None = None,
+) -> ScoringLoop:
+    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
+    buf, values, mask = _loop_inputs(card, ing, ids, runner.backend, runner.precision, file_stats)
     writer = PartWriter(out_dir, after_write=kill_hook_from_env())
-    values, mask = np.asarray(enc.values, dtype=np.float32), np.asarray(enc.mask, dtype=np.float32)
-    return ScoringLoop(runner, card, buf, writer, values, mask, meta_row, o.batch_size, o.chunk_size, sw)
+    return ScoringLoop(
+        runner, card, buf, writer, values, mask, buf.meta_row, o.batch_size, o.chunk_size, sw, finish_device
+    )
 
 
 def _console(quiet: bool) -> Any:

@@ -47,6 +47,9 @@ PERF_ONLY_OPTIONS = frozenset(
         "batch_size",
         "shard",
         "engine_cache",
+        "engine",  # --engine ray runs the local engine's functions: same rows
+        "ray_address",
+        "ray_actors",
     }
 )
 _META_LEVEL_COUNTS = (

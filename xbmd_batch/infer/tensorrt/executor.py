@@ -32,6 +32,11 @@ class TrtExecutor:
     ``torch.cuda.device(device_id)``: ``--device cuda:N`` is honoured for allocation, streams and execution,
     not only while deserialising.
     A batch smaller than the profile's min is padded (repeat of its last row) and the outputs are sliced.
+
+    An input that is already a CUDA tensor on this device (on-device preprocessing: ``score
+    --preprocess-device cuda``) is bound by its own address (``set_tensor_address``): no host slab, no copy.
+    The compute stream waits for the stream that wrote it, and the tensor is held until its slot is
+    collected so the caching allocator cannot hand its memory out while the engine reads it.
     """
 
     SLOTS = 2
@@ -80,6 +85,7 @@ class TrtExecutor:
             self._d2h_done = [torch.cuda.Event() for _ in range(self.SLOTS)]
         self._next = 0
         self._pending: dict[int, int] = {}  # slot -> rows of the batch in flight there
+        self._held: dict[int, dict[str, Any]] = {}  # slot -> device tensors bound in place (kept alive)
 
     def io_shapes(self) -> tuple[dict[str, tuple[int | None, ...]], dict[str, tuple[int | None, ...]]]:
         def dyn(s: tuple[int, ...]) -> tuple[int | None, ...]:
@@ -102,20 +108,31 @@ class TrtExecutor:
         if k in self._pending:
             raise XbmdError("TrtExecutor: both slots are in flight; collect one before submitting")
         run = max(b, self.min_batch)
-        feeds = pad_batch(feeds, run) if run > b else feeds
         host, dev = self._host[k], self._dev[k]
         with torch.cuda.device(self.device):
+            feeds = pad_batch(feeds, run) if run > b else feeds  # (a device tensor is padded on the device)
+            bound = {  # device tensors bound where they lie (converted on the device if dtype/place differ)
+                n: feeds[n].to(self.device, dev[n].dtype).contiguous()
+                for n in self.input_names
+                if torch.is_tensor(feeds[n])
+            }
+            producer = torch.cuda.current_stream(self.device)  # the stream that wrote them
             self._d2h_done[k].synchronize()  # this slot's previous outputs were read and its H2D is done
             for n in self.input_names:
-                host[n][:run].numpy()[...] = feeds[n]
+                if n not in bound:
+                    host[n][:run].numpy()[...] = feeds[n]
             with torch.cuda.stream(self.copy_stream):
                 for n in self.input_names:
-                    dev[n][:run].copy_(host[n][:run], non_blocking=True)
+                    if n not in bound:
+                        dev[n][:run].copy_(host[n][:run], non_blocking=True)
                 self._h2d_done[k].record(self.copy_stream)
             with torch.cuda.stream(self.compute_stream):
                 self.compute_stream.wait_event(self._h2d_done[k])
+                if bound:
+                    self.compute_stream.wait_stream(producer)
                 for n in (*self.input_names, *self.output_names):
-                    self.context.set_tensor_address(n, dev[n].data_ptr())
+                    t = bound.get(n, dev[n])
+                    self.context.set_tensor_address(n, t.data_ptr())
                 for n in self.input_names:
                     if not self.context.set_input_shape(n, (run, *self.shapes[n][1:])):
                         raise InputError(
@@ -127,6 +144,7 @@ class TrtExecutor:
                     host[n][:run].copy_(dev[n][:run], non_blocking=True)
                 self._d2h_done[k].record(self.compute_stream)
         self._pending[k] = b
+        self._held[k] = bound
         self._next = (k + 1) % self.SLOTS
         return k
 
@@ -136,6 +154,7 @@ class TrtExecutor:
 
         b = self._pending.pop(slot)
         self._d2h_done[slot].synchronize()
+        self._held.pop(slot, None)  # the engine is done reading them
         host = self._host[slot]
         return {n: np.array(host[n][:b].numpy(), dtype=np.float32, copy=True) for n in self.output_names}
 
@@ -158,6 +177,7 @@ class TrtExecutor:
         for s in list(self._pending):
             self._d2h_done[s].synchronize()
         self._pending.clear()
+        self._held.clear()
         self._dev.clear()
         self._host.clear()
         self.context = None
@@ -197,6 +217,9 @@ class EngineRunner(BaseRunner):
             raise
         self._exec = ex
         self.max_batch = ex.max_batch
+
+    def takes_tensor(self, t: Any) -> bool:
+        return t.device.type == "cuda" and (t.device.index or 0) == self.device_id
 
     def _unload(self) -> None:
         if self._exec is not None:

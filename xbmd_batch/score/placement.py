@@ -1,0 +1,115 @@
+"""Where preprocessing finishes (``score --preprocess-device auto|cpu|cuda``), decided in two steps.
+
+1. ``plan_preprocess`` (setup, before ``--out`` is created; no runner yet, because the decode pool starts
+   while the model loads): ``cpu`` -> decode workers preprocess completely (the default path, unchanged);
+   ``cuda`` -> workers hand over reduced integer images (``DecodePool(handoff="reduced")``) and batches are
+   finished on the runner's CUDA device; ``auto`` -> ``cuda`` when the runner will be on a CUDA device (the
+   same device resolution ``infer.select.open_runner`` uses; for an ONNX file without a CUDA backend this
+   imports no torch), else ``cpu``. A version <= 2 preprocessing definition has no on-device path.
+2. ``finish_device`` (once the runner is open): the torch device that finishes the batches -- the runner's
+   own device (``cuda:N``), so its image feed is already where the model reads it.
+
+``Placement.torch_device`` pins the finishing device regardless of the runner: an internal hook, used by the
+tests to run the reduced hand-off + batched torch finishing on CPU torch (no GPU in CI); not a CLI option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from xbmd_batch.defaults import PREPROCESS_DEVICES
+from xbmd_batch.errors import InputError
+
+
+@dataclass(frozen=True)
+class Placement:
+    requested: str  # auto | cpu | cuda
+    handoff: str  # "image": workers finish (CPU) | "reduced": batches are finished by torch on a device
+    reason: str
+    gpu_index: int = 0
+    torch_device: str | None = None  # internal/test hook: finish here whatever the runner's device
+
+    def finish_device(self, runner: Any) -> str | None:
+        """The torch device that finishes batches (None: the decode workers did)."""
+        if self.handoff == "image":
+            return None
+        if self.torch_device is not None:
+            return self.torch_device
+        if str(runner.device).startswith("cuda"):
+            return str(runner.device)
+        # auto planned for a CUDA runner, but every GPU backend failed to start: finish with torch on CPU;
+        # an explicit --preprocess-device cuda keeps its promise (the CPU runner gets a host copy)
+        return f"cuda:{self.gpu_index}" if self.requested == "cuda" else "cpu"
+
+    def describe(self, finish: str | None) -> dict[str, Any]:
+        """run.json's ``preprocess`` entry."""
+        return {
+            "requested": self.requested,
+            "device": finish or "cpu",
+            "where": "decode workers" if finish is None else "batched on the device (reduced hand-off)",
+            "reason": self.reason,
+        }
+
+
+def plan_preprocess(
+    requested: str, card: Any, model_kind: str, backend: str, device: str, engine: str = "local"
+) -> Placement:
+    """Step 1 (module docstring). InputError for a request this machine or model cannot honour."""
+    from xbmd_batch.preprocess import LEGACY_VERSIONS
+
+    if requested not in PREPROCESS_DEVICES:
+        raise InputError(
+            f"--preprocess-device {requested!r} is unknown; choose one of {list(PREPROCESS_DEVICES)}"
+        )
+    if requested == "cpu":
+        return Placement("cpu", "image", "--preprocess-device cpu")
+    if engine != "local":  # score/ray_engine.py: its decode tasks preprocess completely
+        if requested == "cuda":
+            raise InputError(
+                "--preprocess-device cuda needs the local engine (the Ray engine's decode tasks preprocess "
+                "on the CPU); use --preprocess-device cpu or auto with --engine ray"
+            )
+        return Placement("auto", "image", f"--engine {engine}: its decode tasks preprocess")
+    version = card.preprocess.version
+    if version in LEGACY_VERSIONS:
+        why = f"this model's preprocessing (version {version}) has no on-device path"
+        if requested == "cuda":
+            raise InputError(f"--preprocess-device cuda: {why}; use --preprocess-device cpu")
+        return Placement("auto", "image", f"{why}: decode workers preprocess")
+    from xbmd_batch.infer.select import parse_device, resolve_device
+
+    if requested == "cuda":
+        if not _torch_cuda():
+            raise InputError(
+                "--preprocess-device cuda: no CUDA device is visible to torch on this machine "
+                "(use --preprocess-device cpu or auto)"
+            )
+        if parse_device(device)[0] == "cpu":
+            raise InputError(
+                "--preprocess-device cuda finishes batches on the runner's CUDA device, but the runner "
+                f"runs on the CPU here (--device {device}); use --device cuda or --preprocess-device cpu"
+            )
+    runner_dev, index, why_cpu = resolve_device(device, model_kind)  # what open_runner will resolve
+    if backend == "tensorrt":
+        runner_dev = "cuda"  # (open_runner refuses tensorrt without CUDA)
+    if runner_dev != "cuda":
+        if requested == "cuda":
+            raise InputError(
+                f"--preprocess-device cuda: the runner would not run on a CUDA device ({why_cpu}); "
+                "install a CUDA backend for this model (docs/gpu.md) or use --preprocess-device cpu"
+            )
+        return Placement(
+            "auto", "image", f"the runner's device is the CPU ({why_cpu}): decode workers preprocess"
+        )
+    where = f"cuda:{index}"
+    reason = "--preprocess-device cuda" if requested == "cuda" else f"auto: the runner's device is {where}"
+    return Placement(requested, "reduced", reason, gpu_index=index)
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return False
+    return bool(torch.cuda.is_available())
