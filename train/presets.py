@@ -95,6 +95,7 @@ PRESETS: dict[str, Preset] = {
         wide_side=64,
         wide_gain=False,
         wide_fit="crossfit",
+        n_members=3,  # three networks averaged in one model (seed-to-seed variance; tuning cohort +0.003 R²)
         loss="mse",
         d_model=32,
         n_layers=2,
