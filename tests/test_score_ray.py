@@ -21,7 +21,7 @@ from tests.helpers.score import plant_mismatches
 from xbmd_batch.cli import app
 from xbmd_batch.errors import InputError, exit_code
 from xbmd_batch.score import ScoreOptions, score_cohort
-from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV, n_actors
+from xbmd_batch.score.ray_engine import KILL_ACTOR_ONCE_ENV, KILL_DECODE_ONCE_ENV, n_actors
 from xbmd_batch.score.writer import list_parts
 
 COUNTS = ("scored", "failed_in_scoring", "failures_total", "not_processed", "matched_images")
@@ -94,10 +94,11 @@ def test_resume_on_ray_rescores_nothing(runs: dict) -> None:
     assert after.drop("run_id").equals(before.drop("run_id"))
 
 
-def test_actor_killed_mid_run_is_retried_without_duplicates(
+def test_killed_actor_and_decode_worker_are_retried_without_duplicates(
     runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A partial resume on Ray (half the parts removed) whose model actor dies on its first batch."""
+    """A partial resume on Ray (half the parts removed) whose model actor dies on its first batch and whose
+    decode worker dies on its first batch (that batch is then decoded file by file by a local DecodePool)."""
     root = runs["root"]
     out = tmp_path / "resumed"
     shutil.copytree(root / "ray", out)
@@ -105,10 +106,12 @@ def test_actor_killed_mid_run_is_retried_without_duplicates(
     removed = sum(pl.read_parquet(p).height for p in parts[::2])
     for p in parts[::2]:
         p.unlink()
-    marker = tmp_path / "actor-killed"
-    monkeypatch.setenv(KILL_ACTOR_ONCE_ENV, str(marker))
+    markers = tmp_path / "actor-killed", tmp_path / "decode-killed"
+    monkeypatch.setenv(KILL_ACTOR_ONCE_ENV, str(markers[0]))
+    monkeypatch.setenv(KILL_DECODE_ONCE_ENV, str(markers[1]))
     res = score_cohort(runs["dicom"], runs["meta"], runs["model"], out, runs["opts"])
-    assert marker.exists()  # the hook fired: an actor process died mid-run
+    assert all(m.exists() for m in markers)  # the hooks fired: an actor and a decode worker died mid-run
+    assert json.loads((out / "run.json").read_text())["ray"]["decode_batches_redone_file_by_file"] >= 1
     assert res.exit_code == 3
     assert res.counts["scored_this_session"] + res.counts["failed_this_session"] == removed
     rows = pl.concat([pl.read_parquet(p) for p in list_parts(out)], how="vertical_relaxed")
@@ -118,11 +121,23 @@ def test_actor_killed_mid_run_is_retried_without_duplicates(
 
 
 def test_shard_on_ray_equals_local_shard(runs: dict) -> None:
-    """--engine ray with --shard K/N: the shard's slice of the plan, scored on Ray, equals the local shard."""
+    """`score --engine ray --ray-actors 1 --shard 2/3` (through the CLI): the shard's slice of the plan,
+    scored on Ray, equals the local shard."""
     root, args = runs["root"], (runs["dicom"], runs["meta"], runs["model"])
     local = score_cohort(*args, root / "local-s2", ScoreOptions(quiet=True, workers=0, shard="2/3"))
-    on_ray = score_cohort(*args, root / "ray-s2", ScoreOptions(quiet=True, engine="ray", shard="2/3"))
-    assert on_ray.exit_code == local.exit_code
+    cli = [
+        "score",
+        str(runs["dicom"]),
+        str(runs["meta"]),
+        "-m",
+        str(runs["model"]),
+        "-o",
+        str(root / "ray-s2"),
+    ]
+    r = CliRunner().invoke(app, [*cli, "--engine", "ray", "--ray-actors", "1", "--shard", "2/3", "--quiet"])
+    assert r.exit_code == local.exit_code, r.output
+    run = json.loads((root / "ray-s2" / "run.json").read_text())
+    assert run["options"]["engine"] == "ray" and run["ray"]["actors"] == 1
     s1, s2 = (pl.read_parquet(root / d / "scores.parquet") for d in ("local-s2", "ray-s2"))
     assert 0 < s2.height < pl.read_parquet(root / "local" / "scores.parquet").height
     assert s2["relative_path"].to_list() == s1["relative_path"].to_list()

@@ -8,7 +8,7 @@ process pool runs) -> ``map_batches(ScoreActor)``: an actor pool; each actor ope
 ``score_batch``: the same per-image retry, non-finite checks and part rows) and returns the rows as a
 part-schema table -> the driver, which alone writes parts (``PartWriter``). A task or actor that Ray retries
 returns its rows once, and nothing but the driver writes, so no row is duplicated; the pipeline then runs the
-same ``finalize``.
+same ``finalize``. This module is the driver's side; the tasks and actors live in ``ray_tasks.py``.
 """
 
 from __future__ import annotations
@@ -24,18 +24,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from xbmd_batch.errors import InputError, ModelFileError, XbmdError
-from xbmd_batch.score.loop import LoopStats, ScoringLoop
-from xbmd_batch.score.stopwatch import Stopwatch
+from xbmd_batch.errors import InputError, XbmdError
+from xbmd_batch.score.loop import LoopStats
+from xbmd_batch.score.ray_tasks import Attempts, ScoreActor, decode_rows, replay
 from xbmd_batch.score.writer import ChunkBuffer, PartWriter
 
 # Test hook: a marker file path. The first actor batch that finds the file absent creates it and kills its
 # own actor process (as a segfault or OOM kill would); Ray restarts the actor and retries the batch.
 KILL_ACTOR_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_ONCE"
-_AUX = ("_runner", "_infer_s", "_decode_s")  # per-batch facts on each table's first row, not part columns
-_WORKER_READY: list[bool] = []  # this Ray worker process has set up decode (one thread per native pool)
+KILL_DECODE_ONCE_ENV = "XBMD_BATCH_TEST_RAY_KILL_DECODE_ONCE"  # the same for the first decode batch
 _RAY_RETRY_NOTE = "\nFailed to apply UDF transform"
 CPUS_PER_CPU_ACTOR = 4  # sizing rule without GPUs: one model actor per 4 CPUs (decode is the bottleneck)
 
@@ -46,99 +44,6 @@ def require_ray() -> None:
 
     if importlib.util.find_spec("ray") is None:
         raise InputError("--engine ray needs Ray Data: pip install 'xbmd-batch[ray]'")
-
-
-def decode_rows(batch: dict[str, np.ndarray], root: str, paths: pa.Array, cfg: dict[str, Any]) -> dict:
-    """Ray CPU task: the local pool's ``decode.decode_task`` on ``batch["idx"]``; failures as columns."""
-    from xbmd_batch.score import decode
-    from xbmd_batch.score.privacy import silence_dicom_warnings
-
-    if not _WORKER_READY:  # once per Ray worker process, as the local pool's initializer does
-        silence_dicom_warnings()
-        decode._one_thread_per_worker()
-        _WORKER_READY.append(True)
-    decode._init_worker(root, paths, cfg)  # the worker state only (file list, config); images by value
-    t = decode.decode_task(np.asarray(batch["idx"], dtype=np.int64))
-    k = len(t.idx)
-    reason, message = np.full(k, "", dtype=object), np.full(k, "", dtype=object)
-    pos = {int(i): n for n, i in enumerate(t.idx)}
-    for i, r, m in t.failures:
-        reason[pos[i]], message[pos[i]] = r, m
-    seconds = np.zeros(k, dtype=np.float64)
-    seconds[:1] = t.seconds
-    return {"idx": t.idx, "image": t.images, "ok": t.ok, "reason": reason, "message": message,
-            "_decode_s": seconds}  # fmt: skip
-
-
-class ScoreActor:
-    """One model per actor (opened once); each batch of decoded rows -> a part-schema table of its rows."""
-
-    def __init__(
-        self,
-        model_path: str,
-        model_sha256: str,
-        runner_kwargs: dict[str, Any],
-        buf: ChunkBuffer,
-        values: np.ndarray,
-        mask: np.ndarray,
-        batch_size: int,
-        kill_marker: str | None = None,
-    ) -> None:
-        import ray
-
-        from xbmd_batch.infer.model_file import open_model
-        from xbmd_batch.infer.select import open_runner
-        from xbmd_batch.parity_feeds import make_reference_feeds
-
-        self.kill_marker = kill_marker
-        # A constructor that raises kills the actor and Ray keeps only the error's text; an error kept here
-        # and raised by the first batch reaches the driver as the exception itself (exit code as locally).
-        self.init_error: XbmdError | None = None
-        buf, values, mask = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (buf, values, mask))
-        try:
-            model = open_model(Path(model_path))
-            if model.sha256 != model_sha256:  # every node must see the driver's model file, unchanged
-                raise ModelFileError(f"{model_path}: this node's copy differs from the driver's (sha256)")
-            runner = open_runner(model, parity_feeds=make_reference_feeds, **runner_kwargs)
-        except XbmdError as e:
-            self.init_error = e
-            return
-        self.runner = runner.__enter__()  # held for the actor's lifetime (Ray ends the process)
-        buf.backend, buf.precision = runner.backend, runner.precision
-        self.loop = ScoringLoop(
-            runner, model.card, buf, None, values, mask, buf.meta_row, batch_size, 1, Stopwatch()
-        )
-        prov = {**runner.provenance(), "backend_reason": runner.reason, "actor_pid": os.getpid()}
-        self.provenance = json.dumps(prov, default=str)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.init_error is not None:
-            raise self.init_error
-        if self.kill_marker and not os.path.exists(self.kill_marker):
-            Path(self.kill_marker).touch()
-            os._exit(1)  # the test hook: this actor dies mid-run, once
-        t0 = time.perf_counter()
-        idx = np.asarray(batch["idx"], dtype=np.int64)
-        ok = np.asarray(batch["ok"], dtype=bool)
-        bad = np.flatnonzero(~ok)
-        self.loop.add_decode_failures(
-            [(int(idx[j]), str(batch["reason"][j]), str(batch["message"][j])) for j in bad]
-        )
-        if ok.any():
-            self.loop.score_batch(idx[ok], np.ascontiguousarray(batch["image"][ok], dtype=np.float32))
-        table = self.loop.buf.take()
-        assert table is not None and table.num_rows == len(idx)  # every row booked exactly once
-        n = table.num_rows
-        first = np.zeros(n, dtype=bool)
-        first[0] = True
-        aux = {
-            "_runner": pa.array([self.provenance] + [None] * (n - 1), type=pa.string()),
-            "_infer_s": pa.array(np.where(first, time.perf_counter() - t0, 0.0)),
-            "_decode_s": pa.array(np.where(first, float(np.sum(batch["_decode_s"])), 0.0)),
-        }
-        for name, col in aux.items():
-            table = table.append_column(name, col)
-        return table
 
 
 @dataclass
@@ -271,7 +176,13 @@ def score_on_ray(
             decode_rows,
             batch_size=opts.task_size,
             batch_format="numpy",
-            fn_kwargs={"root": str(dicom_dir), "paths": paths, "cfg": card.preprocess.to_dict()},
+            fn_kwargs={
+                "root": str(dicom_dir),
+                "paths": paths,
+                "cfg": card.preprocess.to_dict(),
+                "attempts": ray.remote(num_cpus=0)(Attempts).remote(),
+                "crash_marker": os.environ.get(KILL_DECODE_ONCE_ENV) or None,
+            },  # fmt: skip
             compute=ray.data.TaskPoolStrategy(size=opts.workers or None),
             ray_remote_args_fn=_decode_task_args,
         )
@@ -290,7 +201,7 @@ def score_on_ray(
                 "batch_size": opts.batch_size,
                 "engine_cache_dir": opts.engine_cache,
             },
-            "buf": ray.put(buf),
+            "meta_row": ray.put(np.asarray(buf.meta_row, dtype=np.int64)),
             "values": ray.put(values),
             "mask": ray.put(mask),
             "batch_size": opts.batch_size,
@@ -301,7 +212,7 @@ def score_on_ray(
         num_gpus=gpus_per_actor,
     )
     try:
-        runner, timing = _drive(ds, buf.schema, writer, opts.chunk_size, on_start, stats, progress, task, t0)
+        runner, timing = _drive(ds, buf, writer, opts.chunk_size, on_start, stats, progress, task, t0)
     except Exception as e:
         cause = _xbmd_cause(e)
         if cause is not None and cause is not e:
@@ -313,7 +224,7 @@ def score_on_ray(
 
 def _drive(
     ds: Any,
-    schema: pa.Schema,
+    buf: ChunkBuffer,
     writer: PartWriter,
     chunk_size: int,
     on_start: Callable[[RayRunner], None],
@@ -321,37 +232,38 @@ def _drive(
     progress: Any,
     task: Any,
     t0: float,
-) -> tuple[RayRunner, dict[str, float]]:
-    """Stream the actors' tables into parts of ``chunk_size`` rows; on any exception (Ctrl-C included) the
-    rows already received are written before it propagates."""
+) -> tuple[RayRunner, dict[str, Any]]:
+    """Book the actors' rows into ``buf`` (as the local loop books its own) and write a part every
+    ``chunk_size`` rows; on any exception (Ctrl-C included) the rows already booked are written first."""
     runner: RayRunner | None = None
-    pending: list[pa.Table] = []
-    infer_s, first_s, first_rows = 0.0, 0.0, 0
+    infer_s, first_s, first_rows, redone = 0.0, 0.0, 0, 0
 
     def write() -> None:
-        if pending:
-            writer.write(pa.concat_tables(pending).combine_chunks())
-            pending.clear()
+        table = buf.take()
+        if table is not None:
+            writer.write(table)
             stats.parts += 1
 
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if runner is None:  # the first rows: Ray start-up + the first actor's model load are behind us
-                runner = RayRunner.from_json(batch["_runner"][0].as_py())
+                runner = RayRunner.from_json(str(batch["_runner"][0]))
+                buf.backend, buf.precision = runner.backend, runner.precision  # the part rows' columns
                 on_start(runner)
-                first_s, first_rows = time.perf_counter() - t0, batch.num_rows
-            stats.decode_worker_s += float(pc.sum(batch["_decode_s"]).as_py() or 0.0)
-            infer_s += float(pc.sum(batch["_infer_s"]).as_py() or 0.0)
-            rows = batch.drop_columns(list(_AUX)).select(schema.names).cast(schema)
-            n_scored = int(pc.sum(pc.equal(rows["status"], "scored")).as_py() or 0)
-            stats.scored += n_scored
-            stats.failed += rows.num_rows - n_scored
-            stats.images += rows.num_rows
-            pending.append(rows)
+                first_s, first_rows = time.perf_counter() - t0, len(batch["idx"])
+            stats.decode_worker_s += float(np.sum(batch["_decode_s"]))
+            infer_s += float(np.sum(batch["_infer_s"]))
+            redone += int(np.sum(batch["_redone"]))
+            n, n_scored = len(batch["idx"]), replay(batch, buf)
+            stats.scored, stats.failed, stats.images = (
+                stats.scored + n_scored,
+                stats.failed + n - n_scored,
+                stats.images + n,
+            )
             if progress is not None:
                 el = time.perf_counter() - t0
                 progress.update(task, completed=stats.images, rate=stats.images / el if el > 0 else 0.0)
-            if sum(t.num_rows for t in pending) >= chunk_size:
+            if buf.n_rows >= chunk_size:
                 write()
         write()
     except BaseException:
@@ -361,4 +273,4 @@ def _drive(
         stats.loop_s = time.perf_counter() - t0
     assert runner is not None
     return runner, {"infer_actor_s": round(infer_s, 3), "first_rows_after_s": round(first_s, 3),
-                    "first_rows": first_rows}  # fmt: skip
+                    "first_rows": first_rows, "decode_batches_redone_file_by_file": redone}  # fmt: skip
