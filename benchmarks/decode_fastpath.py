@@ -1,16 +1,17 @@
-"""Decode + preprocess per image on ONE core: preprocessing v3 (fast path) vs v2 vs a minimal hand-made path.
+"""Decode + preprocess per image on ONE core: preprocessing v4 (current) and v3 vs v2 vs a minimal hand path.
 
 Not a test. Cohorts are SYNTHETIC (`xbmd_batch.synth`, the generator behind `xbmd-batch synth`): uncompressed
 ~2000-px files (`--size 2000 --j2k-fraction 0 --seed 3`, like issue 11's cohort C) and JPEG 2000 lossless.
 One process pinned to one core, OMP/OpenCV threads 1, files in the page cache (one untimed pass first);
 methods are interleaved per file and repeated, so a shared box's load hits them alike: compare the ratios.
 
-- ``v3``: ``preprocess.load_and_preprocess`` (version-3 card): read_stored + preprocess_stored.
+- ``v4``: ``preprocess.load_and_preprocess`` (the current definition): read_stored + preprocess_stored.
+- ``v3``: the same with a version-3 card (block means before the resize).
 - ``v2``: ``preprocess_v2.load_and_preprocess`` (the previous definition).
 - ``minimal``: what a user writes by hand: ``pydicom.dcmread`` -> ``pixel_array`` -> OpenCV ``INTER_AREA``
   resize of the uint16 array to 224 x 224 -> float32, percentile clip, standardise (no padding, no
   MONOCHROME1/rescale handling).
-Parity: |v3 - v2| per file in model-input units (mean, p99, max).
+Parity: |v4 - v2| and |v3 - v2| per file in model-input units (mean, p99, max).
 
 Run:  .venv/bin/python benchmarks/decode_fastpath.py [--n 16] [--repeat 3] [--tag vm]
 Writes benchmarks/results/decode_fastpath_<tag>.json and .md.
@@ -77,9 +78,12 @@ def measure(files: list[Path], s: int, repeat: int, with_minimal: bool) -> dict[
     from xbmd_batch.config import PreprocessConfig
     from xbmd_batch.preprocess import load_and_preprocess
 
-    v3 = PreprocessConfig(image_size=s)
-    v2 = dataclasses.replace(v3, version=2)
+    cur = PreprocessConfig(image_size=s)  # the current definition (version 4: no block means)
+    v3 = dataclasses.replace(cur, version=3)  # block means (issue 11, first fast path)
+    v2 = dataclasses.replace(cur, version=2)
+    new = f"v{cur.version}"
     methods = {
+        new: lambda p: load_and_preprocess(p, cur)[0],
         "v3": lambda p: load_and_preprocess(p, v3)[0],
         "v2": lambda p: preprocess_v2.load_and_preprocess(p, v2)[0],
     }
@@ -87,14 +91,14 @@ def measure(files: list[Path], s: int, repeat: int, with_minimal: bool) -> dict[
         methods["minimal"] = lambda p: _minimal(p, s)
     times: dict[str, list[float]] = {k: [] for k in methods}
     cpu: dict[str, list[float]] = {k: [] for k in methods}  # process CPU time: robust to a loaded box
-    parity: list[tuple[float, float, float]] = []
+    parity: dict[str, list[tuple[float, float, float]]] = {new: [], "v3": []}
     levels: list[int] = []
     for p in files:  # warm: page cache, imports, weight caches
-        a = methods["v3"](p)
-        b = methods["v2"](p)
-        d = np.abs(a - b)
-        parity.append((float(d.mean()), float(np.percentile(d, 99)), float(d.max())))
-        levels.append(load_and_preprocess(p, v3)[1].reduce_level)
+        ref = methods["v2"](p)
+        for m in parity:
+            d = np.abs(methods[m](p) - ref)
+            parity[m].append((float(d.mean()), float(np.percentile(d, 99)), float(d.max())))
+        levels.append(load_and_preprocess(p, cur)[1].reduce_level)
         if with_minimal:
             methods["minimal"](p)
     for _ in range(repeat):
@@ -112,17 +116,20 @@ def measure(files: list[Path], s: int, repeat: int, with_minimal: bool) -> dict[
         }
         for name, v in times.items()
     }
-    par = np.array(parity)
-    out["parity_v3_vs_v2"] = {
-        "mean": float(par[:, 0].mean()),
-        "p99_worst_file": float(par[:, 1].max()),
-        "max": float(par[:, 2].max()),
-    }
+    out["current"] = new
+    for m, rows in parity.items():
+        par = np.array(rows)
+        out[f"parity_{m}_vs_v2"] = {
+            "mean": float(par[:, 0].mean()),
+            "p99_worst_file": float(par[:, 1].max()),
+            "max": float(par[:, 2].max()),
+        }
     out["reduce_levels"] = sorted(set(levels))
     if with_minimal:
-        out["v3_over_minimal"] = round(out["v3"]["median_ms"] / out["minimal"]["median_ms"], 3)
-        out["v3_over_minimal_cpu"] = round(out["v3"]["cpu_median_ms"] / out["minimal"]["cpu_median_ms"], 3)
-    out["v2_over_v3"] = round(out["v2"]["median_ms"] / out["v3"]["median_ms"], 2)
+        for m in (new, "v3"):
+            out[f"{m}_over_minimal"] = round(out[m]["median_ms"] / out["minimal"]["median_ms"], 3)
+            out[f"{m}_over_minimal_cpu"] = round(out[m]["cpu_median_ms"] / out["minimal"]["cpu_median_ms"], 3)
+    out[f"v2_over_{new}"] = round(out["v2"]["median_ms"] / out[new]["median_ms"], 2)
     return out
 
 
@@ -177,7 +184,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for cohort, res in r["results"].items():
-        for m in ("v3", "v2", "minimal"):
+        for m in (res["current"], "v3", "v2", "minimal"):
             if m in res:
                 r_ = res[m]
                 lines.append(
@@ -185,17 +192,22 @@ def _markdown(r: dict[str, Any]) -> str:
                 )
     lines.append("")
     for cohort, res in r["results"].items():
-        par = res["parity_v3_vs_v2"]
-        extra = (
-            f", v3 / minimal = {res['v3_over_minimal']} (wall), {res['v3_over_minimal_cpu']} (CPU)"
-            if "v3_over_minimal" in res
-            else ""
-        )
+        new = res["current"]
+        extra = ""
+        if f"{new}_over_minimal" in res:
+            extra = (
+                f"; {new} / minimal = {res[f'{new}_over_minimal']} (wall), {res[f'{new}_over_minimal_cpu']} "
+                f"(CPU); v3 / minimal = {res['v3_over_minimal']} (wall), {res['v3_over_minimal_cpu']} (CPU)"
+            )
         lines.append(
-            f"- {cohort}: v2 / v3 = {res['v2_over_v3']}{extra}; reduce levels {res['reduce_levels']}; "
-            f"|v3 - v2| mean {par['mean']:.2e}, worst-file p99 {par['p99_worst_file']:.2e}, "
-            f"max {par['max']:.2e} (model-input units)"
+            f"- {cohort}: v2 / {new} = {res[f'v2_over_{new}']}{extra}; reduce levels {res['reduce_levels']}"
         )
+        for m in (new, "v3"):
+            par = res[f"parity_{m}_vs_v2"]
+            lines.append(
+                f"  - |{m} - v2| mean {par['mean']:.2e}, worst-file p99 {par['p99_worst_file']:.2e}, "
+                f"max {par['max']:.2e} (model-input units)"
+            )
     return "\n".join(lines) + "\n"
 
 

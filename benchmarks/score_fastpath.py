@@ -1,11 +1,12 @@
 """Issue 11 "Done when" on this machine: scoring speed vs model-only and vs a plain loop, and prediction
-parity of preprocessing v3 (fast path) vs v2. Not a test. Every cohort here is SYNTHETIC.
+parity of the current preprocessing (version 4 since issue 11's second session; "v3" in the JSON keys
+and files = "the new path") vs v2. Not a test. Every cohort here is SYNTHETIC.
 
 Cohort C: ``xbmd-batch synth C --n 256 --size 2000 --j2k-fraction 0 --seed 3`` (uncompressed ~2000-px).
 Model: the default 224-px XAttnBMD with random weights (seed 0) whose last head layer is scaled so that the
 prediction SD on the cohort is ~0.08 g/cm^2 (>= 0.05: a model that predicts the mean proves nothing);
-saved as a checkpoint (preprocess version 3) and exported with ``export.onnx_export.export_onnx`` (what
-``python -m export onnx`` runs).
+saved as a checkpoint (the current preprocessing version) and exported with
+``export.onnx_export.export_onnx`` (what ``python -m export onnx`` runs).
 
 Measured (one run, so a shared box's load hits all alike; the load average is recorded):
 1. parity: the model's predictions from v3 inputs vs v2 inputs on all files (metadata all missing, so only
@@ -60,7 +61,7 @@ def _files(cohort: Path) -> list[Path]:
 
 
 def _model(work: Path, files: list[Path]) -> tuple[Path, Path, dict[str, Any]]:
-    """Checkpoint (v3 preprocessing) with a head scaled to prediction SD ~0.08, its ONNX export, parity."""
+    """Checkpoint (current preprocessing) with a head scaled to prediction SD ~0.08, ONNX export, parity."""
     import torch
 
     from export.onnx_export import export_onnx
@@ -104,14 +105,16 @@ def _model(work: Path, files: list[Path]) -> tuple[Path, Path, dict[str, Any]]:
         last.weight.mul_(0.08 / max(sd0, 1e-9))
         last.bias.zero_()
     p3, p2 = predict(x3), predict(x2)
-    ckpt = save_checkpoint(work / "model_v3.pt", model, cfg, DEFAULT_SCHEMA, v3)
-    onnx_path = work / "model_v3.onnx"
+    # named by version: a cached export of an older definition must not be reused (its card would win)
+    ckpt = save_checkpoint(work / f"model_v{v3.version}.pt", model, cfg, DEFAULT_SCHEMA, v3)
+    onnx_path = work / f"model_v{v3.version}.onnx"
     if not onnx_path.is_file():
         export_onnx(ckpt, onnx_path, batch_sizes=(1, 3))
     d = np.abs(p3 - p2)
     parity = {
         "n": len(files),
         "prediction_sd_before_scaling": sd0,
+        "preprocess_version_new": v3.version,
         "prediction_sd_v3": float(p3.std()),
         "prediction_sd_v2": float(p2.std()),
         "max_abs_diff_g_cm2": float(d.max()),
@@ -234,7 +237,7 @@ def _markdown(r: dict[str, Any]) -> str:
     par = res["parity"]
     o = res["onnxruntime"]
     lines = [
-        "# score speed and v3-vs-v2 parity (SYNTHETIC cohort C, issue 11)",
+        f"# score speed and v{par.get('preprocess_version_new', 3)}-vs-v2 parity (SYNTHETIC cohort C)",
         "",
         f"`{r['command']}` · {r['cpu']} × {r['cpu_count']} · load average before {r['load_average_before']}, "
         f"after {r['load_average_after']} (shared box) · batch {r['batch_size']} · {r['seconds']} s",

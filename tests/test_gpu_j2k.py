@@ -18,13 +18,16 @@ def test_reduce_on_device_matches_block_means_and_fill() -> None:
     from xbmd_batch.gpu_j2k import block_means_reference, reduce_on_device
     from xbmd_batch.preprocess import _band, _edge_value, block_factor
 
-    cfg = PreprocessConfig(image_size=32)
+    cfg = PreprocessConfig(image_size=32, version=3)  # version 3: block means
     x = hip_phantom(301, 259, 12, seed=5)
     red = reduce_on_device(torch.from_numpy(x.astype(np.int32)), cfg, scale=1.0, offset=0.0)
     k = block_factor(x.shape, 32)
     assert k == 4 and red.step == 4 and red.full_shape == (301, 259)
     np.testing.assert_allclose(red.pixels.numpy(), block_means_reference(x.astype(np.float64), k), rtol=1e-5)
     assert red.fill == pytest.approx(float(_edge_value(x, _band(x.shape, 1))))
+    v4 = reduce_on_device(torch.from_numpy(x.astype(np.int32)), PreprocessConfig(image_size=32), 1.0, 0.0)
+    assert v4.step == 1 and v4.fill == red.fill  # version 4: no block means
+    np.testing.assert_array_equal(v4.pixels.numpy(), x.astype(np.float32))
 
 
 def test_status_names_the_active_decoder() -> None:

@@ -17,10 +17,11 @@ from xbmd_batch.testing import hip_phantom, make_dicom
 torch = pytest.importorskip("torch")
 
 
-def test_torch_finish_matches_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [4, 3])  # 3: version-3 cards hand over block means
+def test_torch_finish_matches_cpu(tmp_path: Path, version: int) -> None:
     from xbmd_batch.preprocess_torch import finish_batch
 
-    cfg = PreprocessConfig(image_size=32)
+    cfg = PreprocessConfig(image_size=32, version=version)
     files = [
         make_dicom(tmp_path / "m2.dcm", pixels=hip_phantom(150, 130, 12, seed=1)),
         make_dicom(
@@ -39,6 +40,7 @@ def test_torch_finish_matches_cpu(tmp_path: Path) -> None:
         st, _ = read_stored(p, target_size=cfg.image_size, apply_voi=cfg.apply_voi)
         reduced.append(reduce_stored(st, cfg))
     assert any(r.step > 1 for r in reduced)  # block means and/or a reduced J2K decode are exercised
+    assert (reduced[0].step > 1) == (version == 3)  # version 3: block means of the 150 x 130 image
     assert reduced[0].pixels.dtype == np.uint16  # integers are handed over, not float32
     cpu = np.stack([finish(r, cfg) for r in reduced])
     dev = finish_batch(reduced, cfg, device="cpu").numpy()

@@ -126,9 +126,10 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     norm_mean: float = 0.5
     norm_std: float = 0.25
-    # Bump when the preprocessing code changes meaning (invalidates caches). 3: block means + affine grayscale
-    # on the small image (issue 11); cards with 1-2 are served by xbmd_batch.preprocess_v2.
-    version: int = 3
+    # Bump when the preprocessing code changes meaning (invalidates caches). 3: block means + affine
+    # grayscale on the small image (issue 11); 4: no block means (version 2's resize exactly, on the stored
+    # integers, the affine on the small image; issue 11). Cards with 1-2 are served by preprocess_v2.
+    version: int = 4
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

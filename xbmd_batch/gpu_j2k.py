@@ -7,11 +7,11 @@ active (``xbmd-batch doctor`` lists it). The CPU fallback is the resolution-awar
 Resolution: nvImageCodec's Python API as documented (docs.nvidia.com/cuda/nvimagecodec, py_api and samples,
 read for issue 11: ``Decoder.decode(CodeStream | list, params=DecodeParams)``, ROI decode through a region)
 exposes no wavelet resolution level, so the
-codestream is decoded at full resolution on the GPU and step 1 of preprocessing (block means, the same
-power-of-two factor as the CPU path: ``preprocess.block_factor``) runs there too (``reduce_on_device``);
-the result is a ``preprocess.Reduced`` for ``preprocess_torch.finish_batch``. This is the version-3
-definition for a full-resolution decode exactly (block means of every pixel), up to OpenCV's integer
-rounding of the CPU path (<= 0.5 stored units).
+codestream is decoded at full resolution on the GPU and step 1 of preprocessing (the padding value, and
+for a version-3 card block means with the CPU path's factor: ``preprocess.reduce_factor``) runs there too
+(``reduce_on_device``); the result is a ``preprocess.Reduced`` for ``preprocess_torch.finish_batch``. This is
+the definition for a full-resolution decode exactly (version 3: up to OpenCV's integer rounding of the CPU
+path's block means, <= 0.5 stored units).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from xbmd_batch.config import PreprocessConfig
-from xbmd_batch.preprocess import Reduced, block_factor
+from xbmd_batch.preprocess import Reduced, reduce_factor
 
 __all__ = ["status", "GpuJ2KDecoder", "reduce_on_device"]
 
@@ -86,8 +86,9 @@ def _edge_value_torch(x: Any, band: int) -> float:
 def reduce_on_device(
     pixels: Any, cfg: PreprocessConfig, scale: float, offset: float, signed_bits: int | None = None
 ) -> Reduced:
-    """Step 1 of preprocessing on a full-resolution decode already on the device: block means (partial last
-    blocks = mean of what they hold, as ``preprocess.block_reduce``) and the padding value."""
+    """Step 1 of preprocessing on a full-resolution decode already on the device: the padding value and, for
+    a version-3 card, block means (partial last blocks = mean of what they hold, as
+    ``preprocess.block_reduce``)."""
     import torch
 
     x = pixels.to(torch.float32)
@@ -95,7 +96,7 @@ def reduce_on_device(
         x = torch.where(x >= 2 ** (signed_bits - 1), x - 2**signed_bits, x)
     h, w = x.shape
     fill = _edge_value_torch(x, max(1, round(0.01 * min(h, w))))
-    k = block_factor((h, w), int(cfg.image_size))
+    k = reduce_factor((h, w), cfg)
     if k > 1:  # ceil_mode without padding divides a partial window by the pixels it holds
         x = torch.nn.functional.avg_pool2d(x[None, None], k, stride=k, ceil_mode=True)[0, 0]
     return Reduced(x, fill, scale, offset, k, 0.0, (int(h), int(w)))

@@ -4,26 +4,30 @@ One code path for both, so they cannot drift: ``load_and_preprocess`` = ``dicom_
 values, DICOM grayscale order as an affine, resolution-aware JPEG 2000) + ``preprocess_stored``. Exact steps
 and the measured parity with version 2: docs/dicom.md.
 
-Definition (``PreprocessConfig.version`` 3). The image is the DICOM grayscale image ``g`` (bone bright).
-1. Block means: ``g`` is averaged over k x k blocks, k = the largest power of two that keeps the short side
-   >= 2 x ``image_size`` (the same factor rule as the JPEG 2000 reduce level; a partial last block is the
-   mean of the pixels it holds).
+Definition (``PreprocessConfig.version`` 4). The image is the DICOM grayscale image ``g`` (bone bright).
+1. (Version 3 only: block means -- ``g`` averaged over k x k blocks, k = the largest power of two that keeps
+   the short side >= 2 x ``image_size``, a partial last block the mean of the pixels it holds. Version 4
+   dropped them: the block approximation moved an image-sensitive model's predictions by up to 0.005 g/cm2
+   against version 2, for 1 ms per image; docs/dicom.md.)
 2. Pad to square (if ``pad_to_square``) with the edge value: the median of a border band 1 % of the short
    side wide, taken on the decoded pixels (full resolution unless the JPEG 2000 decode was reduced).
 3. Antialiased resize to ``image_size``: Pillow's BILINEAR (triangle) weights on the full-resolution padded
-   canvas, each block mean weighted with the sum of its pixels' weights (so the grid is exactly that of a
-   full-resolution resize, with no half-pixel drift).
+   canvas (a reduced JPEG 2000 sample, or a version-3 block mean, gets the summed weight of the pixels it
+   stands for, so the grid is exactly that of a full-resolution resize, with no half-pixel drift). On a
+   full-resolution image this is version 2's Pillow resize, computed as a banded matrix product.
 4. Percentiles ``clip_percentiles`` over the image area (padding excluded), clip, map to [0, 1],
    ``(x - norm_mean) / norm_std``. A constant image maps to ``-norm_mean / norm_std``.
 
 Why it is fast and equal to computing on ``g``: the rescale and MONOCHROME1 inversion are affine, and every
 step before the percentiles is a weighted mean with weights summing to 1 (or a median), so they are applied
-on the 224 x 224 result instead of on 4 Mpixel; block means are taken on the stored integers by OpenCV's
-``INTER_AREA`` (uint16 in, uint16 out, rounded to the nearest integer: <= 0.5 stored units, used only for
->= 10-bit data; fewer bits go through float32). Non-linear LUTs (Modality LUT Sequence; VOI window or VOI
-LUT when ``apply_voi``) are applied to every pixel first (``StoredImage.exact``).
+on the 224 x 224 result instead of on 4 Mpixel, and the resize reads the stored integers (version 3's block
+means are taken on them by OpenCV's ``INTER_AREA``: uint16 in, uint16 out, rounded to the nearest integer,
+<= 0.5 stored units, used only for >= 10-bit data; fewer bits go through float32). Non-linear LUTs
+(Modality LUT Sequence; VOI window or VOI LUT when ``apply_voi``) are applied to every pixel first
+(``StoredImage.exact``).
 
-Version-2 model cards are scored with ``xbmd_batch.preprocess_v2`` (the previous definition, unchanged).
+Version-2 model cards are scored with ``xbmd_batch.preprocess_v2`` (that definition, unchanged); version-3
+cards with this module and block means (``reduce_factor``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ __all__ = [
 ]
 
 LEGACY_VERSIONS = (1, 2)  # versions served by xbmd_batch.preprocess_v2
+BLOCK_MEAN_VERSIONS = (3,)  # versions whose step 1 averages k x k blocks (reduce_factor)
+KNOWN_VERSIONS = (*LEGACY_VERSIONS, *BLOCK_MEAN_VERSIONS, PreprocessConfig.version)
 
 
 def _edge_value(img: np.ndarray, band: int = 1) -> np.float64:
@@ -74,6 +80,11 @@ def block_factor(shape: tuple[int, int], image_size: int) -> int:
     while min(shape) / (2 * k) >= 2 * image_size:
         k *= 2
     return k
+
+
+def reduce_factor(shape: tuple[int, int], cfg: PreprocessConfig) -> int:
+    """Step 1's block size for this definition version: ``block_factor`` for version 3, else 1 (none)."""
+    return block_factor(shape, int(cfg.image_size)) if cfg.version in BLOCK_MEAN_VERSIONS else 1
 
 
 def block_reduce(x: np.ndarray, k: int, bits_stored: int = 32, keep_integers: bool = False) -> np.ndarray:
@@ -167,10 +178,19 @@ def _axis_weights(
 
 
 def _resample(r: np.ndarray, rows: _Chunks, cols: _Chunks, out: int) -> np.ndarray:
-    """Separable banded resample of float32 ``r``: rows then columns, one small matmul per chunk."""
+    """Separable banded resample of ``r``: rows then columns, one small matmul per chunk. Integer input is
+    converted to float32 one band at a time into a reused buffer: converting a whole 2000-px image costs a
+    fresh 12 MB allocation (page faults) per image, more than the matmuls."""
     y1 = np.empty((out, r.shape[1]), np.float32)
-    for a, b, lo, hi, w in rows:
-        np.matmul(w, r[lo:hi], out=y1[a:b])  # (chunk, w)
+    if r.dtype == np.float32:
+        for a, b, lo, hi, w in rows:
+            np.matmul(w, r[lo:hi], out=y1[a:b])  # (chunk, w)
+    else:
+        band = np.empty((max(hi - lo for _, _, lo, hi, _ in rows), r.shape[1]), np.float32)
+        for a, b, lo, hi, w in rows:
+            x = band[: hi - lo]
+            x[...] = r[lo:hi]  # exact: integers up to 2**24 are float32
+            np.matmul(w, x, out=y1[a:b])  # (chunk, w)
     y = np.empty((out, out), np.float32)
     for a, b, lo, hi, w in cols:
         np.matmul(y1[:, lo:hi], w.T, out=y[:, a:b])  # (S, chunk)
@@ -221,7 +241,7 @@ def reduce_stored(st: StoredImage, cfg: PreprocessConfig) -> Reduced:
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     fill = float(_edge_value(x, _band(st.full_shape, st.subsample)))
-    k = block_factor(x.shape, int(cfg.image_size))
+    k = reduce_factor(x.shape, cfg)
     r = block_reduce(x, k, st.bits_stored, keep_integers=True)
     return Reduced(r, fill, st.scale, st.offset, st.subsample * k, st.phase, st.full_shape)
 
@@ -240,7 +260,10 @@ def finish(red: Reduced, cfg: PreprocessConfig) -> np.ndarray:
     """Steps 2-4 on the CPU: resize (with the padding's share), affine to grayscale, percentiles, scale."""
     s = int(cfg.image_size)
     rows, sv, cols, sh = axis_weights(red, cfg)
-    y = _resample(np.asarray(red.pixels, dtype=np.float32), rows, cols, s).astype(np.float64)
+    px = np.asarray(red.pixels)
+    if not (px.dtype.kind in "iu" and px.itemsize <= 2):  # 8/16-bit integers are converted band by band
+        px = np.asarray(px, dtype=np.float32)
+    y = _resample(px, rows, cols, s).astype(np.float64)
     y += red.fill * (1.0 - np.outer(sv, sh))  # the padding's share of each output pixel
     y = red.scale * y + red.offset  # stored units -> grayscale (affine: commutes with the weighted means)
     r0, r1, c0, c1 = geometry(red.full_shape, cfg).area
@@ -300,10 +323,10 @@ def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig) -> 
         from xbmd_batch import preprocess_v2
 
         return preprocess_v2.load_and_preprocess(path, cfg)
-    if cfg.version != PreprocessConfig.version:
+    if cfg.version not in KNOWN_VERSIONS:
         raise ValueError(
             f"preprocessing version {cfg.version} is not known to this xbmd-batch (knows "
-            f"{', '.join(map(str, LEGACY_VERSIONS))} and {PreprocessConfig.version}); upgrade xbmd-batch"
+            f"{', '.join(map(str, KNOWN_VERSIONS))}); upgrade xbmd-batch"
         )
     st, info = read_stored(path, target_size=cfg.image_size, apply_voi=cfg.apply_voi)
     return preprocess_stored(st, cfg), info

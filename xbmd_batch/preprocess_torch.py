@@ -1,7 +1,8 @@
 """Steps 2-4 of preprocessing (resize with padding, grayscale affine, percentiles) for a whole batch in torch.
 
 Used when ``--preprocess-device`` resolves to the runner's CUDA device: decode workers stop after step 1
-(``preprocess.reduce_stored``: block means of the stored integers, the padding value and the grayscale affine)
+(``preprocess.reduce_stored``: the stored integers -- a version-3 card's block means --, the padding value and
+the grayscale affine)
 and hand those over; this module finishes the batch on the device with two batched matrix products. The
 weights are the very ones ``preprocess.finish`` uses (``preprocess.axis_weights``), so the CPU and device
 paths are one definition; ``tests/test_preprocess_torch.py`` checks them against each other on CPU torch.
@@ -85,7 +86,7 @@ def finish_batch(items: list[Reduced], cfg: PreprocessConfig, device: Any = "cpu
         wh[i, :w, :] = gh
         pad[i] = gp
         px = r.pixels if torch.is_tensor(r.pixels) else torch.from_numpy(np.ascontiguousarray(r.pixels))
-        x[i, :h, :w] = px.to(device).to(torch.float32)  # (uint16 / int16 / float32 block means)
+        x[i, :h, :w] = px.to(device).to(torch.float32)  # (uint16 / int16 stored values or float32)
         area[i, r0:r1, c0:c1] = True
     fill = torch.tensor([r.fill for r in items], dtype=torch.float32, device=device)[:, None, None]
     scale = torch.tensor([r.scale for r in items], dtype=torch.float32, device=device)[:, None, None]

@@ -300,10 +300,11 @@ class DecodePool:
             raise ValueError(f"handoff must be 'image' or 'reduced', not {handoff!r}")
         self.handoff = handoff
         s = cfg.image_size
-        # Slot bytes: a float32 S x S image, or (reduced) block means below 4S on the short side: room for
-        # 4S x 8S float32 (aspect up to 2:1; a larger one travels by value). Untouched pages of a shared
-        # memory block cost nothing.
-        slot_bytes = s * s * 4 if handoff == "image" else (4 * s) * (8 * s) * 4
+        # Slot bytes: a float32 S x S image, or (reduced) step 1's output: version 3's block means (below 4S
+        # on the short side: 4S x 8S float32) or version 4's stored integers at full resolution (16 MiB: a
+        # 2500 x 3200 uint16 image); a larger one travels by value. Untouched pages of a shared memory block
+        # cost nothing.
+        slot_bytes = s * s * 4 if handoff == "image" else max((4 * s) * (8 * s) * 4, 16 << 20)
         # One group per task in flight, +1 so a finished task can be held while the next is submitted.
         n_slots = (self.max_inflight + 1) * self.task_size
         room = _shm_room()
