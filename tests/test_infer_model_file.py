@@ -86,6 +86,27 @@ def test_open_model_by_content_and_cached(tiny_model: Path, tiny_onnx: Path, tmp
         open_model(tmp_path / "missing.pt")
 
 
+def test_release_proto_reparses_on_demand_and_checks_the_file(tiny_onnx: Path, tmp_path: Path) -> None:
+    """``score`` drops the parsed graph after setup (the weights would stay in memory twice); a later user
+    (TensorRT's builder on a cache miss) gets it parsed again, but not from a file changed since."""
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(tiny_onnx.read_bytes())
+    m = open_model(path)
+    n_nodes = len(m.proto.graph.node)
+    card = m.card
+    m.release_proto()
+    assert m._proto is None and m.card is card
+    assert len(m.proto.graph.node) == n_nodes  # parsed again
+    m.release_proto()
+    proto = onnx.load(str(path))
+    proto.doc_string = "changed"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelFileError, match="changed since it was opened"):
+        m.proto  # noqa: B018
+
+
 def test_onnxruntime_path_does_not_import_torch(tiny_onnx: Path) -> None:
     """Opening an ONNX model and running it on onnxruntime-CPU must not pay for importing torch."""
     pytest.importorskip("onnxruntime")

@@ -91,7 +91,12 @@ def finish_batch(items: list[Reduced], cfg: PreprocessConfig, device: Any = "cpu
     fill = torch.tensor([r.fill for r in items], dtype=torch.float32, device=device)[:, None, None]
     scale = torch.tensor([r.scale for r in items], dtype=torch.float32, device=device)[:, None, None]
     offset = torch.tensor([r.offset for r in items], dtype=torch.float32, device=device)[:, None, None]
-    y = torch.bmm(torch.bmm(wv, x), wh)  # (B, S, S)
+    # IEEE fp32 even if the process enabled TF32 (10-bit mantissa: ~5e-4 relative on 12-bit stored values,
+    # i.e. up to ~2e-3 model-input units after the percentile stretch; the CPU path is exact fp32)
+    from xbmd_batch.infer.torch_runner import ieee_fp32
+
+    with ieee_fp32(torch):
+        y = torch.bmm(torch.bmm(wv, x), wh)  # (B, S, S)
     y = y + fill * pad
     y = scale * y + offset
     q = torch.tensor([p / 100.0 for p in cfg.clip_percentiles], dtype=torch.float32, device=device)

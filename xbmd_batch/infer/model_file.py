@@ -50,10 +50,28 @@ class ModelFile:
 
     @property
     def proto(self) -> onnx.ModelProto:
-        """The parsed ONNX graph (without external data); ONNX files only."""
-        if self._proto is None:
+        """The parsed ONNX graph (without external data); ONNX files only. Parsed again if it was released
+        (``release_proto``), after checking the file is still the one opened."""
+        if self.kind != "onnx":
             raise ModelFileError(f"{self.path}: a {self.kind} has no ONNX graph")
+        if self._proto is None:
+            from xbmd_batch.fsutil import sha256_file
+            from xbmd_batch.onnx_card import load_onnx_proto
+
+            proto = load_onnx_proto(self.path)
+            if self._sha256 is not None and sha256_file(self.path) != self._sha256:
+                raise ModelFileError(f"{self.path}: the model file changed since it was opened")
+            self._proto = proto
         return self._proto
+
+    def release_proto(self) -> None:
+        """Drop the parsed graph (about the file's size in memory: weights included) once the card is read.
+
+        ``score`` calls it after setup: onnxruntime loads the file itself, so the main process would otherwise
+        hold the weights twice for the whole run; TensorRT's builder, on a cache miss, parses it again."""
+        if self.kind == "onnx" and self._proto is not None:
+            _ = self.card, self.sha256  # keep what was read from it
+            self._proto = None
 
     @property
     def checkpoint(self) -> dict[str, Any]:

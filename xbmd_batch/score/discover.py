@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
+from xbmd_batch.arrowutil import to_arrow
 from xbmd_batch.errors import InputError
 
 
@@ -225,9 +225,7 @@ def discover(root: Path, threads: int = 8, follow_symlinks: bool = False) -> Dis
             dicom.append(f)
     return Discovery(
         root=root,
-        dicom=pa.array(np.array(dicom, dtype=object), type=pa.large_string())
-        if dicom
-        else pa.array([], pa.large_string()),
+        dicom=to_arrow(dicom, pa.large_string()),
         non_dicom=tuple(non_dicom),
         hidden=tuple(sorted(safe_name(h) for h in w.hidden)),
         unreadable=tuple(sorted(unreadable)),

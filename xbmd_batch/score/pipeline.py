@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from xbmd_batch.arrowutil import to_arrow
 from xbmd_batch.clinical import REFERENCES
 from xbmd_batch.defaults import BACKENDS, DEFAULT_BATCH_SIZE, ENGINES, PRECISIONS, PREPROCESS_DEVICES
 from xbmd_batch.errors import EXIT_OK, EXIT_QUARANTINE, EXIT_STRICT, InputError
@@ -222,6 +223,7 @@ def _score(
     # setup: everything is validated before --out is touched (a refused run leaves nothing pinned)
     model = open_model(model_path)  # read once: card, sha256, graph/weights (the runner takes it)
     card, model_sha = model.card, model.sha256
+    model.release_proto()  # the runner reads the file itself; keeping the parsed weights costs ~their size
     placement = plan_preprocess(
         opts.preprocess_device, card, model.kind, opts.backend, opts.device, opts.engine
     )
@@ -396,7 +398,7 @@ def _score_on_ray(
         sw.lap("model_load")
 
     buf, values, mask = _loop_inputs(card, ing, ids, "", "", file_stats)  # backend: each actor's runner
-    paths = pa.array(ing.plan.items.get_column("relative_path").to_list(), type=pa.large_string())
+    paths = to_arrow(ing.plan.items.get_column("relative_path"), pa.large_string())
     progress = _progress(console, o.quiet)
     with progress:
         runner, stats, run["ray"] = ray_engine.score_on_ray(
@@ -412,7 +414,7 @@ def _score_on_ray(
 def _decode_pool(
     dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions, placement: Placement
 ) -> DecodePool:
-    paths = pa.array(items.get_column("relative_path").to_list(), type=pa.large_string())
+    paths = to_arrow(items.get_column("relative_path"), pa.large_string())
     return DecodePool(
         dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight, handoff=placement.handoff
     )

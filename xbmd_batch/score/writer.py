@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xbmd_batch.arrowutil import to_arrow
 from xbmd_batch.fsutil import atomic_write_parquet
 
 STATE_FORMAT = "xbmd-batch-score-state"
@@ -130,8 +131,8 @@ class ChunkBuffer:
             d["file_size"] = d["file_mtime_ns"] = None
         else:
             size, mtime = (np.asarray(a, dtype=np.int64)[idx] for a in self.file_stats)
-            d["file_size"] = pa.array(size, mask=size < 0)
-            d["file_mtime_ns"] = pa.array(mtime, mask=mtime < 0)
+            d["file_size"] = to_arrow(size, pa.int64(), mask=size < 0)
+            d["file_mtime_ns"] = to_arrow(mtime, pa.int64(), mask=mtime < 0)
         return d
 
     def add_scored(
@@ -165,7 +166,7 @@ class ChunkBuffer:
             if v is None:
                 arrays.append(pa.nulls(k, f.type))
             else:
-                arrays.append(v.cast(f.type) if isinstance(v, pa.Array) else pa.array(v, type=f.type))
+                arrays.append(to_arrow(v, f.type))
         self._tables.append(pa.Table.from_arrays(arrays, schema=self.schema))
         self.n_rows += k
 
