@@ -7,11 +7,26 @@ The builders live in tests/helpers/ (``from tests.helpers.score import make_mode
 from __future__ import annotations
 
 import shutil
+import signal
+import warnings
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.score import export_onnx, make_cohort, make_model
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_alone():
+    """No test may leave this process's Ctrl-C handler changed. A fresh-clone CI run once saw SIGINT ignored
+    in the pytest process at test_score_pipeline (not reproduced in two full runs since). A change is undone
+    and reported as a warning naming the test that made it, instead of failing an unrelated later test."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        warnings.warn(f"this test left SIGINT set to {after!r}; restored to {before!r}", RuntimeWarning, 2)
 
 
 @pytest.fixture(scope="session")
