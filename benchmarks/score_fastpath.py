@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The CLI (`xbmd-batch score`) makes idle OpenMP threads sleep (xbmd_batch/cli.py); the model-only and plain-
+# loop rows run torch in this process, so they get the same setting: spinning threads made them 10x slower
+# than the CLI on a box with one other busy process (0.42 img/s plain loop, 2026-11-29): not a fair reference.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -236,16 +240,17 @@ def _markdown(r: dict[str, Any]) -> str:
     res = r["results"]
     par = res["parity"]
     o = res["onnxruntime"]
+    v = f"v{par.get('preprocess_version_new', 3)}"
     lines = [
-        f"# score speed and v{par.get('preprocess_version_new', 3)}-vs-v2 parity (SYNTHETIC cohort C)",
+        f"# score speed and {v}-vs-v2 parity (SYNTHETIC cohort C)",
         "",
         f"`{r['command']}` · {r['cpu']} × {r['cpu_count']} · load average before {r['load_average_before']}, "
         f"after {r['load_average_after']} (shared box) · batch {r['batch_size']} · {r['seconds']} s",
         "",
-        f"- parity on {par['n']} files: prediction SD {par['prediction_sd_v3']:.3f} g/cm² (v3), "
-        f"{par['prediction_sd_v2']:.3f} (v2); max |v3 − v2| {par['max_abs_diff_g_cm2']:.5f} g/cm², mean "
+        f"- parity on {par['n']} files: prediction SD {par['prediction_sd_v3']:.3f} g/cm² ({v}), "
+        f"{par['prediction_sd_v2']:.3f} (v2); max |{v} − v2| {par['max_abs_diff_g_cm2']:.5f} g/cm², mean "
         f"{par['mean_abs_diff_g_cm2']:.5f}; decode+preprocess one process "
-        f"{par['decode_preprocess_ms_per_image_one_process']} ms/image (v3 ran first on each file: it paid "
+        f"{par['decode_preprocess_ms_per_image_one_process']} ms/image ({v} ran first on each file: it paid "
         "the cold page cache; benchmarks/decode_fastpath.py is the fair timing)",
         f"- onnxruntime: model-only {o['model_only_images_per_s']} img/s; score loop "
         f"{o['score']['loop_images_per_s']} img/s (÷ model-only {o['loop_over_model_only']}); whole process "
