@@ -18,9 +18,8 @@ from tests.helpers.score import export_onnx, make_cohort, make_model
 
 @pytest.fixture(autouse=True)
 def _sigint_left_alone():
-    """No test may leave this process's Ctrl-C handler changed. A fresh-clone CI run once saw SIGINT ignored
-    in the pytest process at test_score_pipeline (not reproduced in two full runs since). A change is undone
-    and reported as a warning naming the test that made it, instead of failing an unrelated later test."""
+    """No test may leave this process's Ctrl-C handler changed: a change is undone and reported as a warning
+    naming the test that made it, instead of failing an unrelated later test that checks the handler."""
     before = signal.getsignal(signal.SIGINT)
     yield
     after = signal.getsignal(signal.SIGINT)

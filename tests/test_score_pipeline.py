@@ -53,9 +53,15 @@ def test_end_to_end_torch_and_onnxruntime_agree(
 
 def test_output_schema_and_clinical_columns(cohort_session: Path, tiny_model: Path, tmp_path: Path):
     out = tmp_path / "out"
-    res = _run(cohort_session, tiny_model, out, reference="lunar")
-    # in-process decode (workers=0) must not leave this process ignoring Ctrl-C
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # in-process decode (workers=0) must not leave this process ignoring Ctrl-C. Start from Python's default
+    # handler: a process started in the background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+    # ignored, and the check must not depend on how the test run was launched.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = _run(cohort_session, tiny_model, out, reference="lunar")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)
     s = pl.read_parquet(out / "scores.parquet")
     assert dict(s.schema) == scores_schema(DEFAULT_SCHEMA.names)
     assert "screen_t_le_m1" in s.columns and "screen_t_le_m2_5" in s.columns
