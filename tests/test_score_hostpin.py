@@ -67,6 +67,7 @@ def test_outside_the_block_or_off_a_slot_start_is_left_pageable() -> None:
     assert not p.ensure(BASE + 4096, 100)  # not where the hand-off places an image
     assert not p.ensure(BASE, 0)
     assert cuda.calls == 0 and p.report()["pinned"] is False
+    assert p.report()["images_by_value"] == 2  # the two outside the block
 
 
 def test_a_failed_registration_is_recorded_and_uploads_stay_pageable() -> None:

@@ -52,6 +52,7 @@ class HostPinner:
         self.failure: str | None = None
         self.registrations = 0
         self.seconds = 0.0
+        self.by_value = 0  # images that did not come through the block (too big for a slot): pageable
 
     def covers(self, ptr: int) -> bool:
         return self.base <= ptr < self.base + self.nbytes
@@ -59,7 +60,10 @@ class HostPinner:
     def ensure(self, ptr: int, nbytes: int) -> bool:
         """Page-lock [ptr, ptr + nbytes) (``ptr``: a slot's start, where the hand-off places an image); True
         when it is page-locked now. False outside the block (an image sent by value) or after a failure."""
-        if self.failure is not None or not self.covers(ptr) or nbytes <= 0:
+        if not self.covers(ptr):
+            self.by_value += 1
+            return False
+        if self.failure is not None or nbytes <= 0:
             return False
         off = ptr - self.base
         slot_start = self.base + off // self.slot_bytes * self.slot_bytes
@@ -114,6 +118,7 @@ class HostPinner:
             "registrations": self.registrations,
             "seconds": round(self.seconds, 4),
             "failure": self.failure,
+            "images_by_value": self.by_value,
         }
 
 
