@@ -104,6 +104,8 @@ def test_preprocess_device_cuda_scores_like_the_cpu_path(
         _bmd(tmp_path / "cpu")["bmd_pred"].to_numpy() - _bmd(tmp_path / "dev")["bmd_pred"].to_numpy()
     )
     assert diff.max() <= BMD_TOL, diff.max()
+    upload = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]["preprocess"]["upload"]
+    assert upload["failure"] is None and upload["pinned"] and upload["bytes"] > 0, upload  # page-locked slots
 
 
 def test_plan_preprocess_cpu_auto_and_refusals(tiny_model: Path, tiny_onnx: Path) -> None:
