@@ -1,7 +1,7 @@
 """`score --engine ray`: stages 5-7 on a Ray cluster (Ray Data), with the local engine's own functions.
 
-The driver (``pipeline.py``) builds the plan, the resume to-do list and the part buffer exactly as for a local
-run; this module only moves the work. A Ray Dataset of the plan indices to do ->
+The driver (``pipeline.py``, glued here by ``run_ray.py``) builds the plan, the resume to-do list and the part
+buffer exactly as for a local run; this module only moves the work. A Ray Dataset of the plan indices to do ->
 ``map_batches(decode_rows)``: CPU tasks running ``decode.decode_task`` (decode + preprocess, what the local
 process pool runs) -> ``map_batches(ScoreActor)``: an actor pool; each actor opens the model once with
 ``infer.select.open_runner`` and books every batch with a local ``ScoringLoop`` (``add_decode_failures``,

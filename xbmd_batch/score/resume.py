@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from xbmd_batch.score.writer import list_parts
+
+RESUME_KEY = ("relative_path", "sop_instance_uid")  # a row already in a part (output form) is not redone
 
 TRANSIENT_REASONS = frozenset({"worker_crashed", "out_of_memory", "file_missing", "io_error"})
 _TRANSIENT_DECODE_ERRORS = (
@@ -95,3 +99,23 @@ def is_done(
     if r_size is not None and size is not None and (r_size, r_mtime) != (size, mtime_ns):
         return False  # the file changed in place since that row was written
     return status == "scored" or not is_transient(reason)
+
+
+def todo_rows(
+    plan: Any, ids: dict[str, np.ndarray], ing: Any, out_dir: Path
+) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray]]:
+    """Plan rows to (re)do under these rules, how many of them were redone, and the (size, mtime_ns) of each
+    planned file as discovered (-1 unknown). ``ids``: the plan's ids in output form; ``ing``: its
+    `Ingested`."""
+    latest = latest_rows(out_dir)
+    stats = [ing.disc.stat_of(r) for r in plan.items.get_column("relative_path").to_list()]
+    size = np.array([-1 if st[0] is None else st[0] for st in stats], dtype=np.int64)
+    mtime = np.array([-1 if st[1] is None else st[1] for st in stats], dtype=np.int64)
+    todo: list[int] = []
+    n_redone = 0
+    for i, key in enumerate(zip(*(ids[c] for c in RESUME_KEY), strict=True)):
+        row = latest.get(key)
+        if not is_done(row, int(size[i]), int(mtime[i])):
+            todo.append(i)
+            n_redone += row is not None
+    return np.array(todo, dtype=np.int64), n_redone, (size, mtime)
