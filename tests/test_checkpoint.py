@@ -181,3 +181,33 @@ def test_modelcard_does_not_import_torch() -> None:
     code = "import sys, xbmd_batch.modelcard; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind", ["xattn", "concat", "members"])
+def test_checkpoint_model_is_built_without_init_and_keeps_its_buffers(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model_from_checkpoint builds on the meta device and takes the checkpoint's tensors (no random init,
+    no copy): nothing may be left on meta, the config-derived buffers must be the plain build's, and the
+    outputs identical; one build only (the plain-build fallback is not taken)."""
+    import xbmd_batch.model as model_mod
+    from xbmd_batch.checkpoint import model_from_checkpoint
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("concat" if kind == "concat" else "xattn")
+    if kind == "members":
+        cfg = ModelConfig(**{**cfg.__dict__, "n_members": 2})
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, cfg, DEFAULT_SCHEMA, PRE, {})
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    builds: list[object] = []
+    real = model_mod.build_model
+    monkeypatch.setattr(model_mod, "build_model", lambda c: builds.append(c) or real(c))
+    loaded = model_from_checkpoint(ckpt, card_from_checkpoint(ckpt, sha256_file(path)), path)
+    assert len(builds) == 1
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    want = dict(model.named_buffers())
+    for name, b in loaded.named_buffers():
+        assert torch.equal(b, want[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(*inputs()), loaded(*inputs()))

@@ -135,3 +135,79 @@ def test_cli_makes_idle_openmp_threads_sleep_unless_the_user_chose() -> None:
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+class _HardExit(Exception):
+    pass
+
+
+def _entry_with(monkeypatch: pytest.MonkeyPatch, app_exit: object) -> tuple[list[object], list[str]]:
+    """Run ``cli.entry`` with ``app`` replaced by one that exits with ``app_exit``; os._exit recorded."""
+    import xbmd_batch.cli as cli
+
+    calls: list[object] = []
+    order: list[str] = []
+
+    def fake_app() -> None:
+        raise SystemExit(app_exit)
+
+    def fake_exit(code: int) -> None:
+        order.append("os._exit")
+        calls.append(code)
+        raise _HardExit
+
+    monkeypatch.setattr(cli, "app", fake_app)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: order.append("atexit"))
+    with pytest.raises(_HardExit):
+        cli.entry()
+    return calls, order
+
+
+def test_entry_skips_teardown_after_running_the_exit_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, order = _entry_with(monkeypatch, 3)
+    assert calls == [3] and order == ["atexit", "os._exit"]
+    calls, _ = _entry_with(monkeypatch, None)
+    assert calls == [0]
+
+
+def test_entry_prints_a_string_exit_and_returns_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls, _ = _entry_with(monkeypatch, "boom: stopped")
+    assert calls == [1]
+    assert "boom: stopped" in capsys.readouterr().err
+
+
+def test_entry_exits_normally_while_another_thread_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live thread keeps the normal exit (which waits for it): os._exit would kill its work."""
+    import threading
+
+    import xbmd_batch.cli as cli
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(SystemExit(4)))
+        monkeypatch.setattr(cli.os, "_exit", lambda code: pytest.fail("os._exit with a live thread"))
+        with pytest.raises(SystemExit) as e:
+            cli.entry()
+        assert e.value.code == 4
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_console_entry_writes_all_output_and_exit_codes() -> None:
+    """Through the real entry (``python -m xbmd_batch``): all output arrives through a pipe, codes kept."""
+    r = subprocess.run([sys.executable, "-m", "xbmd_batch", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "score" in r.stdout and r.stdout.endswith("\n")
+    r = subprocess.run([sys.executable, "-m", "xbmd_batch", "version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"xbmd-batch {__version__}\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "xbmd_batch", "score", "--backend", "nope", "a", "b", "-m", "c"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "nope" in r.stderr

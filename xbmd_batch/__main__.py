@@ -1,4 +1,4 @@
-from xbmd_batch.cli import app
+from xbmd_batch.cli import entry
 
 if __name__ == "__main__":
-    app()
+    entry()

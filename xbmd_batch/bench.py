@@ -195,7 +195,11 @@ def bench_plain_loop(
     ok = headers.filter(pl.col("header_error").is_null() & pl.col("rows").is_not_null())
     paths = [Path(dicom_dir) / r for r in ok.get_column("relative_path").to_list()[: o.plain_loop_n]]
     meta, mask = np.zeros((1, nf), np.float32), np.ones((1, nf), np.float32)
-    with open_runner(model, backend, o.device, o.precision, 1, parity_feeds=make_reference_feeds) as r:
+    # channels_last=False: the module as a user would run it (torch's default layout); the torch runner's
+    # NHWC weights are one of the things the comparison measures
+    with open_runner(
+        model, backend, o.device, o.precision, 1, parity_feeds=make_reference_feeds, channels_last=False
+    ) as r:
 
         def one(p: Path) -> None:
             a = pydicom.dcmread(p).pixel_array

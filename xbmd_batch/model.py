@@ -183,12 +183,18 @@ class MetadataEncoder(nn.Module):
         cat_idx = [i for i, k in enumerate(kinds) if k == "categorical"]
         cards = [cfg.field_cardinalities[i] for i in cat_idx]
         self.n_num, self.n_cat = len(num_idx), len(cat_idx)
-        self.register_buffer("num_idx", torch.tensor(num_idx, dtype=torch.long), persistent=False)
-        self.register_buffer("cat_idx", torch.tensor(cat_idx, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "num_idx", torch.tensor(num_idx, dtype=torch.long, device="cpu"), persistent=False
+        )
+        self.register_buffer(
+            "cat_idx", torch.tensor(cat_idx, dtype=torch.long, device="cpu"), persistent=False
+        )
         # concatenated [numeric tokens, categorical tokens] -> schema order
         order = num_idx + cat_idx
         self.register_buffer(
-            "to_schema", torch.tensor([order.index(i) for i in range(len(kinds))]), persistent=False
+            "to_schema",
+            torch.tensor([order.index(i) for i in range(len(kinds))], device="cpu"),
+            persistent=False,
         )
         if self.n_num:
             self.num_w = nn.Parameter(torch.randn(self.n_num, d) * 0.02)
@@ -198,9 +204,13 @@ class MetadataEncoder(nn.Module):
             self.cat_emb = nn.Embedding(sum(cards), d)
             nn.init.normal_(self.cat_emb.weight, std=0.02)
             offsets = [sum(cards[:j]) for j in range(len(cards))]
-            self.register_buffer("cat_offset", torch.tensor(offsets, dtype=torch.long), persistent=False)
             self.register_buffer(
-                "cat_max", torch.tensor([c - 1 for c in cards], dtype=torch.float32), persistent=False
+                "cat_offset", torch.tensor(offsets, dtype=torch.long, device="cpu"), persistent=False
+            )
+            self.register_buffer(
+                "cat_max",
+                torch.tensor([c - 1 for c in cards], dtype=torch.float32, device="cpu"),
+                persistent=False,
             )
         self.missing = nn.Parameter(torch.randn(len(kinds), d) * 0.02)
         self.field_emb = nn.Parameter(torch.randn(len(kinds), d) * 0.02)
@@ -371,8 +381,12 @@ class RegressionHead(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
         self.bmd_mean = cfg.bmd_mean
         self.bmd_std = cfg.bmd_std
-        self.register_buffer("calib_intercept", torch.tensor(float(cfg.calib_intercept)), persistent=False)
-        self.register_buffer("calib_slope", torch.tensor(float(cfg.calib_slope)), persistent=False)
+        self.register_buffer(
+            "calib_intercept", torch.tensor(float(cfg.calib_intercept), device="cpu"), persistent=False
+        )
+        self.register_buffer(
+            "calib_slope", torch.tensor(float(cfg.calib_slope), device="cpu"), persistent=False
+        )
 
     def forward(self, z: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         base = self.bmd_mean if offset is None else offset  # (B,) from the wide path
@@ -477,8 +491,12 @@ class OutputCalibration(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.register_buffer("calib_intercept", torch.tensor(float(cfg.calib_intercept)), persistent=False)
-        self.register_buffer("calib_slope", torch.tensor(float(cfg.calib_slope)), persistent=False)
+        self.register_buffer(
+            "calib_intercept", torch.tensor(float(cfg.calib_intercept), device="cpu"), persistent=False
+        )
+        self.register_buffer(
+            "calib_slope", torch.tensor(float(cfg.calib_slope), device="cpu"), persistent=False
+        )
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return self.calib_intercept + self.calib_slope * raw

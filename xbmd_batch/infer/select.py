@@ -103,13 +103,15 @@ def open_runner(
     compile: bool = False,
     parity_feeds: Feeds | FeedsFactory | None = None,
     log: Any = None,
+    channels_last: bool | None = None,
 ) -> BaseRunner:
     """Open (and load) the runner for a checkpoint or exported ONNX file; ``runner.reason`` says why.
 
     ``backend="auto"`` takes the fastest one that works here, in the order TensorRT (tensorrt + CUDA + an
     ONNX file) > onnxruntime-CUDA > torch-CUDA (checkpoint) > onnxruntime-CPU > torch-CPU. A GPU candidate
     that fails to start (missing provider, no driver, a stale engine) is skipped and the failure is named in
-    the reason. ``parity_feeds`` lets TensorRT build an engine on a cache miss. The returned runner is
+    the reason. ``parity_feeds`` lets TensorRT build an engine on a cache miss. ``channels_last`` (torch
+    only): None = the runner's default (on). The returned runner is
     already loaded; use it as a context manager to release it.
     """
     if backend not in BACKENDS:
@@ -124,7 +126,9 @@ def open_runner(
     def torch_runner(on: str) -> BaseRunner:
         p = prec or ("fp16" if on == "cuda" else "fp32")
         where = f"cuda:{gpu_index}" if on == "cuda" else on
-        return TorchRunner(mf, device=where, precision=p, compile=compile, max_batch=max_batch)
+        return TorchRunner(
+            mf, device=where, precision=p, compile=compile, max_batch=max_batch, channels_last=channels_last
+        )
 
     def ort_runner(provider: str) -> BaseRunner:
         return OrtRunner(
