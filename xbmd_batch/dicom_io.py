@@ -39,6 +39,8 @@ __all__ = [
     "read_image",
     "read_stored",
     "StoredImage",
+    "Codestream",
+    "read_for_device",
     "MIN_IMAGE_SIDE",
     "MAX_IMAGE_PIXELS",
     "choose_reduce_level",
@@ -798,31 +800,16 @@ class StoredImage:
     bits_stored: int
 
 
-def read_stored(
-    path: str | os.PathLike[str],
-    target_size: int | None = None,
-    apply_voi: bool = False,
-) -> tuple[StoredImage, DecodeInfo]:
-    """Decode frame 0 without touching its values more than the DICOM grayscale chain demands.
-
-    Uncompressed little-endian pixels come back as a read-only numpy view of the file's Pixel Data (no copy,
-    no float conversion); the rescale and inversion come back as an affine to apply on the small image.
-    ``DecodeInfo.steps`` names the same steps as ``read_image`` (with ``:deferred`` when only recorded).
-    """
-    t_start = time.perf_counter()
-    c = _check_image(Path(path))
-    arr, decoder_name, level, failures = _decode_stored(c, target_size)
-    steps: list[str] = []
+def _affine(c: _Checked, apply_voi: bool, steps: list[str]) -> tuple[float, float] | None:
+    """The grayscale affine ``scale * stored + offset`` (rescale, then the MONOCHROME1 / INVERSE inversion)
+    with its step names, or None (nothing recorded) when the chain is not linear for this file (Modality LUT
+    Sequence; VOI window or VOI LUT with ``apply_voi``): every pixel must then go through it."""
     ds = c.ds
     nonlinear = bool(ds.get("ModalityLUTSequence")) or (
         apply_voi and (bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds))
     )
-    f = 2**level
-    geometry = {"subsample": f, "phase": f / 2 - 0.5 if level else 0.0, "full_shape": (c.rows, c.cols)}
     if nonlinear:
-        img = _grayscale_exact(c, arr, apply_voi, steps)
-        st = StoredImage(img, 1.0, 0.0, exact=True, bits_stored=32, **geometry)
-        return st, _info(c, decoder_name, level, img.shape, steps, t_start, failures)
+        return None
     lo, hi = _stored_range(ds)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if slope is None and intercept is None:
@@ -838,5 +825,117 @@ def read_stored(
     if _inverts(c):  # x -> (lo + hi) - (s * v + b)
         s, b = -s, (lo + hi) - b
         steps.append("invert_monochrome1" if c.photometric == "MONOCHROME1" else "invert_presentation_lut")
+    return s, b
+
+
+def read_stored(
+    path: str | os.PathLike[str],
+    target_size: int | None = None,
+    apply_voi: bool = False,
+) -> tuple[StoredImage, DecodeInfo]:
+    """Decode frame 0 without touching its values more than the DICOM grayscale chain demands.
+
+    Uncompressed little-endian pixels come back as a read-only numpy view of the file's Pixel Data (no copy,
+    no float conversion); the rescale and inversion come back as an affine to apply on the small image.
+    ``DecodeInfo.steps`` names the same steps as ``read_image`` (with ``:deferred`` when only recorded).
+    """
+    t_start = time.perf_counter()
+    return _stored(_check_image(Path(path)), target_size, apply_voi, t_start)
+
+
+def _stored(
+    c: _Checked, target_size: int | None, apply_voi: bool, t_start: float
+) -> tuple[StoredImage, DecodeInfo]:
+    arr, decoder_name, level, failures = _decode_stored(c, target_size)
+    steps: list[str] = []
+    f = 2**level
+    geometry = {"subsample": f, "phase": f / 2 - 0.5 if level else 0.0, "full_shape": (c.rows, c.cols)}
+    affine = _affine(c, apply_voi, steps)
+    if affine is None:
+        img = _grayscale_exact(c, arr, apply_voi, steps)
+        st = StoredImage(img, 1.0, 0.0, exact=True, bits_stored=32, **geometry)
+        return st, _info(c, decoder_name, level, img.shape, steps, t_start, failures)
+    s, b = affine
     st = StoredImage(arr, s, b, exact=False, bits_stored=c.bits_stored, **geometry)
     return st, _info(c, decoder_name, level, arr.shape, steps, t_start, failures)
+
+
+@dataclass(frozen=True)
+class Codestream:
+    """Frame 0 of a JPEG 2000 file, not decoded: what a decode worker hands over when the run decodes JPEG
+    2000 on the GPU (``gpu_j2k``). Every check ``read_stored`` makes before decoding has passed; the affine
+    is the one ``read_stored`` would return for this file (grayscale = ``scale * stored + offset``).
+
+    ``signed_bits``: the dataset is signed (PixelRepresentation 1) but the codestream is not: the decoded
+    samples are two's complement of that many bits (as pydicom and ``_decode_j2k_reduced`` read them).
+    ``cpu_level``: the wavelet level the CPU path would have decoded at (provenance: the GPU decodes at full
+    resolution, nvImageCodec having no resolution level).
+    """
+
+    data: Any  # bytes (a worker hands it over through a slot; the main process holds its own copy)
+    scale: float
+    offset: float
+    full_shape: tuple[int, int]
+    bits_stored: int
+    precision: int
+    codestream_signed: bool
+    signed_bits: int | None
+    cpu_level: int
+    transfer_syntax_uid: str
+
+
+def read_for_device(
+    path: str | os.PathLike[str],
+    target_size: int | None = None,
+    apply_voi: bool = False,
+) -> tuple[StoredImage | Codestream, DecodeInfo]:
+    """``read_stored``, except that a JPEG 2000 file the GPU decoder can take comes back undecoded
+    (``Codestream``), after the same checks. Everything else -- other syntaxes, a non-linear grayscale chain,
+    a codestream whose main header is unreadable, multi-component, offset or deeper than 16 bits, or whose
+    size disagrees with Rows/Columns -- is decoded here exactly as ``read_stored`` does."""
+    t_start = time.perf_counter()
+    c = _check_image(Path(path))
+    if c.ts in _J2K_SYNTAXES:
+        steps: list[str] = []
+        cs = _codestream(c, target_size, apply_voi, steps)
+        if cs is not None:
+            return cs, _info(c, "nvimgcodec", 0, cs.full_shape, steps, t_start, [])
+    return _stored(c, target_size, apply_voi, t_start)
+
+
+def _codestream(c: _Checked, target_size: int | None, apply_voi: bool, steps: list[str]) -> Codestream | None:
+    try:
+        frame = _first_frame_bytes(c.ds)
+    except Exception:  # noqa: BLE001 - the CPU path reports what is wrong with the encapsulation
+        return None
+    params = _j2k_params(frame)
+    if (
+        params is None
+        or params.ncomp != 1
+        or params.x0
+        or params.y0
+        or not 1 <= params.precision <= 16
+        or (params.height, params.width) != (c.rows, c.cols)
+    ):
+        return None
+    affine = _affine(c, apply_voi, steps)
+    if affine is None:
+        return None
+    signed_bits = None
+    if not params.signed and c.signed:
+        signed_bits = c.bits_stored or params.precision
+    level = choose_reduce_level(
+        params.height, params.width, int(target_size or 0) * J2K_OVERSAMPLE, params.levels
+    )
+    return Codestream(
+        data=bytes(frame),
+        scale=affine[0],
+        offset=affine[1],
+        full_shape=(c.rows, c.cols),
+        bits_stored=c.bits_stored,
+        precision=params.precision,
+        codestream_signed=params.signed,
+        signed_bits=signed_bits,
+        cpu_level=level,
+        transfer_syntax_uid=c.ts,
+    )

@@ -194,12 +194,17 @@ def collect() -> dict[str, Any]:
 
 
 def jpeg2000_decode() -> dict[str, Any]:
-    """Which JPEG 2000 decoder scoring uses: nvImageCodec on the GPU when it imports (and CUDA is there),
-    else the CPU resolution-aware decode (Pillow's openjpeg at the wavelet level the model needs)."""
+    """Which JPEG 2000 decoder scoring uses: nvImageCodec on the GPU (inside the scoring loop, when
+    preprocessing finishes on CUDA: ``score/placement.plan_j2k``) when it imports with libnvjpeg2k and CUDA is
+    there, else the CPU resolution-aware decode in the decode workers (Pillow's openjpeg at the wavelet level
+    the model needs). The GPU decoder is self-tested when a run plans it; this builds no CUDA context."""
     from xbmd_batch.gpu_j2k import status
 
     gpu, why = status()
-    return {"active": "nvimgcodec-gpu" if gpu else "cpu-reduced (pillow-openjpeg)", "detail": why}
+    if gpu:
+        return {"active": "nvimgcodec-gpu", "detail": why}
+    fix = "pip install 'nvidia-nvimgcodec-cu13[nvjpeg2k]' (the gpu extra) on a CUDA machine for GPU decode"
+    return {"active": "cpu-reduced (pillow-openjpeg)", "detail": f"{why}. {fix}"}
 
 
 def _yes(ok: bool) -> str:

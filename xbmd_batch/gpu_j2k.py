@@ -1,21 +1,36 @@
-"""JPEG 2000 decode on the GPU through nvImageCodec (``nvidia-nvimgcodec-cu13``), when it imports.
+"""JPEG 2000 decode on the GPU through nvImageCodec (``nvidia-nvimgcodec-cu13`` + ``nvidia-nvjpeg2k-cu13``).
 
-Lazy: nothing here is imported unless a CUDA run asks for it; ``status()`` says which JPEG 2000 decoder is
-active (``xbmd-batch doctor`` lists it). The CPU fallback is the resolution-aware Pillow/openjpeg decode in
-``dicom_io`` (decode only the wavelet levels the model needs).
+Lazy: nothing here is imported unless a CUDA run asks for it; ``status()`` says whether the GPU decoder can
+run here (``xbmd-batch doctor`` lists it). The CPU path is the resolution-aware Pillow/openjpeg decode in
+``dicom_io`` (only the wavelet levels the model needs); it stays the fallback for every codestream the GPU
+decoder rejects.
 
-Resolution: nvImageCodec's Python API as documented (docs.nvidia.com/cuda/nvimagecodec, py_api and samples,
-read for issue 11: ``Decoder.decode(CodeStream | list, params=DecodeParams)``, ROI decode through a region)
-exposes no wavelet resolution level, so the
-codestream is decoded at full resolution on the GPU and step 1 of preprocessing (the padding value, and
-for a version-3 card block means with the CPU path's factor: ``preprocess.reduce_factor``) runs there too
-(``reduce_on_device``); the result is a ``preprocess.Reduced`` for ``preprocess_torch.finish_batch``. This is
-the definition for a full-resolution decode exactly (version 3: up to OpenCV's integer rounding of the CPU
-path's block means, <= 0.5 stored units).
+API used (nvImageCodec 0.9.0.20 from PyPI, checked against its Python module's docstrings and the 0.8.0
+sources on GitHub, NVIDIA/nvImageCodec ``python/decoder.cpp``, ``python/decode_params.cpp``,
+``extensions/nvjpeg2k/cuda_decoder.cpp``; docs.nvidia.com/cuda/nvimagecodec):
+- ``Decoder(device_id=, max_num_cpu_threads=, backends=, options=)``; ``backends=[Backend(BackendKind.
+  GPU_ONLY)]`` keeps the decode on the GPU (nvjpeg2k registers as GPU_ONLY): without it a codestream the GPU
+  cannot take would be decoded by the bundled OpenCV on the CPU of the main process.
+- ``Decoder.decode(srcs: list[CodeStream], *, images=None, params=None, cuda_stream=0)`` returns a list with
+  ``None`` where a codestream could not be decoded; ``CodeStream(bytes)`` parses a codestream in memory.
+- ``DecodeParams(apply_exif_orientation=True, color_spec=SRGB, allow_any_depth=False, sample_format=...)``:
+  ``allow_any_depth=True`` keeps the native depth (nvjpeg2k: unsigned <= 8 bit -> uint8, 9-16 -> uint16,
+  signed 9-16 -> int16, signed <= 8 refused), ``color_spec=UNCHANGED`` no colour conversion.
+- The decoded ``Image`` is (H, W, C) in device memory and exports ``__dlpack__(stream=)`` /
+  ``__cuda_array_interface__``; ``torch.from_dlpack`` passes torch's current stream, so the tensor is
+  ordered after the decode without a host synchronisation.
+- No reduced-resolution decode: ``DecodeParams`` has no resolution level / reduce factor in 0.8 or 0.9 (the
+  nvjpeg2k extension calls nvjpeg2kDecodeParamsSetDecodeArea / SetRGBOutput / SetOutputFormat only;
+  ``num_resolutions`` exists for encoding only). So the GPU decodes at full resolution, and images decoded
+  here follow the full-decode definition of preprocessing: they differ from the CPU path's reduced decode by
+  what that reduction costs against a full decode (docs/dicom.md: max 0.0015 g/cm2, mean 0.0005, 2000-px
+  files).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,16 +38,38 @@ import numpy as np
 from xbmd_batch.config import PreprocessConfig
 from xbmd_batch.preprocess import Reduced, reduce_factor
 
-__all__ = ["status", "GpuJ2KDecoder", "reduce_on_device"]
+__all__ = ["status", "GpuJ2KDecoder", "reduce_on_device", "decode_codestreams", "Decoded"]
+
+
+def _nvjpeg2k_lib() -> str | None:
+    """Where libnvjpeg2k (the ``nvidia-nvjpeg2k-cu13`` wheel) is, looked up as nvImageCodec's extension does
+    (its RUNPATH: ``site-packages/nvidia/nvjpeg2k/lib``, then /usr/local/cuda/lib64), or None."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    dirs = [os.path.join(p, "nvjpeg2k", "lib") for p in getattr(nvidia, "__path__", [])]
+    dirs.append("/usr/local/cuda/lib64")
+    for d in dirs:
+        for name in ("libnvjpeg2k.so.0", "libnvjpeg2k.so"):
+            if os.path.exists(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
 
 
 def status() -> tuple[bool, str]:
-    """(active, why): nvImageCodec importable, a CUDA device present."""
+    """(active, why): nvImageCodec importable, libnvjpeg2k present, a CUDA device visible to torch. Cheap
+    (no CUDA context); ``GpuJ2KDecoder`` then proves it with a real decode before a run relies on it."""
     try:
         from nvidia import nvimgcodec
     except ImportError as e:
         return False, f"nvImageCodec not installed ({e}); JPEG 2000 uses the CPU reduced decode"
     version = getattr(nvimgcodec, "__version__", "?")
+    if _nvjpeg2k_lib() is None:
+        return False, (
+            f"nvImageCodec {version} installed but libnvjpeg2k is missing "
+            "(pip install nvidia-nvjpeg2k-cu13); CPU reduced decode"
+        )
     try:
         import torch
 
@@ -40,35 +77,101 @@ def status() -> tuple[bool, str]:
             return False, f"nvImageCodec {version} installed but no CUDA device; CPU reduced decode"
     except ImportError:
         return False, f"nvImageCodec {version} installed but torch is missing; CPU reduced decode"
-    return True, f"nvImageCodec {version} (GPU decode at full resolution, block means on the GPU)"
+    return True, (
+        f"nvImageCodec {version} + nvjpeg2k: JPEG 2000 decoded on the GPU at full resolution when "
+        "preprocessing finishes on CUDA"
+    )
 
 
 class GpuJ2KDecoder:
-    """Batched JPEG 2000 codestreams -> integer (H, W) torch tensors on ``device``."""
+    """Batched JPEG 2000 codestreams -> integer (H, W) torch tensors on ``device`` (None where rejected).
 
-    def __init__(self, device: Any = "cuda") -> None:
+    ``probe`` decodes a small synthetic 16-bit codestream (made with Pillow's openjpeg) and compares it with
+    what was encoded, so a run learns before it starts whether the GPU decoder really works here
+    (RuntimeError otherwise)."""
+
+    def __init__(self, device: Any = "cuda", probe: bool = True) -> None:
+        import torch
         from nvidia import nvimgcodec
 
         self._nv = nvimgcodec
-        self.device = device
-        self._decoder = nvimgcodec.Decoder()
-        # Stored values unchanged: no colour conversion, native bit depth (12/16-bit samples stay uint16).
-        self._params = nvimgcodec.DecodeParams(
-            allow_any_depth=True, color_spec=nvimgcodec.ColorSpec.UNCHANGED
+        self.device = torch.device(device)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self.name = f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')} (nvjpeg2k, GPU)"
+        self._decoder = nvimgcodec.Decoder(
+            device_id=index, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
         )
+        # Stored values unchanged: no colour conversion, native bit depth (12/16-bit samples stay 16-bit).
+        self._params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.UNCHANGED, allow_any_depth=True
+        )
+        self.errors: list[str | None] = []  # why each item of the last decode() was rejected
+        if probe:
+            self._probe()
 
-    def decode(self, frames: list[bytes]) -> list[Any]:
+    def _probe(self) -> None:
+        frame, want = probe_codestream()
+        (got,) = self.decode([frame])
+        if got is None or not np.array_equal(got.cpu().numpy().astype(np.int64), want.astype(np.int64)):
+            raise RuntimeError(f"{self.name}: the self-test decode did not return the encoded values")
+
+    def decode(self, frames: list[Any]) -> list[Any]:
+        """One batch: a (H, W) integer tensor per codestream, or None (the reason in ``errors``)."""
         import torch
 
-        streams = [self._nv.CodeStream(bytes(f)) for f in frames]
-        images = self._decoder.decode(streams, params=self._params)
-        out = []
-        for img in images:
-            if img is None:
-                raise ValueError("nvImageCodec could not decode a JPEG 2000 codestream")
-            t = torch.as_tensor(img, device=self.device)  # __cuda_array_interface__: (H, W, C)
-            out.append(t[..., 0] if t.ndim == 3 else t)
+        out: list[Any] = [None] * len(frames)
+        self.errors = [None] * len(frames)
+        streams: list[Any] = []
+        where: list[int] = []
+        for i, f in enumerate(frames):
+            try:
+                streams.append(self._nv.CodeStream(bytes(f)))
+                where.append(i)
+            except Exception as e:  # noqa: BLE001 - unparsable here: the CPU path decides
+                self.errors[i] = f"CodeStream: {type(e).__name__}: {e}"
+        if not streams:
+            return out
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            try:
+                images = self._decoder.decode(streams, params=self._params, cuda_stream=stream.cuda_stream)
+            except Exception as e:  # noqa: BLE001 - a batch-level failure: one by one, to isolate it
+                images = []
+                for s in streams:
+                    try:
+                        images.append(
+                            self._decoder.decode(s, params=self._params, cuda_stream=stream.cuda_stream)
+                        )
+                    except Exception as e1:  # noqa: BLE001
+                        del e1
+                        images.append(None)
+                del e
+            for i, img in zip(where, images, strict=True):
+                if img is None:
+                    self.errors[i] = "nvImageCodec could not decode the codestream"
+                    continue
+                t = torch.from_dlpack(img)  # (H, W, C) on the decoder's device; stream-ordered
+                if t.ndim == 3:
+                    if t.shape[2] != 1:
+                        self.errors[i] = f"decoded {t.shape[2]} components; expected one"
+                        continue
+                    t = t[..., 0]
+                out[i] = t
         return out
+
+
+def probe_codestream() -> tuple[bytes, np.ndarray]:
+    """A lossless 16-bit J2K codestream holding 12-bit values (Pillow's openjpeg, no DICOM) and the values."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    want = rng.integers(0, 4096, size=(24, 40), dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(want).save(buf, format="JPEG2000", irreversible=False, no_jp2=True)  # mode I;16
+    return buf.getvalue(), want
 
 
 def _edge_value_torch(x: Any, band: int) -> float:
@@ -88,7 +191,8 @@ def reduce_on_device(
 ) -> Reduced:
     """Step 1 of preprocessing on a full-resolution decode already on the device: the padding value and, for
     a version-3 card, block means (partial last blocks = mean of what they hold, as
-    ``preprocess.block_reduce``)."""
+    ``preprocess.block_reduce``). ``signed_bits``: unsigned samples of a signed dataset, reinterpreted as
+    two's complement of that many bits (as pydicom does)."""
     import torch
 
     x = pixels.to(torch.float32)
@@ -100,6 +204,42 @@ def reduce_on_device(
     if k > 1:  # ceil_mode without padding divides a partial window by the pixels it holds
         x = torch.nn.functional.avg_pool2d(x[None, None], k, stride=k, ceil_mode=True)[0, 0]
     return Reduced(x, fill, scale, offset, k, 0.0, (int(h), int(w)))
+
+
+@dataclass
+class Decoded:
+    """``decode_codestreams``' answer for one codestream: a ``Reduced`` on the device, or why not."""
+
+    reduced: Reduced | None
+    error: str | None = None
+
+
+def decode_codestreams(decoder: Any, items: list[Any], cfg: PreprocessConfig) -> list[Decoded]:
+    """``dicom_io.Codestream`` items -> step 1 on the device, in one batch of ``decoder.decode``. A rejected
+    codestream, or a decode whose shape or sign does not match the file, gets ``error`` (the caller falls
+    back to the CPU path for it)."""
+    import torch
+
+    frames = [it.data for it in items]
+    tensors = decoder.decode(frames)
+    errors = list(getattr(decoder, "errors", None) or [None] * len(items))
+    out: list[Decoded] = []
+    for it, t, err in zip(items, tensors, errors, strict=True):
+        if t is None:
+            out.append(Decoded(None, err or "rejected by the GPU decoder"))
+            continue
+        if tuple(t.shape) != tuple(it.full_shape):
+            out.append(Decoded(None, f"decoded shape {tuple(t.shape)} != Rows/Columns {it.full_shape}"))
+            continue
+        if it.codestream_signed and not t.is_signed():
+            out.append(Decoded(None, "signed codestream returned as unsigned samples"))
+            continue
+        if t.dtype not in (torch.uint8, torch.uint16, torch.int16, torch.int32):
+            out.append(Decoded(None, f"unexpected sample type {t.dtype}"))
+            continue
+        red = reduce_on_device(t, cfg, it.scale, it.offset, it.signed_bits)
+        out.append(Decoded(red))
+    return out
 
 
 def block_means_reference(x: np.ndarray, k: int) -> np.ndarray:

@@ -47,7 +47,8 @@ class DecodedTask:
     info: list[dict[str, Any]]  # compact DecodeInfo per ok item (transfer syntax, reduce level, ...)
     group: int = -1  # shared-memory slot group the images were written to (-1: none)
     # handoff="reduced" (on-device preprocessing): per item a preprocess.Reduced whose pixels are a view of
-    # the slot (None where the item failed); ``images`` is then empty.
+    # the slot (None where the item failed); ``images`` is then empty. With j2k="device" a JPEG 2000 item is
+    # a dicom_io.Codestream instead (checked, not decoded: the main process decodes it on the GPU).
     reduced: list[Any] | None = None
 
 
@@ -122,6 +123,7 @@ def _init_worker(
     main_pid: int | None = None,
     slots: tuple[str, tuple[int, ...]] | np.ndarray | None = None,
     handoff: str = "image",
+    j2k: str = "cpu",
 ) -> None:
     """Runs once per worker (or in the main process for workers=0, where it only sets the state): keep the
     shared file list and config; in a worker also one thread, no SIGINT, exit when the scorer dies."""
@@ -144,6 +146,7 @@ def _init_worker(
     _STATE["paths"] = paths
     _STATE["cfg"] = PreprocessConfig.from_dict(cfg)
     _STATE["handoff"] = handoff
+    _STATE["j2k"] = j2k
     if isinstance(slots, tuple):
         _STATE["slots"] = _attach(*slots)
     else:
@@ -197,7 +200,16 @@ def _image_view(slot: np.ndarray, s: int) -> np.ndarray:
 
 def _reduced_into(slot: np.ndarray, red: Any) -> Any:
     """Copy a Reduced's pixels into the slot's bytes; return it with pixels=None and (shape, dtype) kept
-    (``_reduced_view`` rebuilds the view in the main process). Too big for a slot: sent by value."""
+    (``_reduced_view`` rebuilds the view in the main process). Too big for a slot: sent by value. A
+    ``Codestream``'s bytes travel the same way (dtype ``"codestream"``)."""
+    from xbmd_batch.dicom_io import Codestream
+
+    if isinstance(red, Codestream):
+        n = len(red.data)
+        if n > slot.nbytes:
+            return red
+        slot[:n] = np.frombuffer(red.data, dtype=np.uint8)
+        return dataclasses.replace(red, data=None), (n,), _CODESTREAM
     a = np.ascontiguousarray(red.pixels)
     if a.nbytes > slot.nbytes:
         return red
@@ -205,22 +217,29 @@ def _reduced_into(slot: np.ndarray, red: Any) -> Any:
     return dataclasses.replace(red, pixels=None), a.shape, a.dtype.str
 
 
+_CODESTREAM = "codestream"
+
+
 def _reduced_view(slot: np.ndarray, sent: Any) -> Any:
     if not isinstance(sent, tuple):
         return sent  # by value (did not fit a slot)
     red, shape, dtype = sent
+    if dtype == _CODESTREAM:  # an own copy: it waits for its GPU batch, beyond the slot's reuse
+        return dataclasses.replace(red, data=slot[: shape[0]].tobytes())
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return dataclasses.replace(red, pixels=slot[:n].view(np.dtype(dtype)).reshape(shape))
 
 
-def decode_task(idx: np.ndarray, group: int = -1) -> DecodedTask:
+def decode_task(idx: np.ndarray, group: int = -1, cpu_j2k: bool = False) -> DecodedTask:
     """Decode and preprocess the given plan indices (runs inside a worker, or inline with workers=0).
 
     With a slot ``group`` the results are written into the pool's shared memory and not returned (the
     returned task's ``images`` is empty; the pool puts the views back); without one they are returned.
     With handoff "reduced" only step 1 of preprocessing runs here (``preprocess.reduce_stored``); the
-    rest runs batched on the model's device (``preprocess_torch.finish_batch``)."""
-    from xbmd_batch.dicom_io import read_stored
+    rest runs batched on the model's device (``preprocess_torch.finish_batch``). With j2k "device" (and not
+    ``cpu_j2k``: the fallback for codestreams the GPU rejected) a JPEG 2000 file is checked exactly as the
+    CPU path checks it, then handed over undecoded (``dicom_io.read_for_device``)."""
+    from xbmd_batch.dicom_io import read_for_device, read_stored
     from xbmd_batch.preprocess import load_and_preprocess, reduce_stored
 
     t0 = time.perf_counter()
@@ -229,6 +248,7 @@ def decode_task(idx: np.ndarray, group: int = -1) -> DecodedTask:
     k = len(idx)
     slots = _STATE.get("slots")
     reduced_mode = _STATE.get("handoff", "image") == "reduced"
+    j2k_device = reduced_mode and _STATE.get("j2k", "cpu") == "device" and not cpu_j2k
     if group < 0 or slots is None:
         group = -1
     images = np.zeros((k, 1, s, s), dtype=np.float32) if group < 0 and not reduced_mode else None
@@ -241,8 +261,9 @@ def decode_task(idx: np.ndarray, group: int = -1) -> DecodedTask:
         rel = paths[int(i)].as_py()
         try:
             if reduced_mode:
-                st, info = read_stored(_STATE["root"] / rel, target_size=s, apply_voi=cfg.apply_voi)
-                red = reduce_stored(st, cfg)
+                read = read_for_device if j2k_device else read_stored
+                st, info = read(_STATE["root"] / rel, target_size=s, apply_voi=cfg.apply_voi)
+                red = reduce_stored(st, cfg) if hasattr(st, "pixels") else st  # a Codestream as it is
                 reduced.append(_reduced_into(slots[group, n], red) if group >= 0 else red)
             else:
                 arr, info = load_and_preprocess(_STATE["root"] / rel, cfg)
@@ -289,6 +310,7 @@ class DecodePool:
         task_size: int = 4,
         max_inflight: int | None = None,
         handoff: str = "image",
+        j2k: str = "cpu",
     ) -> None:
         self.root, self.paths, self.cfg = Path(root), paths, cfg
         self.workers = max(0, int(workers))
@@ -299,6 +321,9 @@ class DecodePool:
         if handoff not in ("image", "reduced"):
             raise ValueError(f"handoff must be 'image' or 'reduced', not {handoff!r}")
         self.handoff = handoff
+        if j2k not in ("cpu", "device") or (j2k == "device" and handoff != "reduced"):
+            raise ValueError(f"j2k must be 'cpu', or 'device' with handoff 'reduced', not {j2k!r}")
+        self.j2k = j2k  # "device": JPEG 2000 files are handed over as codestreams (score/j2k_device.py)
         s = cfg.image_size
         # Slot bytes: a float32 S x S image, or (reduced) step 1's output: version 3's block means (below 4S
         # on the short side: 4S x 8S float32) or version 4's stored integers at full resolution (16 MiB: a
@@ -322,7 +347,12 @@ class DecodePool:
         if self.workers == 0:
             self._slots = np.zeros(self._shape, dtype=np.uint8)
             _init_worker(
-                str(self.root), self.paths, self.cfg.to_dict(), slots=self._slots, handoff=self.handoff
+                str(self.root),
+                self.paths,
+                self.cfg.to_dict(),
+                slots=self._slots,
+                handoff=self.handoff,
+                j2k=self.j2k,
             )
         else:
             self._start()
@@ -361,7 +391,7 @@ class DecodePool:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["xbmd_batch.preprocess", "xbmd_batch.score.decode"])
         slots = (self._shm.name, self._shape)
-        args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid(), slots, self.handoff)
+        args = (str(self.root), self.paths, self.cfg.to_dict(), os.getpid(), slots, self.handoff, self.j2k)
         self._ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=args)
 
     def _view(self, task: DecodedTask) -> DecodedTask:
@@ -441,6 +471,21 @@ class DecodePool:
                     retry.extend([(t, True)] if single else [(t[j : j + 1], True) for j in range(len(t))])
                 pending.clear()
                 self.close(cancel=True)
+
+    def decode_now(self, idx: np.ndarray) -> DecodedTask:
+        """The CPU path (JPEG 2000 decoded by the workers' reduced decode) for these plan indices, now, by
+        value: the fallback for codestreams the GPU decoder rejected (``score/j2k_device.py``). In a worker,
+        so a decoder crash cannot take the scoring process down; a crash makes them ``worker_crashed`` rows
+        (transient: a rerun redoes them)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.workers == 0:
+            return decode_task(idx, -1, True)
+        if self._ex is None:
+            self._start()
+        try:
+            return self._ex.submit(decode_task, idx, -1, True).result()  # type: ignore[union-attr]
+        except BrokenProcessPool:  # the pool's own loop notices it and restarts the workers
+            return _crashed(idx)
 
     def run(self, order: np.ndarray) -> Iterator[DecodedTask]:
         self.start(order)

@@ -6,7 +6,13 @@
    finished on the runner's CUDA device; ``auto`` -> ``cuda`` when the runner will be on a CUDA device (the
    same device resolution ``infer.select.open_runner`` uses; for an ONNX file without a CUDA backend this
    imports no torch), else ``cpu``. A version <= 2 preprocessing definition has no on-device path.
-2. ``finish_device`` (once the runner is open): the torch device that finishes the batches -- the runner's
+2. ``plan_j2k`` (after the header pass, when the transfer syntaxes are known; still before ``--out``):
+   which decoder takes JPEG 2000. With the reduced hand-off and ``gpu_j2k.status()`` active it is
+   nvImageCodec on the GPU (``score/j2k_device.py``; the workers hand over codestreams); ``auto`` also picks
+   the device path for that reason alone when the runner will be on CUDA, nvImageCodec is active and the plan
+   holds JPEG 2000 files. The GPU decoder is built (and self-tested) here, so a broken install is known
+   before the run starts (the JPEG 2000 files then stay on the workers' CPU decode, with the reason).
+3. ``finish_device`` (once the runner is open): the torch device that finishes the batches -- the runner's
    own device (``cuda:N``), so its image feed is already where the model reads it.
 
 ``Placement.torch_device`` pins the finishing device regardless of the runner: an internal hook, used by the
@@ -15,7 +21,8 @@ tests to run the reduced hand-off + batched torch finishing on CPU torch (no GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from xbmd_batch.defaults import PREPROCESS_DEVICES
@@ -29,6 +36,10 @@ class Placement:
     reason: str
     gpu_index: int = 0
     torch_device: str | None = None  # internal/test hook: finish here whatever the runner's device
+    j2k: str = "cpu"  # "cpu": workers decode JPEG 2000 | "nvimgcodec": decoded on the GPU in the loop
+    j2k_reason: str = ""
+    # the GPU decoder plan_j2k built; internal/test hook: a decoder set here (a CPU stand-in) is kept
+    j2k_decoder: Any = field(default=None, compare=False, repr=False)
 
     def finish_device(self, runner: Any) -> str | None:
         """The torch device that finishes batches (None: the decode workers did)."""
@@ -49,7 +60,13 @@ class Placement:
             "device": finish or "cpu",
             "where": "decode workers" if finish is None else "batched on the device (reduced hand-off)",
             "reason": self.reason,
+            "j2k": {"decoder": self.j2k_decoder_name(), "reason": self.j2k_reason},
         }
+
+    def j2k_decoder_name(self) -> str:
+        if self.j2k == "nvimgcodec":
+            return str(getattr(self.j2k_decoder, "name", type(self.j2k_decoder).__name__))
+        return "cpu-reduced (pillow-openjpeg in the decode workers)"
 
 
 def plan_preprocess(
@@ -113,3 +130,71 @@ def _torch_cuda() -> bool:
     except ImportError:  # pragma: no cover - torch is a core dependency
         return False
     return bool(torch.cuda.is_available())
+
+
+def plan_j2k(
+    p: Placement,
+    n_j2k: int,
+    card: Any,
+    model_kind: str,
+    backend: str,
+    device: str,
+    engine: str = "local",
+    make_decoder: Any = None,
+) -> Placement:
+    """Step 2 (module docstring): ``p`` with its JPEG 2000 decoder decided; ``n_j2k`` = JPEG 2000 files in
+    the plan. ``make_decoder(device)`` builds the GPU decoder (default ``gpu_j2k.GpuJ2KDecoder``)."""
+    if p.j2k_decoder is not None:  # pinned by the caller (tests: a CPU stand-in with the decoder's interface)
+        if p.handoff != "reduced":
+            raise ValueError("a JPEG 2000 decoder needs the reduced hand-off")
+        return dataclasses.replace(p, j2k="nvimgcodec", j2k_reason=p.j2k_reason or "decoder given")
+    if n_j2k == 0:
+        return dataclasses.replace(p, j2k="cpu", j2k_reason="no JPEG 2000 file in the plan")
+    if p.handoff == "image" and not _auto_may_use_device(p, card, engine):
+        return dataclasses.replace(
+            p, j2k="cpu", j2k_reason=f"preprocessing in the decode workers ({p.reason})"
+        )
+    from xbmd_batch.gpu_j2k import status
+
+    active, why = status()
+    if not active:
+        return dataclasses.replace(p, j2k="cpu", j2k_reason=why)
+    index = p.gpu_index
+    if p.handoff == "image":  # auto chose the workers; JPEG 2000 on the GPU is worth the device path
+        from xbmd_batch.infer.select import resolve_device
+
+        runner_dev, index, why_cpu = resolve_device(device, model_kind)
+        if backend == "tensorrt":
+            runner_dev = "cuda"
+        if runner_dev != "cuda":
+            return dataclasses.replace(p, j2k="cpu", j2k_reason=f"the runner's device is the CPU ({why_cpu})")
+    if make_decoder is None:
+        from xbmd_batch.gpu_j2k import GpuJ2KDecoder as make_decoder
+    try:
+        decoder = make_decoder(f"cuda:{index}")
+    except Exception as e:  # noqa: BLE001 - any failure of the GPU decoder: the CPU decode, with the reason
+        return dataclasses.replace(
+            p,
+            j2k="cpu",
+            j2k_reason=f"nvImageCodec failed its self-test ({type(e).__name__}: {e}); CPU decode",
+        )
+    where = f"{n_j2k} JPEG 2000 file(s) decoded on cuda:{index} by {getattr(decoder, 'name', 'nvImageCodec')}"
+    if p.handoff == "image":
+        return dataclasses.replace(
+            p,
+            handoff="reduced",
+            reason=f"auto: the runner is on cuda:{index} and {where}",
+            gpu_index=index,
+            j2k="nvimgcodec",
+            j2k_reason=why,
+            j2k_decoder=decoder,
+        )
+    return dataclasses.replace(p, j2k="nvimgcodec", j2k_reason=f"{where}; {why}", j2k_decoder=decoder)
+
+
+def _auto_may_use_device(p: Placement, card: Any, engine: str) -> bool:
+    """An ``auto`` placement that left preprocessing to the workers, where the device path is possible (local
+    engine, a version >= 3 definition): the JPEG 2000 clause may still pick the device path."""
+    from xbmd_batch.preprocess import LEGACY_VERSIONS
+
+    return p.requested == "auto" and engine == "local" and card.preprocess.version not in LEGACY_VERSIONS

@@ -1,0 +1,231 @@
+"""GPU JPEG 2000 decode in the scoring loop (score/j2k_device.py, DecodePool(j2k="device"), plan_j2k).
+
+No GPU in CI: the GPU decoder is replaced by a CPU stand-in with its interface (tests/helpers/j2k_standin.py,
+a full decode through pylibjpeg-openjpeg) and batches are finished by torch on the CPU, so everything but the
+nvImageCodec call itself runs here. On the 64-px test model the cohort's JPEG 2000 files (216-270 px) are
+decoded at full resolution by the CPU path too (no wavelet level keeps >= 2 x 64 px), so the stand-in path and
+the CPU path share one definition there and must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from xbmd_batch.config import PreprocessConfig
+from xbmd_batch.dicom_io import Codestream, read_stored
+from xbmd_batch.preprocess import finish, preprocess_stored, reduce_stored
+from xbmd_batch.score.decode import DecodePool
+from xbmd_batch.score.j2k_device import J2KDeviceStage
+from xbmd_batch.score.placement import Placement, plan_j2k
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("openjpeg")  # the stand-in's decoder (the jpeg extra)
+
+from tests.helpers.j2k_standin import NAME, CpuJ2KStandIn  # noqa: E402
+
+J2K = "1.2.840.10008.1.2.4.90"
+CFG = PreprocessConfig(image_size=64)
+
+
+def _files(dicom: Path) -> list[Path]:
+    return sorted(p for p in dicom.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _ts(p: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def truncate_j2k(path: Path) -> Path:
+    """Cut a JPEG 2000 file's codestream 20 bytes into its first tile (main header intact, so it passes every
+    check before decoding; every CPU decoder then fails on it)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: frame.find(b"\xff\x90") + 20]])
+    ds.save_as(path)
+    return path
+
+
+@pytest.fixture()
+def j2k_cohort(cohort_session: Path, tmp_path: Path) -> dict[str, object]:
+    """A copy of the test cohort with one JPEG 2000 file truncated and a junk-header file added."""
+    d = tmp_path / "c"
+    shutil.copytree(cohort_session, d)
+    files = _files(d / "dicom")
+    j2k = [p for p in files if _ts(p) == J2K]
+    assert len(j2k) >= 4
+    truncate_j2k(j2k[-1])
+    (d / "dicom" / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    return {"root": d, "files": _files(d / "dicom"), "j2k": j2k, "bad": j2k[-1]}
+
+
+def _pool(root: Path, files: list[Path], j2k: str, workers: int = 0) -> DecodePool:
+    rel = [str(p.relative_to(root)) for p in files]
+    return DecodePool(
+        root, pa.array(rel, pa.large_string()), CFG, workers, task_size=3, handoff="reduced", j2k=j2k
+    )
+
+
+def _collect(pool: DecodePool, n: int) -> tuple[dict[int, object], dict[int, tuple[int, str, str]]]:
+    items: dict[int, object] = {}
+    failures: dict[int, tuple[int, str, str]] = {}
+    for t in pool.run(np.arange(n)):
+        for i, r in zip(t.idx, t.reduced or [], strict=True):
+            if r is not None:  # a view of the slot: copy what the test keeps
+                px = getattr(r, "pixels", None)
+                items[int(i)] = r if px is None else dataclasses.replace(r, pixels=np.array(px))
+        failures.update({f[0]: f for f in t.failures})
+    return items, failures
+
+
+def test_workers_hand_over_checked_codestreams_with_the_cpu_paths_affine(j2k_cohort: dict) -> None:
+    root, files = j2k_cohort["root"], j2k_cohort["files"]
+    d = root / "dicom"
+    with _pool(d, files, "device") as pool:
+        dev, dev_fail = _collect(pool, len(files))
+    with _pool(d, files, "cpu") as pool:
+        cpu, cpu_fail = _collect(pool, len(files))
+    bad = files.index(j2k_cohort["bad"])
+    junk = files.index(d / "junk.dcm")
+    assert set(dev_fail) == {junk} and dev_fail[junk] == cpu_fail[junk]  # header failures: the same row
+    assert set(cpu_fail) == {junk, bad}  # the truncated file fails only when decoded (main process, on GPU)
+    n_cs = 0
+    for i, p in enumerate(files):
+        if i == junk:
+            continue
+        if p in j2k_cohort["j2k"]:
+            cs = dev[i]
+            assert isinstance(cs, Codestream), p
+            n_cs += 1
+            assert cs.data[:4] == b"\xff\x4f\xff\x51" and cs.transfer_syntax_uid == J2K
+            if i != bad:
+                st, _ = read_stored(p, target_size=64)
+                assert (cs.scale, cs.offset, cs.full_shape) == (st.scale, st.offset, st.full_shape)
+                assert cs.cpu_level == 0 and cs.signed_bits is None
+        else:
+            np.testing.assert_array_equal(dev[i].pixels, cpu[i].pixels)  # unchanged for other syntaxes
+            assert dev[i] == dataclasses.replace(cpu[i], pixels=dev[i].pixels)
+    assert n_cs == len(j2k_cohort["j2k"])
+
+
+def test_stage_decodes_a_batch_and_falls_back_to_the_cpu_path(j2k_cohort: dict) -> None:
+    root, files = j2k_cohort["root"], j2k_cohort["files"]
+    d = root / "dicom"
+    j2k, bad = j2k_cohort["j2k"], j2k_cohort["bad"]
+    refused = j2k[0]  # the stand-in refuses this one: the CPU path decodes it
+    refused_frame = _frame(refused)
+    standin = CpuJ2KStandIn(reject=lambda f: f == refused_frame)
+    with _pool(d, files, "device") as pool:
+        items, _ = _collect(pool, len(files))
+        stage = J2KDeviceStage(standin, CFG, pool.decode_now, "test")
+        idx = np.array(sorted(items), dtype=np.int64)
+        out_idx, out, failures = stage.resolve(idx, [items[int(i)] for i in idx])
+        with _pool(d, files, "cpu") as ref_pool:
+            _, cpu_fail = _collect(ref_pool, len(files))
+    ib = files.index(bad)
+    assert failures == [cpu_fail[ib]]  # the CPU path's very failure row (reason and message)
+    assert ib not in out_idx and len(out_idx) == len(idx) - 1
+    assert standin.calls == [len(j2k)]  # one batch for all codestreams
+    assert (stage.n_gpu, stage.n_fallback, stage.n_failed) == (len(j2k) - 2, 1, 1)
+    desc = stage.describe()
+    assert desc["decoder"] == NAME and desc["cpu_fallback"] == 1 and desc["failed_after_fallback"] == 1
+    for i, red in zip(out_idx, out, strict=True):
+        p = files[int(i)]
+        assert not isinstance(red, Codestream)
+        px = red.pixels.numpy() if torch.is_tensor(red.pixels) else np.asarray(red.pixels)
+        assert torch.is_tensor(red.pixels) == (p in j2k and p != refused)  # decoded by the stand-in
+        st, _ = read_stored(p, target_size=64)
+        want = preprocess_stored(st, CFG)
+        got = finish(dataclasses.replace(red, pixels=px), CFG)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=str(p))
+        if p == refused:
+            ref = reduce_stored(st, CFG)
+            assert (red.fill, red.scale, red.offset) == (ref.fill, ref.scale, ref.offset)
+
+
+def _frame(p: Path) -> bytes:
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    return bytes(next(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=1)))
+
+
+def test_fallback_in_worker_processes(j2k_cohort: dict) -> None:
+    """decode_now with workers: the CPU path in a worker process, result by value."""
+    files, bad = j2k_cohort["files"], j2k_cohort["bad"]
+    d = j2k_cohort["root"] / "dicom"
+    good = j2k_cohort["j2k"][0]
+    with _pool(d, files, "device", workers=1) as pool:
+        pool.start(np.arange(0))
+        task = pool.decode_now(np.array([files.index(good), files.index(bad)]))
+    st, _ = read_stored(good, target_size=64)
+    np.testing.assert_array_equal(task.reduced[0].pixels, reduce_stored(st, CFG).pixels)
+    assert task.reduced[1] is None and len(task.failures) == 1
+    assert "every decoder failed" in task.failures[0][2]
+
+
+class _Stub:
+    name = "stub decoder"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
+def _card(version: int = 4):
+    class _C:
+        preprocess = PreprocessConfig(image_size=64, version=version)
+
+    return _C()
+
+
+def test_plan_j2k(monkeypatch: pytest.MonkeyPatch) -> None:
+    import xbmd_batch.gpu_j2k as gj
+    import xbmd_batch.infer.select as sel
+
+    card = _card()
+    red = Placement("cuda", "reduced", "--preprocess-device cuda", gpu_index=1)
+    p = plan_j2k(red, 0, card, "checkpoint", "torch", "cuda")
+    assert p.j2k == "cpu" and "no JPEG 2000" in p.j2k_reason
+    monkeypatch.setattr(gj, "status", lambda: (False, "nvImageCodec not installed"))
+    p = plan_j2k(red, 3, card, "checkpoint", "torch", "cuda")
+    assert (p.j2k, p.j2k_reason, p.handoff) == ("cpu", "nvImageCodec not installed", "reduced")
+    monkeypatch.setattr(gj, "status", lambda: (True, "active"))
+    p = plan_j2k(red, 3, card, "checkpoint", "torch", "cuda", make_decoder=_Stub)
+    assert p.j2k == "nvimgcodec" and p.j2k_decoder.device == "cuda:1" and "3 JPEG 2000" in p.j2k_reason
+    assert p.describe("cuda:1")["j2k"]["decoder"] == "stub decoder"
+
+    def broken(device: str) -> None:
+        raise RuntimeError("no libnvjpeg2k")
+
+    p = plan_j2k(red, 3, card, "checkpoint", "torch", "cuda", make_decoder=broken)
+    assert p.j2k == "cpu" and "self-test" in p.j2k_reason and "no libnvjpeg2k" in p.j2k_reason
+    # auto that left preprocessing to the workers: JPEG 2000 on the GPU picks the device path...
+    auto = Placement("auto", "image", "auto: workers")
+    monkeypatch.setattr(sel, "resolve_device", lambda device, kind: ("cuda", 2, ""))
+    p = plan_j2k(auto, 3, card, "onnx", "auto", "auto", make_decoder=_Stub)
+    assert (p.handoff, p.gpu_index, p.j2k, p.j2k_decoder.device) == ("reduced", 2, "nvimgcodec", "cuda:2")
+    assert "auto" in p.reason and "JPEG 2000" in p.reason
+    # ...but not without JPEG 2000 files, with a CPU runner, a version-2 card, the Ray engine, or cpu asked
+    assert plan_j2k(auto, 0, card, "onnx", "auto", "auto", make_decoder=_Stub).handoff == "image"
+    assert plan_j2k(auto, 3, _card(2), "onnx", "auto", "auto", make_decoder=_Stub).handoff == "image"
+    assert plan_j2k(auto, 3, card, "onnx", "auto", "auto", "ray", make_decoder=_Stub).handoff == "image"
+    cpu = Placement("cpu", "image", "--preprocess-device cpu")
+    p = plan_j2k(cpu, 3, card, "onnx", "auto", "auto", make_decoder=_Stub)
+    assert (p.handoff, p.j2k) == ("image", "cpu") and "decode workers" in p.j2k_reason
+    monkeypatch.setattr(sel, "resolve_device", lambda device, kind: ("cpu", 0, "no CUDA device"))
+    p = plan_j2k(auto, 3, card, "onnx", "auto", "auto", make_decoder=_Stub)
+    assert (p.handoff, p.j2k) == ("image", "cpu") and "no CUDA device" in p.j2k_reason
+    # a decoder given by the caller (the tests' stand-in) is kept
+    pinned = Placement("cuda", "reduced", "test", torch_device="cpu", j2k_decoder=CpuJ2KStandIn())
+    p = plan_j2k(pinned, 0, card, "onnx", "auto", "auto")
+    assert p.j2k == "nvimgcodec" and p.describe("cpu")["j2k"]["decoder"] == NAME
