@@ -188,9 +188,19 @@ class DeviceBatcher:
                 queued = True
                 if len(self._items) == self.batch_size:
                     yield self._emit()
-        finally:
-            if queued and group >= 0 and self._pool is not None and self._fence is not None:
-                self._pool.hold(group, self._fence())
+        except BaseException:  # the caller stopped early (GeneratorExit) or something failed
+            if queued:
+                try:
+                    self._hold(group)
+                except Exception:  # noqa: BLE001 - a failed device cannot record an event; keep the first error
+                    pass
+            raise
+        if queued:
+            self._hold(group)
+
+    def _hold(self, group: int) -> None:
+        if group >= 0 and self._pool is not None and self._fence is not None:
+            self._pool.hold(group, self._fence())
 
     def flush(self) -> Batch | None:
         return self._emit() if self._items else None
