@@ -48,13 +48,16 @@ def run_local(
         run["sessions"], run["created"] = len(state["sessions"]), state["created"]
         why = f" - {runner.reason}" if runner.reason else ""
         console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
-        if finish_device is not None:
-            console.print(f"preprocessing finished on {finish_device} ({placement.reason})")
+        line = placement.console_line(finish_device)  # where batches finish, or why auto kept the workers
+        if line is not None:
+            console.print(line, markup=False)
         sw.lap("model_load")
         loop = scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device)
         progress = progress_bar(console, opts.quiet)
         with progress:
             stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
+        if stats.upload is not None:  # CUDA finishing: what was page-locked for the uploads, or why not
+            run["preprocess"]["upload"] = stats.upload
     return runner, stats, workers
 
 
