@@ -308,6 +308,8 @@ def test_slot_group_is_reused_only_after_its_copy_completed(
         hold = pool.hold
         monkeypatch.setattr(pool, "hold", lambda g, f: (by_group.setdefault(g, []).append(f), hold(g, f)))
         pool.on_close(lambda: closed.append(all(f.done for f in fences)))
+        base, size, slot = pool.block_span()  # type: ignore[misc]
+        assert base % 4096 == 0 and slot % 4096 == 0 and size == slot * pool._shape[0] * pool._shape[1]
         batcher.attach(pool)
         batches = []
         for task in pool.run(np.arange(len(names))):
@@ -315,6 +317,7 @@ def test_slot_group_is_reused_only_after_its_copy_completed(
         last = batcher.flush()
         batches += [last] if last is not None else []
     assert closed == [True]  # drained before the on_close callback, which ran once
+    assert pool.block_span() is None  # the block is gone; while open it was page-aligned (below)
     assert len(taken) == -(-len(names) // 2) and len(fences) == len(taken)  # one fence per task
     assert len(set(taken)) <= pool._shape[0]
     synced = sum(f.synced for f in fences)

@@ -354,7 +354,12 @@ class DecodePool:
         self._free = list(range(self._shape[0]))[::-1]
         self._fences, self._held = {}, []
         if self.workers == 0:
-            self._slots = np.zeros(self._shape, dtype=np.uint8)
+            # anonymous memory: zeroed, page-aligned (a slot can be page-locked for CUDA uploads like the
+            # shared block), pages allocated only when touched
+            import mmap
+
+            block = mmap.mmap(-1, int(np.prod(self._shape)))
+            self._slots = np.ndarray(self._shape, dtype=np.uint8, buffer=block)
             _init_worker(
                 str(self.root),
                 self.paths,
