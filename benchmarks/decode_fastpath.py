@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -32,11 +31,10 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _common import command_line, write_results  # noqa: E402
 from _machine import cpu_model, load_average  # noqa: E402
 
 
@@ -155,7 +153,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     r = {
         "benchmark": "decode_fastpath",
         "synthetic": True,
-        "command": " ".join([".venv/bin/python", "benchmarks/decode_fastpath.py", *sys.argv[1:]]),
+        "command": command_line("decode_fastpath.py"),
         "cpu": cpu_model(),
         "cores_used": 1,
         "load_average_before": load_before,
@@ -165,11 +163,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "results": res,
     }
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"decode_fastpath_{args.tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / f"decode_fastpath_{args.tag}.md").write_text(_markdown(r))
-    print(_markdown(r))
+    write_results(f"decode_fastpath_{args.tag}", r, _markdown(r))
     return r
 
 

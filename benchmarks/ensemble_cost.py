@@ -11,7 +11,6 @@ Without --run, K quick-preset models with random weights stand in (cost does not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import emit_json  # noqa: E402
 from _machine import cpu_model, load_average  # noqa: E402
 
 
@@ -146,11 +146,7 @@ def main() -> int:
         "load_avg_at_start": load0,
         "load_avg_at_end": load_average(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit_json(result, a.json)
     return 0
 
 

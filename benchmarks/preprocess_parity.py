@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _common import command_line, predict, write_results  # noqa: E402
 from _machine import cpu_model, load_average  # noqa: E402
 
 
@@ -59,24 +57,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(ModelConfig.for_schema(DEFAULT_SCHEMA, dropout=0.0)).eval()
     nf = len(DEFAULT_SCHEMA.fields)
-
-    def predict(xs: list[np.ndarray]) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(xs), 16):
-                b = torch.from_numpy(np.stack(xs[i : i + 16]))
-                z = model(b, torch.zeros(len(b), nf), torch.zeros(len(b), nf))
-                out.append((z[0] if isinstance(z, tuple) else z).numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    sd0 = float(predict(x[2]).std())
+    sd0 = float(predict(model, x[2], nf).std())
     last = model.head.net[-1]
     with torch.no_grad():
         last.weight.mul_(0.08 / max(sd0, 1e-9))
-    pred = {v: predict(xs) for v, xs in x.items()}
+    pred = {v: predict(model, xs, nf) for v, xs in x.items()}
     res: dict[str, Any] = {
         "what": "preprocessing versions vs version 2: model inputs and predictions (SYNTHETIC)",
-        "command": " ".join([".venv/bin/python", "benchmarks/preprocess_parity.py", *sys.argv[1:]]),
+        "command": command_line("preprocess_parity.py"),
         "machine": cpu_model(),
         "load_average_before": load0,
         "n_files": len(files),
@@ -97,11 +85,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "prediction_mean_abs_diff_g_cm2": float(d_pred.mean()),
         }
     res["load_average_after"] = load_average()
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"preprocess_parity_{args.tag}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"preprocess_parity_{args.tag}.md").write_text(_markdown(res))
-    print(_markdown(res))
+    write_results(f"preprocess_parity_{args.tag}", res, _markdown(res))
     return res
 
 

@@ -30,7 +30,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,10 @@ from typing import Any
 # loop rows run torch in this process, so they get the same setting: spinning threads made them 10x slower
 # than the CLI on a box with one other busy process (0.42 img/s plain loop, 2026-11-29): not a fair reference.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from _common import ROOT, command_line, predict, run_sampling_rss, write_results  # noqa: E402
 from _machine import cpu_model, load_average  # noqa: E402
 
 
@@ -92,23 +90,13 @@ def _model(work: Path, files: list[Path]) -> tuple[Path, Path, dict[str, Any]]:
     cfg = ModelConfig.for_schema(DEFAULT_SCHEMA, dropout=0.0)
     model = build_model(cfg).eval()
     nf = len(DEFAULT_SCHEMA.fields)
-
-    def predict(xs: list[np.ndarray]) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(xs), 16):
-                b = torch.from_numpy(np.stack(xs[i : i + 16]))
-                z = model(b, torch.zeros(len(b), nf), torch.zeros(len(b), nf))
-                out.append((z[0] if isinstance(z, tuple) else z).numpy())
-        return np.concatenate(out).astype(np.float64)
-
-    p3 = predict(x3)
+    p3 = predict(model, x3, nf)
     sd0 = float(p3.std())
     last = model.head.net[-1]
     with torch.no_grad():
         last.weight.mul_(0.08 / max(sd0, 1e-9))
         last.bias.zero_()
-    p3, p2 = predict(x3), predict(x2)
+    p3, p2 = predict(model, x3, nf), predict(model, x2, nf)
     # named by version: a cached export of an older definition must not be reused (its card would win)
     ckpt = save_checkpoint(work / f"model_v{v3.version}.pt", model, cfg, DEFAULT_SCHEMA, v3)
     onnx_path = work / f"model_v{v3.version}.onnx"
@@ -134,42 +122,21 @@ def _model(work: Path, files: list[Path]) -> tuple[Path, Path, dict[str, Any]]:
 
 def _score(cohort: Path, model: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """The CLI as a user runs it; wall time of the whole process and peak RSS of the main process."""
-    import psutil
-
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "xbmd_batch", "score", str(cohort / "dicom"), str(cohort / "meta.csv"),
            "--model", str(model), "--out", str(out), "--quiet", *extra]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            pp = psutil.Process(proc.pid)
-            while not stop.is_set():
-                peak[0] = max(peak[0], pp.memory_info().rss)
-                time.sleep(0.1)
-        except psutil.Error:
-            return
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    ran = run_sampling_rss(cmd, cwd=ROOT)
     run = json.loads((out / "run.json").read_text())
     n = run["counts"]["scored"]
     return {
-        "exit_code": proc.returncode,
+        "exit_code": ran.returncode,
         "images": n,
-        "wall_s": round(wall, 2),
-        "whole_process_images_per_s": round(n / wall, 2),
+        "wall_s": round(ran.wall_s, 2),
+        "whole_process_images_per_s": round(n / ran.wall_s, 2),
         "loop_images_per_s": run["throughput"]["images_per_s"],
-        "peak_rss_main_mb": round(peak[0] / 2**20, 1),
+        "peak_rss_main_mb": round(ran.peak_rss_main / 2**20, 1),
         "stage_shares": run.get("stage_shares"),
-        "stderr_tail": err.decode()[-400:] if proc.returncode not in (0, 3) else "",
+        "stderr_tail": ran.stderr.decode()[-400:] if ran.returncode not in (0, 3) else "",
     }
 
 
@@ -218,7 +185,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     r = {
         "benchmark": "score_fastpath",
         "synthetic": True,
-        "command": " ".join([".venv/bin/python", "benchmarks/score_fastpath.py", *sys.argv[1:]]),
+        "command": command_line("score_fastpath.py"),
         "cohort": "xbmd-batch synth C --n 256 --size 2000 --j2k-fraction 0 --seed 3",
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -228,11 +195,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "results": res,
     }
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"score_fastpath_{args.tag}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (out / f"score_fastpath_{args.tag}.md").write_text(_markdown(r))
-    print(_markdown(r))
+    write_results(f"score_fastpath_{args.tag}", r, _markdown(r))
     return r
 
 

@@ -21,15 +21,15 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, run_sampling_rss, write_results  # noqa: E402
+from _machine import load_average  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,10 +53,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parity-n", type=int, default=32)
     return p
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _models(work: Path) -> dict[str, Path]:
@@ -126,45 +122,20 @@ def _replicate(src: Path, dst: Path, factor: int) -> Path:
 
 def _score_subprocess(cohort: Path, model: Path, out: Path, extra: list[str]) -> dict[str, Any]:
     """Run the CLI; sample RSS of the process tree (main + decode workers + forkserver) every 0.1 s."""
-    import psutil
-
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "xbmd_batch", "score", str(cohort / "dicom"), str(cohort / "meta.csv"),
            "--model", str(model), "--out", str(out), "--quiet", *extra]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = {"main": 0, "tree": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            p = psutil.Process(proc.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not stop.is_set():
-            try:
-                main = p.memory_info().rss
-                tree = main + sum(c.memory_info().rss for c in p.children(recursive=True))
-            except psutil.Error:
-                break
-            peak["main"], peak["tree"] = max(peak["main"], main), max(peak["tree"], tree)
-            time.sleep(0.1)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    stop.set()
-    th.join()
+    ran = run_sampling_rss(cmd, cwd=ROOT, tree=True)
     run = json.loads((out / "run.json").read_text())
     return {
-        "exit_code": proc.returncode,
-        "wall_s": round(time.perf_counter() - t0, 2),
+        "exit_code": ran.returncode,
+        "wall_s": round(ran.wall_s, 2),
         "images": run["counts"]["scored"],
         "images_per_s": run["throughput"]["images_per_s"],
-        "peak_rss_main_mb": round(peak["main"] / 2**20, 1),
-        "peak_rss_tree_mb": round(peak["tree"] / 2**20, 1),
+        "peak_rss_main_mb": round(ran.peak_rss_main / 2**20, 1),
+        "peak_rss_tree_mb": round(ran.peak_rss_tree / 2**20, 1),
         "decode_wait_share": run["stage_shares"].get("decode_wait"),
-        "stderr_tail": err.decode()[-300:] if proc.returncode not in (0, 3) else "",
+        "stderr_tail": ran.stderr.decode()[-300:] if ran.returncode not in (0, 3) else "",
     }
 
 
@@ -293,7 +264,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
         "versions": versions(),
-        "load_avg_before": _load(),
+        "load_avg_before": load_average(),
     }
     models = _models(args.work)
     if not args.skip_throughput:
@@ -302,12 +273,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["rss"] = rss(args, models)
     if args.parity_model:
         result["j2k_parity"] = j2k_parity(args)
-    result["load_avg_after"] = _load()
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"score_pipeline_{args.tag}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / f"score_pipeline_{args.tag}.md").write_text(_markdown(result))
-    print(_markdown(result))
+    result["load_avg_after"] = load_average()
+    write_results(f"score_pipeline_{args.tag}", result, _markdown(result), default=str)
     return result
 
 

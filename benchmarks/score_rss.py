@@ -13,12 +13,13 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_sampling_rss  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,35 +35,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
-    import psutil
-
     shutil.rmtree(args.out, ignore_errors=True)
     cmd = [sys.executable, "-X", "importtime", "-m", "xbmd_batch", "score", str(args.dicom_dir),
            str(args.meta), "--model", str(args.model), "--out", str(args.out), "--quiet",
            "-b", str(args.batch_size)]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak = [0]
-
-    def sample() -> None:
-        try:
-            pp = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                peak[0] = max(peak[0], pp.memory_info().rss)
-                time.sleep(0.1)
-        except psutil.Error:
-            return
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    th.join()
+    ran = run_sampling_rss(cmd)
     run = json.loads((args.out / "run.json").read_text())
+    err = ran.stderr.decode()
     res = {
-        "exit_code": proc.returncode,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "peak_rss_main_mb": round(peak[0] / 2**20, 1),
-        "torch_imported": any(re.search(r"\|\s+torch$", line.rstrip()) for line in err.decode().splitlines()),
+        "exit_code": ran.returncode,
+        "wall_s": round(ran.wall_s, 1),
+        "peak_rss_main_mb": round(ran.peak_rss_main / 2**20, 1),
+        "torch_imported": any(re.search(r"\|\s+torch$", line.rstrip()) for line in err.splitlines()),
         "scored": run["counts"]["scored"],
         "loop_images_per_s": run["throughput"]["images_per_s"],
         "load_average": [round(x, 2) for x in os.getloadavg()],

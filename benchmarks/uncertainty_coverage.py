@@ -17,7 +17,6 @@ BMD (what it cannot condition on); and the prevalence of T ≤ −1 / ≤ −2.5
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train/ (rebuilding OOF)
 
+from _common import emit_json  # noqa: E402
 from _machine import cpu_model  # noqa: E402
 
 from xbmd_batch.clinical import SCREEN_THRESHOLDS, get_reference  # noqa: E402
@@ -187,11 +187,7 @@ def main() -> int:
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": None},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit_json(result, a.json)
     return 0
 
 

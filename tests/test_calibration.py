@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.models import smallcnn_wide_cfg
 from xbmd_batch.calibration import MIN_N_SLOPE, apply_calibration, calibration_stats, compose, fit_calibration
 from xbmd_batch.checkpoint import load_model, save_checkpoint
 from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig, PreprocessConfig
@@ -60,18 +61,8 @@ def test_small_set_intercept_only_when_distinguishable_from_zero() -> None:
 def calibrated(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("cal")
     torch.manual_seed(0)
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA,
-        image_size=SIZE,
-        d_model=32,
-        n_layers=1,
-        encoder="smallcnn",
-        cnn_width=4,
-        wide=True,
-        wide_side=32,
-        wide_gain=True,
-        n_members=2,
-    )  # the quick preset's architecture (2 members) plus the metadata gain: every part must export
+    cfg = smallcnn_wide_cfg(SIZE, 32, d_model=32, wide_gain=True, n_members=2)
+    # the quick preset's architecture (2 members) plus the metadata gain: every part must export
     model = build_model(cfg).eval()
     with torch.no_grad():
         model.wide.linear.weight.normal_(0, 1e-3)  # a non-trivial wide path

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers.models import smallcnn_wide_cfg
 from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig
 from xbmd_batch.model import (
     Attention,
@@ -282,17 +283,7 @@ def test_smallcnn_encoder_grid_and_size() -> None:
     ("size", "side", "kernel", "pooled"), [(64, 64, 1, 64), (96, 64, 2, 48), (100, 64, 2, 50)]
 )
 def test_wide_path_pools_any_image_size(size: int, side: int, kernel: int, pooled: int) -> None:
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA,
-        image_size=size,
-        d_model=16,
-        n_layers=1,
-        encoder="smallcnn",
-        cnn_width=4,
-        wide=True,
-        wide_side=side,
-    )
-    m = build_model(cfg).eval()
+    m = build_model(smallcnn_wide_cfg(size, side)).eval()
     assert m.wide.kernel == kernel and m.wide.n_features == pooled * pooled + 2 * F
     out = m(torch.rand(2, 1, size, size), torch.zeros(2, F), torch.ones(2, F))
     assert out.shape == (2,) and torch.isfinite(out).all()

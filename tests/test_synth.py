@@ -21,7 +21,7 @@ from xbmd_batch.synth import (
     realised_stats,
 )
 from xbmd_batch.synth.cohort import _plan, render_task
-from xbmd_batch.synth.render import make_scanners
+from xbmd_batch.synth.scanners import make_scanners
 
 # seed 7 covers explicit/J2K/RLE, MONOCHROME1/2 and rescaled files of both photometrics
 CFG = SynthConfig(

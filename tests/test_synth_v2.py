@@ -25,7 +25,8 @@ from xbmd_batch.synth import (
 )
 from xbmd_batch.synth.cohort import _plan, render_task
 from xbmd_batch.synth.covariates import body_fat_pct, oracle_r2_empirical
-from xbmd_batch.synth.render import Processing, V2Subject, make_processing, make_scanners, render_subject
+from xbmd_batch.synth.render import render_subject
+from xbmd_batch.synth.scanners import Processing, V2Subject, make_processing, make_scanners
 
 # The configuration of tests/test_synth.py, as generator version 1.
 V1 = SynthConfig(

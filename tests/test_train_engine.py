@@ -9,10 +9,11 @@ from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from tests.helpers.models import smallcnn_wide_cfg
 from train.data import ArrayData
 from train.engine import WIDE_ALPHAS, fit, fit_wide
 from train.presets import get_preset
-from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig
+from xbmd_batch.config import DEFAULT_SCHEMA
 from xbmd_batch.loss import make_loss
 from xbmd_batch.model import build_model
 
@@ -29,17 +30,7 @@ def _data(n: int = 60, size: int = 32, seed: int = 0) -> ArrayData:
 
 
 def _model(size: int = 32, side: int = 16):
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA,
-        image_size=size,
-        d_model=16,
-        n_layers=1,
-        encoder="smallcnn",
-        cnn_width=4,
-        wide=True,
-        wide_side=side,
-    )
-    return build_model(cfg)
+    return build_model(smallcnn_wide_cfg(size, side))
 
 
 def test_fit_wide_is_sklearn_ridge_folded_into_the_model_and_frozen() -> None:
@@ -110,10 +101,7 @@ def test_member_ensemble_trains_every_member_on_its_own_loss() -> None:
     from xbmd_batch.model import MemberEnsemble
 
     data = _data()
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA, image_size=32, d_model=16, n_layers=1, encoder="smallcnn", cnn_width=4,
-        wide=True, wide_side=16, n_members=2,
-    )  # fmt: skip
+    cfg = smallcnn_wide_cfg(32, 16, n_members=2)
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model, MemberEnsemble)

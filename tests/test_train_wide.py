@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.models import smallcnn_wide_cfg
 from train.wide import cross_fitted_wide, fit_wide_arrays
-from xbmd_batch.config import DEFAULT_SCHEMA, ModelConfig
+from xbmd_batch.config import DEFAULT_SCHEMA
 from xbmd_batch.model import build_model
 
 N_META = 4
@@ -61,11 +62,7 @@ def test_wide_fit_maps_onto_the_module() -> None:
     mask = np.ones((n, f), np.float32)
     y = (0.7 + 0.05 * img[:, 0, :4, :4].mean((1, 2)) * (1 + 0.5 * meta[:, 1])).astype(np.float32)
     data = ArrayData(images=img, row_of=np.arange(n), meta=meta, mask=mask, y=y)
-    cfg = ModelConfig.for_schema(
-        DEFAULT_SCHEMA, image_size=size, d_model=16, n_layers=1, encoder="smallcnn", cnn_width=4,
-        wide=True, wide_side=8, wide_gain=True,
-    )  # fmt: skip
-    model = build_model(cfg)
+    model = build_model(smallcnn_wide_cfg(size, 8, wide_gain=True))
     info = fit_wide(model, data, np.arange(30), torch.device("cpu"), cross_fit=True)
     t = [torch.from_numpy(a) for a in (img, meta, mask)]
     x = model.wide.features(*t).double().numpy()

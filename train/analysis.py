@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -357,19 +358,20 @@ def covariates_for(subject_ids: np.ndarray, meta_df: pl.DataFrame, labels_path: 
     return out
 
 
+def _read_label_table(p: Path) -> pl.DataFrame:
+    """The label table: parquet by its suffix, else CSV, every column a string (raises what polars raises)."""
+    if p.suffix.lower() in (".parquet", ".pq"):
+        return pl.read_parquet(p)
+    return pl.read_csv(p, infer_schema_length=0)
+
+
 def site_table(labels_path: Any | None) -> pl.DataFrame | None:
     """subject_id, site from the label table's first site-like column (None: no such column / unreadable)."""
     if labels_path is None:
         return None
-    from pathlib import Path
-
     p = Path(labels_path)
     try:
-        t = (
-            pl.read_parquet(p)
-            if p.suffix.lower() in (".parquet", ".pq")
-            else pl.read_csv(p, infer_schema_length=0)
-        )
+        t = _read_label_table(p)
     except Exception:  # noqa: BLE001 - an unreadable table just means no site subgroup
         return None
     col = next((c for c in SITE_COLUMNS if c in t.columns), None)
@@ -384,17 +386,11 @@ def split_by_column(
     groups: np.ndarray, labels_path: Any, column: str
 ) -> tuple[list[tuple[Any, Any]], list[str]]:
     """Leave-one-level-out splits over positions of ``groups`` (subject ids) by a label-table column."""
-    from pathlib import Path
-
     from xbmd_batch.errors import InputError
 
     p = Path(labels_path)
     try:
-        t = (
-            pl.read_parquet(p)
-            if p.suffix.lower() in (".parquet", ".pq")
-            else pl.read_csv(p, infer_schema_length=0)
-        )
+        t = _read_label_table(p)
     except Exception as e:  # noqa: BLE001 - polars raises many types for malformed files
         raise InputError(f"{p}: cannot read the label table for --split-by: {e}") from e
     if column not in t.columns or "subject_id" not in t.columns:

@@ -66,6 +66,24 @@ def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(perm[i::k]) for i in range(min(k, n))]
 
 
+def _inner_splits(n: int, inner_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows to fit on, rows held out) for each of ``inner_folds`` folds (at least 2, at most n // 2)."""
+    k = max(2, min(inner_folds, n // 2))
+    return [(np.setdiff1d(np.arange(n), hold), hold) for hold in _folds(n, k, seed)]
+
+
+def _stage2(
+    z: np.ndarray, m: np.ndarray, y: np.ndarray, interaction: bool
+) -> tuple[float, np.ndarray, np.ndarray, float, float]:
+    """Stage 2, y ~ c + a z + b . m + u . (z m) (u = 0 without ``interaction``): a, b, u, c, alpha."""
+    n_meta = m.shape[1]
+    cols2 = [z[:, None], m] + ([z[:, None] * m] if interaction else [])
+    w2, c, alpha2 = _ridge(np.concatenate(cols2, axis=1), y, STAGE2_ALPHAS)
+    a, b_m = w2[0], w2[1 : 1 + n_meta]
+    u = w2[1 + n_meta :] if interaction else np.zeros(n_meta)
+    return a, b_m, u, c, alpha2
+
+
 def fit_wide_arrays(
     x: np.ndarray,
     y: np.ndarray,
@@ -94,20 +112,14 @@ def fit_wide_arrays(
     cols = np.arange(p) if score_cols == "all" else np.arange(p - n_meta)
     # stage 1: the image score, out of fold on the fitting rows, and its weights from all rows
     z_oof = np.zeros(n)
-    k = max(2, min(inner_folds, n // 2))
-    for hold in _folds(n, k, seed):
-        keep = np.setdiff1d(np.arange(n), hold)
+    for keep, hold in _inner_splits(n, inner_folds, seed):
         w1, b1, _ = _ridge(x[np.ix_(keep, cols)], y[keep], ALPHAS)
         z_oof[hold] = x[np.ix_(hold, cols)] @ w1 + b1
     w_s, b_s, alpha = _ridge(x[:, cols], y, ALPHAS)
     score_w = np.zeros(p)
     score_w[cols] = w_s
     # stage 2: y ~ c + a z + b . m + u . (z m)
-    m = x[:, -n_meta:]
-    cols2 = [z_oof[:, None], m] + ([z_oof[:, None] * m] if interaction else [])
-    w2, c, alpha2 = _ridge(np.concatenate(cols2, axis=1), y, STAGE2_ALPHAS)
-    a, b_m = w2[0], w2[1 : 1 + n_meta]
-    u = w2[1 + n_meta :] if interaction else np.zeros(n_meta)
+    a, b_m, u, c, alpha2 = _stage2(z_oof, x[:, -n_meta:], y, interaction)
     linear_w = a * score_w
     linear_w[-n_meta:] += b_m
     return WideFit(
@@ -136,11 +148,7 @@ def _fit_als(x: np.ndarray, y: np.ndarray, n_meta: int, iters: int, interaction:
         g = 1.0 + m @ v
         w_all, _b, alpha = _ridge(np.concatenate([pix * g[:, None], m], axis=1), y, ALPHAS)
         w = w_all[:npix]
-        z = pix @ w
-        cols2 = [z[:, None], m] + ([z[:, None] * m] if interaction else [])
-        w2, c, alpha2 = _ridge(np.concatenate(cols2, axis=1), y, STAGE2_ALPHAS)
-        a, b_m = w2[0], w2[1 : 1 + n_meta]
-        u = w2[1 + n_meta :] if interaction else np.zeros(n_meta)
+        a, b_m, u, c, alpha2 = _stage2(pix @ w, m, y, interaction)
         if not interaction or abs(a) < 1e-12:
             break
         v = u / a
@@ -164,9 +172,7 @@ def cross_fitted_wide(
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
     out = np.zeros(n)
-    k = max(2, min(inner_folds, n // 2))
-    for hold in _folds(n, k, seed + 1):
-        keep = np.setdiff1d(np.arange(n), hold)
+    for keep, hold in _inner_splits(n, inner_folds, seed + 1):
         fw = fit_wide_arrays(x[keep], np.asarray(y)[keep], n_meta, gain, score_cols, inner_folds, seed)
         out[hold] = fw.predict(x[hold], n_meta)
     return out

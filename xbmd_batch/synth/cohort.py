@@ -36,14 +36,8 @@ from xbmd_batch.synth.covariates import (
     realised_stats,
 )
 from xbmd_batch.synth.dicom_writer import DicomSpec, write_dicom
-from xbmd_batch.synth.render import (
-    Processing,
-    Scanner,
-    V2Subject,
-    make_processing,
-    make_scanners,
-    render_subject,
-)
+from xbmd_batch.synth.render import render_subject
+from xbmd_batch.synth.scanners import Processing, Scanner, V2Subject, make_processing, make_scanners
 
 GENERATOR_VERSIONS = {1: "1.0.0", 2: "2.0.0"}  # recorded in cohort.json
 GENERATOR_VERSION = GENERATOR_VERSIONS[2]  # the default

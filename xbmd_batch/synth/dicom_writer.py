@@ -22,7 +22,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from xbmd_batch.synth.render import Scanner
+from xbmd_batch.synth.scanners import Scanner
 
 CR_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.1")  # Computed Radiography Image Storage
 DX_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation

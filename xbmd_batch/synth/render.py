@@ -71,131 +71,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from xbmd_batch.synth.scanners import Processing, Scanner, V2Subject
+from xbmd_batch.synth.sdf import chord, circle3, ellipse_sdf, line, seg_sdf, smin
+
 WORK_ROWS = 640  # working-grid rows; anatomy, scatter, blur and quantum noise live here
 _GAUSS_TABLE = np.random.default_rng(20240611).standard_normal(65536).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Scanner:
-    """One simulated X-ray system (site). All values are synthetic choices, spread like real CR/DX units."""
-
-    index: int
-    site: str
-    modality: str  # "CR" or "DX"
-    manufacturer: str
-    model_name: str
-    fov_mm: float  # detector height covered by the rows
-    aspect: float  # columns / rows
-    row_factor: float  # matrix rows = round(size * row_factor)
-    bits_stored: int
-    rescale: tuple[float, float] | None  # (slope, intercept) written as RescaleSlope/Intercept, or None
-    gamma: float
-    offset_frac: float  # stored offset as a fraction of the max value
-    gain_frac: float  # stored gain as a fraction of the max value
-    white_noise: float  # full-resolution noise, display units (fraction of the display range)
-    mtf_sigma_mm: float  # detector blur
-    grid: float  # scatter factor (anti-scatter grid quality: lower is better)
-    quanta: float  # relative detector efficiency (quanta per mm² scale)
-    kvp: float
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["rescale"] = list(self.rescale) if self.rescale else None
-        return d
-
-
-def make_scanners(n_scanners: int, seed: int) -> list[Scanner]:
-    """Deterministic scanner park; CR and DX alternate, bit depth and rescale tags vary by scanner."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5CA]))
-    bits = (12, 14, 16, 12, 15, 14, 16, 12)
-    rescales: tuple[tuple[float, float] | None, ...] = (
-        None,
-        (0.5, -1024.0),
-        None,
-        (2.0, -100.0),
-        (1.0, -4096.0),
-    )
-    out = []
-    for i in range(n_scanners):
-        modality = "CR" if i % 2 == 0 else "DX"
-        out.append(
-            Scanner(
-                index=i,
-                site=f"SITE{i + 1:02d}",
-                modality=modality,
-                manufacturer="SynthRay (synthetic)",
-                model_name=f"SYNTH-{modality}-{i + 1}",
-                fov_mm=float(rng.uniform(330, 380)),
-                aspect=float(rng.choice([0.8, 0.82, 0.85, 0.9, 1.0])),
-                row_factor=float(rng.uniform(0.9, 1.1)) if n_scanners > 1 else 1.0,
-                bits_stored=bits[i % len(bits)],
-                rescale=rescales[i % len(rescales)],
-                gamma=float(rng.uniform(0.92, 1.08)),
-                offset_frac=float(rng.uniform(0.02, 0.10)),
-                gain_frac=float(rng.uniform(0.95, 1.15)),
-                white_noise=float(rng.uniform(0.002, 0.006)),
-                mtf_sigma_mm=float(rng.uniform(0.15, 0.45)),
-                grid=float(rng.uniform(0.2, 0.5)),
-                quanta=float(rng.uniform(0.6, 1.4)),
-                kvp=float(rng.choice([70.0, 75.0, 77.0, 81.0, 85.0])),
-            )
-        )
-    return out
-
-
-@dataclass(frozen=True)
-class Processing:
-    """Vendor-style image processing of one scanner (generator version 2; SYNTHETIC parameters).
-
-    Applied to the display image d on the working grid, then mapped back to d's range::
-
-        d1 = d - drc_strength * G_drc * d                   dynamic-range compression (flattens soft tissue)
-        d2 = d1 + usm_gain * (d1 - G_usm * d1)              unsharp masking (edge enhancement)
-        d' = min(d) + (d2 - min(d2)) (max(d) - min(d)) / (max(d2) - min(d2))
-    """
-
-    index: int
-    drc_strength: float
-    drc_sigma_mm: float
-    usm_gain: float
-    usm_sigma_mm: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def make_processing(n_scanners: int, seed: int, v2: Any = None) -> list[Processing]:
-    """One processing setting per scanner, from its own random stream (the v1 scanner park is unchanged)."""
-    from xbmd_batch.synth.covariates import GeneratorV2
-
-    g = v2 or GeneratorV2()
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5CA, 2]))
-    return [
-        Processing(
-            index=i,
-            drc_strength=float(rng.uniform(*g.drc_strength)),
-            drc_sigma_mm=float(rng.uniform(*g.drc_sigma_mm)),
-            usm_gain=float(rng.uniform(*g.usm_gain)),
-            usm_sigma_mm=float(rng.uniform(*g.usm_sigma_mm)),
-        )
-        for i in range(n_scanners)
-    ]
-
-
-@dataclass(frozen=True)
-class V2Subject:
-    """Per-subject inputs of generator version 2 (covariates.py): site densities, contrast, processing."""
-
-    bmd_pelvis: float
-    bmd_shaft: float
-    bone_contrast: float
-    processing: Processing
-    mag_ref: float = 1.15
-    mag_per_mm: float = 0.0025
 
 
 def _lowpass(a: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -282,64 +165,6 @@ def _texture_tile(rng: np.random.Generator, neck_dir: float, n: int = 256) -> np
     t -= t.mean()
     t /= t.std() + 1e-12
     return t
-
-
-def _seg_sdf(
-    pu: np.ndarray, pv: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], r0: float, r1: float
-) -> np.ndarray:
-    """Signed distance (approx.) to a tapered capsule p0 (radius r0) -> p1 (radius r1)."""
-    du, dv = p1[0] - p0[0], p1[1] - p0[1]
-    x, y = pu - p0[0], pv - p0[1]
-    t = np.clip((x * du + y * dv) / (du * du + dv * dv), 0.0, 1.0)
-    x = x - t * du
-    y = y - t * dv
-    return np.sqrt(x * x + y * y) - (r0 + (r1 - r0) * t)
-
-
-def _ellipse_sdf(
-    pu: np.ndarray, pv: np.ndarray, cu: float, cv: float, a: float, b: float, ang: float = 0.0
-) -> np.ndarray:
-    """Signed distance (first-order approximation, exact on the boundary) to an ellipse rotated by `ang`."""
-    x, y = pu - cu, pv - cv
-    if ang:
-        ca, sa = math.cos(ang), math.sin(ang)
-        x, y = ca * x + sa * y, -sa * x + ca * y
-    k0 = np.sqrt((x / a) ** 2 + (y / b) ** 2)
-    k1 = np.sqrt((x / (a * a)) ** 2 + (y / (b * b)) ** 2)
-    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-6)
-
-
-def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
-    """Smooth union of two signed distances (polynomial smooth minimum, blend width k)."""
-    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
-    return b + (a - b) * h - k * h * (1.0 - h)
-
-
-def _chord(sdf: np.ndarray, rd: np.ndarray | float) -> np.ndarray:
-    """Projected path through a solid whose outline has signed distance `sdf` and half-depth `rd`.
-
-    Rounded edge (a cylinder of radius rd seen side-on: 2 sqrt(q (2 rd - q)), q = depth inside the outline),
-    flat 2 rd once more than rd inside — bone as deep as it is wide near its edges, no deeper in the middle.
-    """
-    q = np.clip(-sdf, 0.0, rd)
-    return 2.0 * np.sqrt(q * (2.0 * rd - q))
-
-
-def _line(d: np.ndarray, w: float) -> np.ndarray:
-    """Gaussian line profile of half-width w at signed distance d."""
-    return np.exp(-((d / w) ** 2))
-
-
-def _circle3(
-    p1: tuple[float, float], p2: tuple[float, float], p3: tuple[float, float]
-) -> tuple[float, float, float]:
-    """Centre and radius of the circle through three points."""
-    (x1, y1), (x2, y2), (x3, y3) = p1, p2, p3
-    d = 2 * (x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
-    s1, s2, s3 = x1 * x1 + y1 * y1, x2 * x2 + y2 * y2, x3 * x3 + y3 * y3
-    cx = (s1 * (y2 - y3) + s2 * (y3 - y1) + s3 * (y1 - y2)) / d
-    cy = (s1 * (x3 - x2) + s2 * (x1 - x3) + s3 * (x2 - x1)) / d
-    return cx, cy, math.hypot(x1 - cx, y1 - cy)
 
 
 def render_subject(
@@ -473,11 +298,11 @@ def render_subject(
         along = du * d_u + dv * d_v  # along the shaft axis from J, + distal
         lat = du * p_u + dv * p_v  # across the shaft, + medial
         shaft = np.maximum(np.abs(lat) - r_s, -0.2 * r_h - along)
-        it = _ellipse_sdf(lat, along, -0.15 * r_h, -0.2 * r_h, 0.8 * r_h, 0.8 * r_h)
-        gt = _ellipse_sdf(lat, along, gt_lat, gt_al, 0.47 * r_h, 0.8 * r_h, -0.14)
-        sdf = _smin(_smin(neck, it, 0.4 * r_h), gt, 0.18 * r_h)  # small blend: trochanteric fossa notch
-        sdf = _smin(sdf, shaft, 0.7 * r_h)  # calcar (inferior neck -> medial shaft), lateral trochanter flare
-        sdf = _smin(sdf, _ellipse_sdf(lat, along, lt_lat, lt_al, 0.32 * r_h, 0.48 * r_h, 0.35), 0.25 * r_h)
+        it = ellipse_sdf(lat, along, -0.15 * r_h, -0.2 * r_h, 0.8 * r_h, 0.8 * r_h)
+        gt = ellipse_sdf(lat, along, gt_lat, gt_al, 0.47 * r_h, 0.8 * r_h, -0.14)
+        sdf = smin(smin(neck, it, 0.4 * r_h), gt, 0.18 * r_h)  # small blend: trochanteric fossa notch
+        sdf = smin(sdf, shaft, 0.7 * r_h)  # calcar (inferior neck -> medial shaft), lateral trochanter flare
+        sdf = smin(sdf, ellipse_sdf(lat, along, lt_lat, lt_al, 0.32 * r_h, 0.48 * r_h, 0.35), 0.25 * r_h)
         t1 = np.clip((s - (l_p - 0.8 * r_h)) / (0.6 * r_h), 0.0, 1.0)  # neck -> trochanteric region
         t2 = np.clip((along - (lt_al - 0.2 * r_h)) / (0.9 * r_h), 0.0, 1.0)  # -> shaft
         rd_n = 0.85 * w_n
@@ -486,8 +311,8 @@ def render_subject(
         c_n = c_neck * (1.0 + 0.5 * np.clip(w / w_n, -1.0, 1.0))  # calcar side thicker than the superior
         c = c_n + (c_thin - c_n) * t1
         c = c + (c_shaft - c) * np.clip((along - lt_al) / r_h, 0.0, 1.0)
-        t_out = _chord(sdf, rd)
-        t_in = _chord(sdf + c, rd - c)
+        t_out = chord(sdf, rd)
+        t_in = chord(sdf + c, rd - c)
         rho2 = uu * uu + vv * vv
         head_o = 2 * np.sqrt(np.maximum(0.0, r_h**2 - rho2))
         head_i = 2 * np.sqrt(np.maximum(0.0, (r_h - c_thin) ** 2 - rho2))
@@ -513,8 +338,8 @@ def render_subject(
     c_p = 1.3 * sa * r_pel**0.6  # pelvic cortex
     # acetabular walls over the head: bone medial to the posterior / anterior rim (circles through 3 points)
     rims = [
-        _circle3((pl_u, pl_v), (-0.4 * r_h, 0.2 * r_h), (0.0, 1.0 * r_h)),
-        _circle3((0.1 * r_h, -r_a + 0.5), (-0.1 * r_h, 0.2 * r_h), (0.45 * r_h, 0.95 * r_h)),
+        circle3((pl_u, pl_v), (-0.4 * r_h, 0.2 * r_h), (0.0, 1.0 * r_h)),
+        circle3((0.1 * r_h, -r_a + 0.5), (-0.1 * r_h, 0.2 * r_h), (0.45 * r_h, 0.95 * r_h)),
     ]
 
     def acet_cover(uu: np.ndarray, vv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -545,21 +370,21 @@ def render_subject(
     sl = box(pl_u - 70 * sa, u_m, v_lo - 1, 1.6 * r_h)
     if sl is not None:
         uu, vv = u[sl], v[sl]
-        inlet = _ellipse_sdf(uu, vv, u_m, v_in, a_in, b_in)
+        inlet = ellipse_sdf(uu, vv, u_m, v_in, a_in, b_in)
         ilium = np.maximum(np.sqrt((uu - cb_u) ** 2 + (vv - cb_v) ** 2) - rho_b, -inlet)
         ilium = np.maximum(ilium, uu - (u_m - 42.0 * sa + 0.15 * (vv + 50.0 * sa)))
         ilium = np.maximum(ilium, vv - 0.3 * r_h)
-        body = _ellipse_sdf(uu, vv, 0.7 * r_h, 0.45 * r_h, 0.95 * r_h, 1.05 * r_h)
-        sdf = _smin(ilium, body, 8.0 * sa)
+        body = ellipse_sdf(uu, vv, 0.7 * r_h, 0.45 * r_h, 0.95 * r_h, 1.05 * r_h)
+        sdf = smin(ilium, body, 8.0 * sa)
         factor, rr = acet_cover(uu, vv)
         rd = 3.5 * sa + 14.0 * sa * np.exp(-np.maximum(rr - r_a, 0.0) / (18.0 * sa))
-        put(sl, _chord(sdf, rd) * factor, _chord(sdf + c_p, rd - c_p) * factor)
+        put(sl, chord(sdf, rd) * factor, chord(sdf + c_p, rd - c_p) * factor)
         # iliopectineal line (pelvic brim) on the inlet's lower-lateral arc
-        lines[sl] += 5.0 * sa * _line(inlet, 1.2 * sa) * (vv > v_in - 0.6 * b_in) * (uu < u_m - 8.0 * sa)
+        lines[sl] += 5.0 * sa * line(inlet, 1.2 * sa) * (vv > v_in - 0.6 * b_in) * (uu < u_m - 8.0 * sa)
         # rims of the acetabular walls across the head
         for ru, rv, rho in rims:
             dd = np.sqrt((uu - ru) ** 2 + (vv - rv) ** 2) - rho
-            lines[sl] += 2.5 * sa * _line(dd, 0.9 * sa) * (rr < r_a)
+            lines[sl] += 2.5 * sa * line(dd, 0.9 * sa) * (rr < r_a)
     # ischium and pubic rami around the obturator foramen (smooth union, folded about the midline)
     of_l, of_r = 1.6 * r_h, u_m - 27.0 * sa  # obturator foramen: lateral / medial extent
     of_u, of_v, of_a, of_b = 0.5 * (of_l + of_r), v_sym + 1.15 * r_h, 0.5 * (of_r - of_l), 1.2 * r_h
@@ -568,28 +393,28 @@ def render_subject(
     if sl is not None:
         uu, vv = u[sl], v[sl]
         uf = u_m - np.abs(uu - u_m)
-        isch = _seg_sdf(uf, vv, (0.55 * r_h, 0.9 * r_h), (0.9 * r_h, 2.9 * r_h), 0.68 * r_h, 0.55 * r_h)
-        sup = _seg_sdf(uf, vv, (0.9 * r_h, 0.55 * r_h), (u_m - 15 * sa, v_sym + 8 * sa), 10 * sa, 8 * sa)
-        pub = _seg_sdf(
+        isch = seg_sdf(uf, vv, (0.55 * r_h, 0.9 * r_h), (0.9 * r_h, 2.9 * r_h), 0.68 * r_h, 0.55 * r_h)
+        sup = seg_sdf(uf, vv, (0.9 * r_h, 0.55 * r_h), (u_m - 15 * sa, v_sym + 8 * sa), 10 * sa, 8 * sa)
+        pub = seg_sdf(
             uf, vv, (u_m - 13 * sa, v_sym + 10 * sa), (u_m - 14 * sa, v_sym + 40 * sa), 12 * sa, 12 * sa
         )
-        inf = _seg_sdf(uf, vv, (u_m - 16 * sa, v_sym + 40 * sa), (1.15 * r_h, 3.1 * r_h), 8 * sa, 9 * sa)
-        sdf = _smin(_smin(_smin(isch, sup, 8 * sa), pub, 8 * sa), inf, 8 * sa)
-        sdf = _smin(sdf, _ellipse_sdf(uf, vv, of_u, of_v, of_a + 9 * sa, of_b + 9 * sa, of_t), 6 * sa)
-        sdf = np.maximum(sdf, -_ellipse_sdf(uf, vv, of_u, of_v, of_a, of_b, of_t))  # obturator foramen
+        inf = seg_sdf(uf, vv, (u_m - 16 * sa, v_sym + 40 * sa), (1.15 * r_h, 3.1 * r_h), 8 * sa, 9 * sa)
+        sdf = smin(smin(smin(isch, sup, 8 * sa), pub, 8 * sa), inf, 8 * sa)
+        sdf = smin(sdf, ellipse_sdf(uf, vv, of_u, of_v, of_a + 9 * sa, of_b + 9 * sa, of_t), 6 * sa)
+        sdf = np.maximum(sdf, -ellipse_sdf(uf, vv, of_u, of_v, of_a, of_b, of_t))  # obturator foramen
         gap = np.clip((np.abs(uu - u_m) - 1.5 * sa) / sa, 0.0, 1.0)  # symphysis
         rd = 8.0 * sa + 6.0 * sa * np.clip((1.6 * r_h - uf) / (0.8 * r_h), 0.0, 1.0)  # ischium thicker
-        put(sl, _chord(sdf, rd) * gap, _chord(sdf + c_p, rd - c_p) * gap)
+        put(sl, chord(sdf, rd) * gap, chord(sdf + c_p, rd - c_p) * gap)
     # sacrum (an inverted triangle) medial to the sacro-iliac joint
     sl = box(u_m - 60 * sa, u_m + 60 * sa, v_lo - 1, -20 * sa)
     if sl is not None:
         uu, vv = u[sl], v[sl]
         uf = u_m - np.abs(uu - u_m)
         sdf = np.maximum(
-            _seg_sdf(uf, vv, (u_m, -165 * sa), (u_m, -45 * sa), 50 * sa, 20 * sa),
+            seg_sdf(uf, vv, (u_m, -165 * sa), (u_m, -45 * sa), 50 * sa, 20 * sa),
             (u_m - 39.0 * sa + 0.15 * (vv + 50.0 * sa)) - uf,
         )
-        put(sl, _chord(sdf, 3.0 * sa), _chord(sdf + c_p, 3.0 * sa - c_p))
+        put(sl, chord(sdf, 3.0 * sa), chord(sdf + c_p, 3.0 * sa - c_p))
     # sourcil (dense subchondral roof), teardrop, ilioischial line
     sl = box(pl_u - 5, r_a, -r_a - 8 * sa, -0.1 * r_h)
     if sl is not None:
@@ -599,21 +424,21 @@ def render_subject(
         ph_c, ph_h = (math.radians(50.0) - ce) / 2, (math.radians(50.0) + ce) / 2
         win = np.sqrt(np.clip(1.0 - ((phi - ph_c) / ph_h) ** 2, 0.0, 1.0))
         rr = np.sqrt(uu * uu + vv * vv)
-        lines[sl] += 9.0 * sa * win * _line(rr - (r_a + 2.0 * sa), 1.6 * sa)
+        lines[sl] += 9.0 * sa * win * line(rr - (r_a + 2.0 * sa), 1.6 * sa)
     td_u, td_v, td_a, td_b = r_a + 5.0 * sa, 0.5 * r_h, 4.0 * sa, 0.45 * r_h
     sl = box(td_u - 8 * sa, td_u + 8 * sa, td_v - td_b, td_v + td_b + 5 * sa)
     if sl is not None:
         uu, vv = u[sl], v[sl]
         mark(sl)
-        e = _ellipse_sdf(uu, vv, td_u, td_v, td_a, td_b)
-        lines[sl] += (5.0 * sa * _line(e, 1.0 * sa) + 3.0 * sa * (e < 0)) * (vv > td_v - 0.3 * r_h)
+        e = ellipse_sdf(uu, vv, td_u, td_v, td_a, td_b)
+        lines[sl] += (5.0 * sa * line(e, 1.0 * sa) + 3.0 * sa * (e < 0)) * (vv > td_v - 0.3 * r_h)
     x_ii = r_a + 11.0 * sa
     sl = box(x_ii - 6 * sa, x_ii + 6 * sa, v_in, 2.2 * r_h)
     if sl is not None:
         uu, vv = u[sl], v[sl]
         mark(sl)
         ends = np.clip((vv - v_in) / (10 * sa), 0.0, 1.0) * np.clip((0.9 * r_h - vv) / (8 * sa), 0.0, 1.0)
-        lines[sl] += 4.0 * sa * _line(uu - x_ii, 1.0 * sa) * ends
+        lines[sl] += 4.0 * sa * line(uu - x_ii, 1.0 * sa) * ends
     f_p = 0.30 * r_pel**0.8  # pelvic trabecular fraction: follows BMD, more weakly than the femur
     if ext[0] < ext[1]:
         sl = (slice(ext[0], ext[1]), slice(ext[2], ext[3]))
