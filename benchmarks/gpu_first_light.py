@@ -6,9 +6,10 @@ that are easier in Python). Subcommands:
   gives are throughput only, and predictions are meaningless).
 - ``sample-gpu CSV --interval 0.25``: GPU utilisation samples with epoch timestamps until killed (pynvml when
   importable, else ``nvidia-smi``).
-- ``summarize OUT``: reads OUT/steps.jsonl, the bench.json files under OUT/work/bench, OUT/gpu_util.csv and
-  the facts; writes OUT/summary.json and OUT/summary.md (every throughput row labelled SYNTHETIC cohort,
-  with the GPU utilisation measured during that bench call).
+- ``summarize OUT``: reads OUT/steps.jsonl, the bench.json files under OUT/work/bench, the steady-state
+  score runs' run.json under OUT/work/steady, OUT/gpu_util.csv and the facts; writes OUT/summary.json and
+  OUT/summary.md (every throughput row labelled SYNTHETIC cohort, with the GPU utilisation measured during
+  that bench call or score run).
 
 Only the standard library at import time: ``summarize`` must run even where the project's dependencies did not
 install.
@@ -43,6 +44,7 @@ def facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
+        "dev_shm": _dev_shm(),
     }
     smi = _run(
         [
@@ -72,6 +74,16 @@ def facts() -> dict[str, Any]:
         except Exception as e:
             d[mod] = f"not importable: {type(e).__name__}"
     return d
+
+
+def _dev_shm() -> dict[str, int] | None:
+    """/dev/shm size and free bytes: the decode pool's shared-memory slots live there (a small one, e.g.
+    Docker's 64 MB, shrinks the slots and images then travel by value)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return {"total_bytes": st.f_blocks * st.f_frsize, "free_bytes": st.f_bavail * st.f_frsize}
 
 
 def make_model(path: Path, size: int) -> Path:
@@ -175,11 +187,48 @@ def summarize(out: Path) -> dict[str, Any]:
         "machine": machine,
         "steps": steps,
         "bench": bench_rows,
+        "steady": steady_rows(out, by_step, samples),
         "gpu_samples": len(samples),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "summary.md").write_text(render_md(summary))
     return summary
+
+
+def steady_rows(
+    out: Path, by_step: dict[str, dict[str, Any]], samples: list[dict[str, float]]
+) -> list[dict[str, Any]]:
+    """One row per steady-state score run (OUT/work/steady/<prep>_r<round>/run.json): throughput, where
+    preprocessing finished and why, the page-locking report, stage times, GPU utilisation during the run."""
+    rows = []
+    for rj in sorted((out / "work" / "steady").glob("*/run.json")):
+        try:
+            run = json.loads(rj.read_text())
+        except (OSError, ValueError):
+            continue
+        step = by_step.get(f"steady_{rj.parent.name}", {})
+        tp, prep, t = run.get("throughput") or {}, run.get("preprocess") or {}, run.get("timings_s") or {}
+        rows.append(
+            {
+                "call": rj.parent.name,
+                "synthetic_cohort": True,
+                "status": run.get("status"),
+                "scored": (run.get("counts") or {}).get("scored"),
+                "images_per_s": tp.get("images_per_s"),
+                "scoring_loop_s": tp.get("scoring_loop_s"),
+                "wall_s": tp.get("wall_s"),
+                "step_s": step.get("seconds"),
+                "preprocess_device": prep.get("device"),
+                "preprocess_reason": prep.get("reason"),
+                "upload": prep.get("upload"),
+                "infer_s": t.get("infer"),
+                "preprocess_device_s": t.get("preprocess_device"),
+                "decode_wait_s": t.get("decode_wait"),
+                "model_load_s": t.get("model_load"),
+                "gpu_util_during_call": _util_between(samples, step["start"], step["end"]) if step else None,
+            }
+        )
+    return rows
 
 
 def _fmt(x: Any, nd: int = 1) -> str:
@@ -220,6 +269,31 @@ def render_md(summary: dict[str, Any]) -> str:
             f"{r.get('transfer_syntax') or ''} | {_fmt(r.get('batch_size'))} | {_fmt(r.get('n'))} | "
             f"{_fmt(r.get('items_per_s'))} | {_fmt(r.get('ratio_to_model_only'), 2)} | {util} |"
         )
+    if summary.get("steady"):
+        lines += [
+            "",
+            "## Steady state: score end to end, CPU vs GPU finishing back to back (SYNTHETIC cohort)",
+            "",
+            "| run | scored | loop images/s | loop s | wall s | finished on | page-locked MiB (s) | infer s "
+            "| prep-device s | decode wait s | GPU util mean/max % |",
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|",
+        ]
+        for r in summary["steady"]:
+            u, up = r.get("gpu_util_during_call"), r.get("upload")
+            util = f"{u['gpu_util_mean_pct']}/{u['gpu_util_max_pct']}" if u else ""
+            pin = ""
+            if up:
+                pin = (
+                    f"{up.get('bytes', 0) / 2**20:.0f} ({up.get('seconds')})"
+                    if not up.get("failure")
+                    else f"failed: {up['failure']}"
+                )
+            lines.append(
+                f"| {r['call']} | {_fmt(r.get('scored'))} | {_fmt(r.get('images_per_s'))} | "
+                f"{_fmt(r.get('scoring_loop_s'), 2)} | {_fmt(r.get('wall_s'), 1)} | "
+                f"{r.get('preprocess_device') or ''} | {pin} | {_fmt(r.get('infer_s'), 2)} | "
+                f"{_fmt(r.get('preprocess_device_s'), 2)} | {_fmt(r.get('decode_wait_s'), 2)} | {util} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         sample_gpu(a.out, a.interval)
     else:
         s = summarize(a.out)
-        print(f"summary: {len(s['steps'])} steps, {len(s['bench'])} bench rows -> {a.out / 'summary.md'}")
+        print(
+            f"summary: {len(s['steps'])} steps, {len(s['bench'])} bench rows, {len(s['steady'])} steady runs "
+            f"-> {a.out / 'summary.md'}"
+        )
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU first light for xbmd-batch: one prepared run on a CUDA box (target: <= 8 min on 16 cores + one H100/H200).
+# GPU first light for xbmd-batch: one prepared run on a CUDA box (target: <= 7 min on 16 cores + one H100/H200).
 #
 #   OUT=/results bash benchmarks/gpu_first_light.sh            # the run
 #   OUT=/tmp/x  bash benchmarks/gpu_first_light.sh --dry-run   # print the plan, check the CPU parts (CI runs this)
@@ -10,20 +10,32 @@
 #
 # Environment (all optional):
 #   PYTHON=python3            interpreter that has torch (a CUDA build); nothing is installed over it
-#   WHEELHOUSE=DIR            wheels for what that python lacks (pydicom, polars, polars-runtime-32, and optionally
-#                             onnxruntime-gpu / tensorrt*): installed with --no-index into $OUT/work/site.
+#   WHEELHOUSE=DIR            wheels for what that python lacks, installed with --no-index into $OUT/work/site:
+#                             pydicom, polars, polars-runtime-32 (required) and pylibjpeg + pylibjpeg-openjpeg (the
+#                             J2K cases of pytest -m gpu need them), optionally onnxruntime-gpu / tensorrt*.
 #                             Build it on a connected machine: see docs/gpu.md ("Offline GPU box: a wheelhouse").
+#                             On this workplace's H200 box (64 MiB carry for tree + wheels, no index): put exactly
+#                             these cp312 wheels in /work/main/.whl (ignored by git; pip download --no-deps, sizes
+#                             measured 2026-11-30): pydicom-3.0.2 (2.4 MB), polars-2.1.0 (0.9 MB),
+#                             polars_runtime_32-2.1.0 (53.9 MB), pylibjpeg-2.1.0 (0.03 MB),
+#                             pylibjpeg_openjpeg-2.6.0 cp312 manylinux (2.0 MB) = 59.2 MB (56.4 MiB); with the
+#                             ~2.5 MB tracked tree ~59 MiB of 64 MiB. onnxruntime-gpu (~255 MB) / TensorRT do not fit.
 #   PIP_NO_INDEX=1            never reach a package index (set this on boxes without one)
 #   FIRST_LIGHT_BUDGET_S=450  wall-clock budget; a step that does not fit in what is left is skipped, not started
 #   FIRST_LIGHT_DEVICE=cuda   "cpu" runs the same steps on a CPU box (fp32, torch + onnxruntime) to check the script
-#   COHORT_N=256 COHORT_SIZE=2000 MODEL_SIZE=224 BATCHES="32 128 256" PRECISIONS="fp32 fp16 bf16" E2E_BATCH=128
+#   COHORT_N=256 COHORT_SIZE=2000 MODEL_SIZE=224 BATCHES="128" PRECISIONS="fp16" E2E_BATCH=128
+#                             (the 2026-11-29 H200 run measured fp32/fp16/bf16 x 32/128/256; BATCHES="32 128 256"
+#                             PRECISIONS="fp32 fp16 bf16" repeats that)
+#   STEADY_N=1024 STEADY_ROUNDS=2  steady state: a second SYNTHETIC cohort of STEADY_N images, scored end to end
+#                             (torch fp16, batch E2E_BATCH) with --preprocess-device cpu then cuda, STEADY_ROUNDS times
+#                             back to back, GPU utilisation sampled; STEADY_N=0 skips it
 #
 # Exit code: 0 when every mandatory step passed (env, facts, cohort, model, export, pytest_gpu, and bench for each
 # backend that is installed); 1 otherwise; 2 bad usage. Optional steps (pins venv, GPU package installs) are
 # recorded as skipped or failed without failing the run.
 set -uo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0
 for arg in "$@"; do
   case "$arg" in
@@ -40,10 +52,13 @@ BUDGET_S=${FIRST_LIGHT_BUDGET_S:-450}
 COHORT_N=${COHORT_N:-256}
 COHORT_SIZE=${COHORT_SIZE:-2000}
 MODEL_SIZE=${MODEL_SIZE:-224}
-BATCHES=${BATCHES:-"32 128 256"}
-PRECISIONS=${PRECISIONS:-"fp32 fp16 bf16"}
+BATCHES=${BATCHES:-"128"}
+PRECISIONS=${PRECISIONS:-"fp16"}
 E2E_BATCH=${E2E_BATCH:-128}
+STEADY_N=${STEADY_N:-1024}
+STEADY_ROUNDS=${STEADY_ROUNDS:-2}
 DEVICE=${FIRST_LIGHT_DEVICE:-cuda}
+COHORT_J2K=${COHORT_J2K:-0}
 NPROC=$(nproc 2>/dev/null || echo 4)
 WORKERS=${WORKERS:-$(( NPROC > 2 ? NPROC - 1 : 1 ))}  # one core for the scoring process itself
 mkdir -p "$OUT/work"
@@ -153,6 +168,12 @@ env_step() {
     echo "missing: ${missing[*]} -> installing ${dists[*]} into $SITE"
     pip_install_target "$SITE" "${dists[@]}" || return 1
   fi
+  # JPEG 2000 encode/decode for the J2K cases of pytest -m gpu (the conftest cohort has J2K files); the bench
+  # cohorts stay uncompressed (COHORT_J2K) so their rows compare with the 2026-11-29 run
+  if ! has_module pylibjpeg || ! has_module openjpeg; then
+    pip_install_target "$SITE" pylibjpeg pylibjpeg-openjpeg \
+      || echo "WARNING: pylibjpeg / pylibjpeg-openjpeg not installable (not in WHEELHOUSE?): the J2K tests of pytest_gpu will error"
+  fi
   "$PY" -c "import xbmd_batch.cli, export.onnx_export; print('project importable from', xbmd_batch.cli.__file__)"
 }
 
@@ -195,6 +216,12 @@ pins_step() {  # the GPU extra's pins (requirements/gpu-pins.txt) in a small ven
   PYTHONPATH="$ROOT" "$WORK/pins/bin/python" "$ROOT/tests/fp16_pins_probe.py" "${model[@]}"
 }
 
+steady_call() {  # NAME PREP: score the steady cohort end to end (torch fp16, batch E2E_BATCH) -> work/steady/NAME
+  "$PY" -m xbmd_batch score "$WORK/steady_cohort/dicom" "$WORK/steady_cohort/meta.csv" -m "$WORK/model.pt" \
+    --backend torch --device "$DEVICE" --precision "$STEADY_PRECISION" -b "$E2E_BATCH" --workers "$WORKERS" \
+    --preprocess-device "$2" -o "$WORK/steady/$1" -q
+}
+
 bench_call() {  # NAME PRECISION BATCH E2E(0/1) BACKEND...   (env PREP: --preprocess-device, default cpu)
   local name=$1 prec=$2 b=$3 e2e=$4; shift 4
   local args=()
@@ -218,8 +245,10 @@ backends_for() {  # PRECISION -> the backends that can run it here
   echo "${out[@]}"
 }
 
-export ROOT PY WORK SITE DEVICE WORKERS WHEELHOUSE PIP_NO_INDEX
-export -f dist_of has_module cuda_ok ort_cuda_ok pip_install_target env_step gpu_pkgs_step pins_step bench_call
+STEADY_PRECISION=$([[ $DEVICE == cuda ]] && echo fp16 || echo fp32)
+export ROOT PY WORK SITE DEVICE WORKERS WHEELHOUSE PIP_NO_INDEX E2E_BATCH STEADY_PRECISION
+export -f dist_of has_module cuda_ok ort_cuda_ok pip_install_target env_step gpu_pkgs_step pins_step bench_call \
+  steady_call
 
 print_plan() {
   cat <<EOF
@@ -233,7 +262,7 @@ xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS
   4. doctor      python -m xbmd_batch doctor --json
   5. pytest_gpu  pytest -m gpu (junit_gpu.xml); must not skip on a CUDA box
   6. fp16_tests  pytest tests/test_onnx_fp16.py + the fp16/IR export tests
-  7. cohort      xbmd-batch synth: ${COHORT_N} SYNTHETIC subjects at ${COHORT_SIZE} px
+  7. cohort      xbmd-batch synth: ${COHORT_N} SYNTHETIC subjects at ${COHORT_SIZE} px (J2K fraction ${COHORT_J2K})
   8. model       random ${MODEL_SIZE}-px checkpoint -> python -m export onnx --fp16 (parity-gated); then the
                  pins venv (requirements/gpu-pins.txt, optional) probes the fp16 conversion of that model
   9. engines     if tensorrt imports: python -m export tensorrt, fp16 and fp32, profile 1/${E2E_BATCH}/256 (build time)
@@ -241,7 +270,11 @@ xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS
                  backend (bf16: torch only), end-to-end at batch ${E2E_BATCH} with --preprocess-device cpu;
                  then fp16 end-to-end at batch ${E2E_BATCH} again with --preprocess-device cuda (workers hand over
                  reduced images, batches finished on the GPU); GPU sampled every 0.25 s
- 11. summarize   summary.json / summary.md (SYNTHETIC labels, machine facts), artifacts.tgz
+ 11. steady      xbmd-batch synth: ${STEADY_N} SYNTHETIC subjects at ${COHORT_SIZE} px (uncompressed); then
+                 ${STEADY_ROUNDS} rounds of xbmd-batch score (torch ${STEADY_PRECISION}, -b ${E2E_BATCH}, ${WORKERS}
+                 workers) with --preprocess-device cpu, then cuda, back to back (run.json: throughput, where
+                 preprocessing ran, page-locking report); GPU sampled during each
+ 12. summarize   summary.json / summary.md (SYNTHETIC labels, machine facts), artifacts.tgz
 EOF
 }
 
@@ -259,6 +292,12 @@ if (( DRY )); then
   "$PY" -c "import xbmd_batch.cli, export.onnx_export" || { echo "dry-run: project not importable"; ok=0; }
   "$PY" -m xbmd_batch bench --help >/dev/null || { echo "dry-run: bench --help failed"; ok=0; }
   [[ "$("$PY" -m xbmd_batch bench --help 2>&1)" == *--preprocess-device* ]] || { echo "dry-run: bench has no --preprocess-device"; ok=0; }
+  [[ "$(COLUMNS=200 "$PY" -m xbmd_batch score --help 2>&1)" == *--preprocess-device* ]] || { echo "dry-run: score has no --preprocess-device"; ok=0; }
+  if [[ -n "${WHEELHOUSE:-}" ]]; then
+    for w in pydicom polars pylibjpeg pylibjpeg_openjpeg; do
+      ls "$WHEELHOUSE"/${w}-*.whl >/dev/null 2>&1 || echo "dry-run: WARNING: no ${w} wheel in $WHEELHOUSE"
+    done
+  fi
   "$PY" -m export tensorrt --help >/dev/null || { echo "dry-run: export tensorrt --help failed"; ok=0; }
   [[ -f "$ROOT/requirements/gpu-pins.txt" && -f "$ROOT/tests/fp16_pins_probe.py" ]] || { echo "dry-run: pins files missing"; ok=0; }
   if [[ -n "${WHEELHOUSE:-}" ]]; then ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1 || { echo "dry-run: no wheels in $WHEELHOUSE"; ok=0; }; fi
@@ -280,7 +319,7 @@ run_step pytest_gpu 1 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --ju
 run_step fp16_tests 1 90 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_onnx_fp16.py" \
   "$ROOT/tests/test_export.py" -k "fp16 or ir_version"
 run_step cohort 1 40 "$PY" -m xbmd_batch synth "$WORK/cohort" --n "$COHORT_N" --size "$COHORT_SIZE" --seed 0 \
-  --workers "$NPROC" --j2k-fraction "$(has_module openjpeg && echo 0.1 || echo 0)"
+  --workers "$NPROC" --j2k-fraction "$COHORT_J2K"
 run_step model 1 20 "$PY" "$HELPER" make-model "$WORK/model.pt" --size "$MODEL_SIZE"
 run_step export 1 90 "$PY" -m export onnx "$WORK/model.pt" --out "$WORK/model.onnx" --fp16 --parity-cohort "$WORK/cohort"
 run_step pins_fp16 0 60 pins_step
@@ -312,11 +351,30 @@ if [[ $DEVICE == cuda ]]; then  # on-device preprocessing, end to end, against t
 else
   skip_step "bench_prepcuda" "FIRST_LIGHT_DEVICE=cpu: --preprocess-device cuda needs a GPU"
 fi
+# steady state: a larger cohort, CPU vs GPU finishing back to back (the 256-image rows above last ~0.3 s of
+# scoring each, mostly start-up); synth ran 256 x 2000 px in 5.5 s on the 16-core H200 box (2026-11-29)
+if (( STEADY_N > 0 )); then
+  run_step steady_cohort 0 $(( 10 + STEADY_N * 5 / 100 )) "$PY" -m xbmd_batch synth "$WORK/steady_cohort" \
+    --n "$STEADY_N" --size "$COHORT_SIZE" --seed 1 --workers "$NPROC" --j2k-fraction 0
+  preps=(cpu); [[ $DEVICE == cuda ]] && preps+=(cuda)
+  for (( r = 1; r <= STEADY_ROUNDS; r++ )); do
+    for prep in "${preps[@]}"; do
+      if [[ -f $WORK/steady_cohort/meta.csv ]]; then
+        run_step "steady_${prep}_r${r}" 0 $(( 15 + STEADY_N / 50 )) steady_call "${prep}_r${r}" "$prep"
+      else
+        skip_step "steady_${prep}_r${r}" "no steady cohort"
+      fi
+    done
+  done
+else
+  skip_step steady "STEADY_N=0"
+fi
 [[ -n "$SAMPLER_PID" ]] && kill "$SAMPLER_PID" 2>/dev/null; SAMPLER_PID=""
 
 "$PY" "$HELPER" summarize "$OUT" | tee -a "$LOG"
 tar -czf "$OUT/artifacts.tgz" -C "$WORK" --exclude='site' --exclude='ortgpu' --exclude='trt' --exclude='pins' \
-  --exclude='*.engine' --exclude='*.onnx' --exclude='*.pt' --exclude='cohort/dicom' --exclude='*/e2e_*/cache' . \
+  --exclude='*.engine' --exclude='*.onnx' --exclude='*.pt' --exclude='cohort/dicom' --exclude='steady_cohort/dicom' \
+  --exclude='*/e2e_*/cache' . \
   2>> "$LOG"
 [[ "${KEEP_WORK:-0}" == 1 ]] || rm -rf "$WORK"
 log "done in $((SECONDS - T0))s; failed: ${FAILED[*]:-none}"

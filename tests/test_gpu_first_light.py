@@ -91,6 +91,46 @@ def test_summarize_attributes_gpu_samples_to_bench_calls(tmp_path: Path) -> None
     assert "SYNTHETIC" in md and "| fp16_b128 | model_only | torch | fp16 |" in md
 
 
+def test_summarize_reads_the_steady_state_score_runs(tmp_path: Path) -> None:
+    """The steady-state step's score runs (work/steady/<prep>_r<round>/run.json) become rows with their
+    throughput, where preprocessing finished, the page-locking report and the GPU utilisation of that run."""
+    steps = [
+        {"step": f"steady_{name}", "status": "ok", "start": t0, "end": t0 + 10.0, "seconds": 10.0, "note": ""}
+        for name, t0 in (("cpu_r1", 100.0), ("cuda_r1", 120.0))
+    ]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    util = ["epoch_s,gpu_util_pct,mem_util_pct,mem_used_mib,power_w"]
+    util += [f"{t},{20 if t < 115 else 60},5,1000,100" for t in range(95, 135)]
+    (tmp_path / "gpu_util.csv").write_text("\n".join(util) + "\n")
+    upload = {"pinned": True, "bytes": 3 << 30, "registrations": 400, "seconds": 0.8, "failure": None}
+    for name, ips, dev, up in (("cpu_r1", 700.0, "cpu", None), ("cuda_r1", 900.0, "cuda:0", upload)):
+        d = tmp_path / "work" / "steady" / name
+        d.mkdir(parents=True)
+        run = {
+            "status": "complete",
+            "counts": {"scored": 1024},
+            "throughput": {"images_per_s": ips, "scoring_loop_s": 1024 / ips, "wall_s": 9.0},
+            "preprocess": {"device": dev, "reason": "--preprocess-device x", "upload": up},
+            "timings_s": {"infer": 0.5, "decode_wait": 0.1, "model_load": 3.0},
+        }
+        (d / "run.json").write_text(json.dumps(run))
+    s = fl.summarize(tmp_path)
+    rows = {r["call"]: r for r in s["steady"]}
+    assert rows["cpu_r1"]["images_per_s"] == 700.0 and rows["cuda_r1"]["preprocess_device"] == "cuda:0"
+    assert rows["cpu_r1"]["gpu_util_during_call"]["gpu_util_mean_pct"] == 20.0
+    assert rows["cuda_r1"]["gpu_util_during_call"]["gpu_util_max_pct"] == 60.0
+    assert rows["cuda_r1"]["upload"]["registrations"] == 400
+    md = (tmp_path / "summary.md").read_text()
+    assert "Steady state" in md and "| cuda_r1 | 1024 | 900.0 |" in md and "| 3072 (0.8) |" in md
+
+
+def test_dry_run_plans_the_steady_state_step(tmp_path: Path) -> None:
+    r = _bash("--dry-run", env={"OUT": str(tmp_path / "o"), "PYTHON": sys.executable, "STEADY_N": "64"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "steady" in r.stdout and "64 SYNTHETIC subjects" in r.stdout
+    assert "--preprocess-device cpu, then cuda" in r.stdout
+
+
 @pytest.mark.gpu
 def test_sample_gpu_reads_the_device(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")

@@ -60,3 +60,27 @@ def test_torch_finish_on_cuda(tmp_path: Path) -> None:
     r = reduce_stored(st, cfg)
     out = finish_batch([r], cfg, device="cuda").cpu().numpy()
     assert np.abs(out - finish(r, cfg)[None]).max() <= 2e-3
+
+
+def test_geometry_groups_and_chunks_keep_the_batch_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items sharing a geometry are finished together (however far apart in the batch), in chunks when a
+    group is larger than CHUNK_BYTES; the batch comes back in item order and equals the CPU path."""
+    from xbmd_batch import preprocess_torch
+    from xbmd_batch.preprocess_torch import _runs, finish_batch
+
+    cfg = PreprocessConfig(image_size=32)
+    shapes = [(120, 100), (90, 150), (120, 100), (120, 100), (90, 150), (64, 64), (120, 100)]
+    reduced = []
+    for k, (h, w) in enumerate(shapes):
+        p = make_dicom(tmp_path / f"{k}.dcm", pixels=hip_phantom(h, w, 12, seed=10 + k))
+        st, _ = read_stored(p, target_size=cfg.image_size, apply_voi=cfg.apply_voi)
+        reduced.append(reduce_stored(st, cfg))
+    cpu = np.stack([finish(r, cfg) for r in reduced])
+    monkeypatch.setattr(preprocess_torch, "CHUNK_BYTES", 2 * 120 * 100 * 4)  # 2 images of the big group
+    dev = finish_batch(reduced, cfg, device="cpu").numpy()
+    assert np.abs(dev - cpu).max() <= 2e-3, np.abs(dev - cpu).max()
+    one_by_one = np.concatenate([finish_batch([r], cfg).numpy() for r in reduced])
+    assert np.abs(dev - one_by_one).max() <= 1e-5
+    assert _runs([0, 2, 3, 6]) == [(0, 1, 0), (2, 4, 1), (6, 7, 3)]

@@ -253,6 +253,122 @@ def test_reduced_handoff_finished_in_torch_matches_cpu(
         assert np.abs(img - ref).max() <= 2e-3
 
 
+class _Fence:
+    """Stands in for a CUDA event recorded after a task's copies: incomplete until the test (or the pool's
+    ``synchronize``) completes it."""
+
+    def __init__(self, log: list[_Fence], done: bool = False) -> None:
+        self.done, self.synced = done, False
+        log.append(self)
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = self.synced = True
+
+
+@pytest.mark.parametrize(("workers", "done_at_once"), [(0, False), (1, False), (1, True)])
+def test_slot_group_is_reused_only_after_its_copy_completed(
+    tmp_path: Path, workers: int, done_at_once: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferred release (the CUDA upload path's ``DecodePool.hold``): a slot group whose copy has not
+    completed is never handed to a decode task again; with no free group the pool waits for the oldest
+    (``synchronize``); every fence has completed before the block closes (``on_close`` runs after); the
+    batches equal the CPU path. Fences that complete at once are never waited for."""
+    pytest.importorskip("torch")
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.preprocess import load_and_preprocess
+    from xbmd_batch.score import decode as decode_mod
+    from xbmd_batch.score.batcher import DeviceBatcher
+    from xbmd_batch.score.decode import DecodePool
+
+    root = tmp_path / "d"
+    names = _small_cohort(root, n=11)
+    cfg = PreprocessConfig(image_size=32)
+    fences: list[_Fence] = []
+    by_group: dict[int, list[_Fence]] = {}
+    batcher = DeviceBatcher(3, cfg, "cpu", fence=lambda: _Fence(fences, done_at_once))
+    closed: list[bool] = []
+    with DecodePool(
+        root, pa.array(names), cfg, workers, task_size=2, max_inflight=2, handoff="reduced"
+    ) as pool:
+        taken: list[int] = []
+        take = pool._take_group
+
+        def checked_take() -> int:
+            g = take()
+            assert all(f.done for f in by_group.get(g, [])), f"group {g} reused before its copy completed"
+            taken.append(g)
+            return g
+
+        monkeypatch.setattr(pool, "_take_group", checked_take)
+        hold = pool.hold
+        monkeypatch.setattr(pool, "hold", lambda g, f: (by_group.setdefault(g, []).append(f), hold(g, f)))
+        pool.on_close(lambda: closed.append(all(f.done for f in fences)))
+        batcher.attach(pool)
+        batches = []
+        for task in pool.run(np.arange(len(names))):
+            batches.extend(batcher.add(task.idx, task.reduced, task.group))
+        last = batcher.flush()
+        batches += [last] if last is not None else []
+    assert closed == [True]  # drained before the on_close callback, which ran once
+    assert len(taken) == -(-len(names) // 2) and len(fences) == len(taken)  # one fence per task
+    assert len(set(taken)) <= pool._shape[0]
+    synced = sum(f.synced for f in fences)
+    if done_at_once:
+        assert synced == 0
+    else:
+        assert synced >= len(taken) - pool._shape[0]  # nothing completes by itself: the pool waited
+    got = {int(i): img for b in batches for i, img in zip(b.idx, b.images.numpy(), strict=True)}
+    assert sorted(got) == list(range(len(names) - 1))
+    for i, img in got.items():
+        assert np.abs(img - load_and_preprocess(root / names[i], cfg)[0]).max() <= 2e-3
+    assert decode_mod._STATE.get("slots") is None
+
+
+@pytest.mark.gpu
+def test_async_upload_with_deferred_release_equals_the_synchronous_result(tmp_path: Path) -> None:
+    """CUDA: page-locked slots, non-blocking copies on the batcher's stream, slot groups released on the
+    event; the batches equal the synchronous CPU-torch path within 1e-4 (model-input units), the slots were
+    page-locked and are unregistered when the pool closes."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score.batcher import DeviceBatcher
+    from xbmd_batch.score.decode import DecodePool
+
+    root = tmp_path / "d"
+    names = _small_cohort(root, n=11)
+    cfg = PreprocessConfig(image_size=32)
+    results = {}
+    for device in ("cpu", "cuda:0"):
+        batcher = DeviceBatcher(3, cfg, device)
+        with DecodePool(
+            root, pa.array(names), cfg, 1, task_size=2, max_inflight=2, handoff="reduced"
+        ) as pool:
+            batcher.attach(pool)
+            batches = []
+            for task in pool.run(np.arange(len(names))):
+                batches.extend(batcher.add(task.idx, task.reduced, task.group))
+            last = batcher.flush()
+            batches += [last] if last is not None else []
+            got = {int(i): img for b in batches for i, img in zip(b.idx, b.images.cpu().numpy(), strict=True)}
+            pin = batcher.pinning()
+        results[device] = got
+        if device != "cpu":
+            assert pin is not None and pin["failure"] is None and pin["pinned"], pin
+            assert batcher._pinner.pinned_bytes == 0  # unregistered on close
+    assert sorted(results["cpu"]) == sorted(results["cuda:0"]) == list(range(len(names) - 1))
+    for i, img in results["cpu"].items():
+        assert np.abs(img - results["cuda:0"][i]).max() <= 1e-4
+
+
 def _worker_thread_pools() -> list[int]:
     from threadpoolctl import threadpool_info
 

@@ -104,6 +104,8 @@ def test_preprocess_device_cuda_scores_like_the_cpu_path(
         _bmd(tmp_path / "cpu")["bmd_pred"].to_numpy() - _bmd(tmp_path / "dev")["bmd_pred"].to_numpy()
     )
     assert diff.max() <= BMD_TOL, diff.max()
+    upload = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]["preprocess"]["upload"]
+    assert upload["failure"] is None and upload["pinned"] and upload["bytes"] > 0, upload  # page-locked slots
 
 
 def test_plan_preprocess_cpu_auto_and_refusals(tiny_model: Path, tiny_onnx: Path) -> None:
@@ -160,3 +162,37 @@ def test_cli_preprocess_device_cuda_without_gpu_exits_2_before_out(
     assert not out.exists()
     r = CliRunner().invoke(app, [*args, "-o", str(out), "--preprocess-device", "gpu"])
     assert r.exit_code == 2 and not out.exists()
+
+
+def test_auto_keeps_cpu_finishing_on_a_gpu_runner_and_says_why(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one GPU measurement found the device path slower: auto plans CPU finishing even when the runner
+    will be on CUDA (reason and console line cite it); cuda stays available; a case ``_auto_device``
+    vouches for goes to the device."""
+    from xbmd_batch.infer import select
+    from xbmd_batch.score import placement
+
+    card = open_model(tiny_model).card
+    monkeypatch.setattr(select, "resolve_device", lambda device, kind: ("cuda", 1, ""))
+    monkeypatch.setattr(placement, "_torch_cuda", lambda: True)
+    p = plan_preprocess("auto", card, "checkpoint", "torch", "auto")
+    assert p.handoff == "image" and p.finish_device(None) is None
+    for fact in ("261", "738", "H200", "2026-11-29", "cuda:1", "faster"):
+        assert fact in p.reason, (fact, p.reason)
+    assert p.describe(None)["where"] == "decode workers" and p.describe(None)["reason"] == p.reason
+    line = p.console_line(None)
+    assert line is not None and "decode workers" in line and "261" in line
+    cuda = plan_preprocess("cuda", card, "checkpoint", "torch", "auto")
+    assert (cuda.handoff, cuda.gpu_index, cuda.console_line("cuda:1")) == (
+        "reduced",
+        1,
+        "preprocessing finished on cuda:1 (--preprocess-device cuda)",
+    )
+    monkeypatch.setattr(placement, "_auto_device", lambda card, where: f"measured faster on {where}")
+    p = plan_preprocess("auto", card, "checkpoint", "torch", "auto")
+    assert (p.handoff, p.reason) == ("reduced", "auto: measured faster on cuda:1")
+    # a CPU runner: nothing to say on the console (the reason is in run.json)
+    monkeypatch.setattr(select, "resolve_device", lambda device, kind: ("cpu", 0, "no CUDA"))
+    p = plan_preprocess("auto", card, "checkpoint", "torch", "auto")
+    assert p.handoff == "image" and p.console_line(None) is None

@@ -39,7 +39,7 @@ Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 PreprocessDevice = Enum("PreprocessDevice", {d: d for d in PREPROCESS_DEVICES}, type=str)
 _PREPROCESS_HELP = (
     "Where preprocessing finishes: cpu (decode workers) | cuda (batched on the runner's GPU; workers hand "
-    "over reduced images) | auto (the runner's device)."
+    "over reduced images) | auto (cpu for now: the device path measured slower on the one GPU run)."
 )
 Engine = Enum("Engine", {e: e for e in ENGINES}, type=str)
 Reference = Enum("Reference", {r: r for r in sorted(REFERENCES)}, type=str)

@@ -12,7 +12,7 @@ DEFAULT_BATCH_SIZE = 32  # images per model call; also the TensorRT profile's op
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-# where preprocessing finishes (`score --preprocess-device`): auto = the runner's device (score/placement.py)
+# where preprocessing finishes (`score --preprocess-device`): auto = cpu for now (score/placement.py)
 PREPROCESS_DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "ray")  # `score --engine`: this machine, or a Ray cluster (docs/scale-out.md)
 

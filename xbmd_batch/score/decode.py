@@ -13,6 +13,11 @@ Zero-copy hand-off: images never travel through a pipe. The pool owns one shared
 submitted with a free group, the worker writes its preprocessed images there, and only indices, flags,
 failure text and timings are pickled back. ``DecodedTask.images`` is a view of the group, valid until the
 caller asks for the next task (then the group is reused) -- the batcher copies it into its batch buffer.
+A consumer whose copy out of the group completes later (an asynchronous copy to a GPU) calls
+``DecodePool.hold(group, fence)`` before asking for the next task: the group then goes back to the free list
+only once ``fence.query()`` is true (``fence.synchronize()`` is called when no other group is free), and
+every held fence is waited for before the block is closed. ``on_close`` callbacks (e.g. unregistering
+page-locked memory) run after that and before the block is unmapped.
 """
 
 from __future__ import annotations
@@ -341,9 +346,13 @@ class DecodePool:
         self._shm: Any = None
         self._slots: np.ndarray | None = None
         self._free: list[int] = []
+        self._fences: dict[int, Any] = {}  # group -> fence, set by hold() while the caller has the task
+        self._held: list[tuple[int, Any]] = []  # released by the caller, copy out of it not yet complete
+        self._on_close: list[Any] = []
 
     def __enter__(self) -> DecodePool:
         self._free = list(range(self._shape[0]))[::-1]
+        self._fences, self._held = {}, []
         if self.workers == 0:
             self._slots = np.zeros(self._shape, dtype=np.uint8)
             _init_worker(
@@ -367,8 +376,66 @@ class DecodePool:
             self._ex.shutdown(wait=not cancel, cancel_futures=True)
             self._ex = None
 
+    def hold(self, group: int, fence: Any) -> None:
+        """Keep slot group ``group`` (the task the caller holds now) out of the free list after the caller
+        moves on, until ``fence.query()`` is true: for a copy out of the group that completes later (an
+        asynchronous host-to-device copy from page-locked slots). ``fence`` needs ``query() -> bool`` and
+        ``synchronize()`` (``torch.cuda.Event`` has both)."""
+        if group >= 0:
+            self._fences[group] = fence
+
+    def on_close(self, callback: Any) -> None:
+        """Run ``callback()`` when the pool closes its block: after every held group's fence completed, before
+        the block is unmapped (e.g. ``cudaHostUnregister``)."""
+        self._on_close.append(callback)
+
+    def block_span(self) -> tuple[int, int, int] | None:
+        """(address, bytes, bytes per slot) of the slot memory in this process; None before it exists."""
+        if self._slots is None:
+            return None
+        return int(self._slots.ctypes.data), int(self._slots.nbytes), int(self._shape[2])
+
+    def _release(self, group: int) -> None:
+        """The caller is done with ``group``: free it now, or once its fence completes (``hold``)."""
+        fence = self._fences.pop(group, None)
+        if fence is None:
+            self._free.append(group)
+        else:
+            self._held.append((group, fence))
+
+    def _reap(self, wait: bool = False) -> None:
+        """Free the held groups whose copy has completed; with ``wait`` (nothing free) wait for the oldest."""
+        still = []
+        for g, fence in self._held:
+            if fence.query():
+                self._free.append(g)
+            else:
+                still.append((g, fence))
+        self._held = still
+        if wait and not self._free and self._held:
+            g, fence = self._held.pop(0)
+            fence.synchronize()
+            self._free.append(g)
+
+    def _take_group(self) -> int:
+        self._reap(wait=not self._free)
+        return self._free.pop()
+
+    def _drain(self) -> None:
+        """Wait for every copy still reading the block (before it is closed)."""
+        held = self._held + list(self._fences.items())
+        self._held, self._fences = [], {}
+        for g, fence in held:
+            if not fence.query():
+                fence.synchronize()
+            self._free.append(g)
+
     def _release_shm(self) -> None:
         """Unlink the segment (the name goes at once); the mapping closes when no view of it is left."""
+        self._drain()
+        callbacks, self._on_close = self._on_close, []
+        for cb in callbacks:
+            cb()
         self._slots = None
         _STATE.pop("slots", None)
         if self._shm is not None:
@@ -431,7 +498,7 @@ class DecodePool:
                 if t is None:
                     self._exhausted = True
                     continue
-            g = self._free.pop()
+            g = self._take_group()
             self._pending[self._ex.submit(decode_task, t, g)] = (t, single, g)  # type: ignore[union-attr]
 
     def results(self) -> Iterator[DecodedTask]:
@@ -440,7 +507,11 @@ class DecodePool:
         becomes a ``worker_crashed`` failure."""
         if self.workers == 0:
             for t in self._tasks:
-                yield self._view(decode_task(t, 0))
+                g = self._take_group()
+                try:
+                    yield self._view(decode_task(t, g))
+                finally:
+                    self._release(g)
             return
         pending, retry = self._pending, self._retry
         while pending or retry or not self._exhausted:
@@ -464,7 +535,7 @@ class DecodePool:
                 else:
                     yield self._view(res)  # the caller is done with it when it asks for the next task
                 finally:
-                    self._free.append(g)
+                    self._release(g)  # free now, or once the caller's copy out of it completed (hold)
             if broken:
                 self._free.extend(g for _, _, g in pending.values())
                 for t, single, _ in pending.values():  # all of them die with the pool

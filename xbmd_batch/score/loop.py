@@ -9,7 +9,10 @@ Ctrl-C included, the rows already finished are written before it propagates.
 On-device preprocessing (``finish_device``, from ``score --preprocess-device``): the pool hands over reduced
 integer images (``DecodePool(handoff="reduced")``), a ``DeviceBatcher`` uploads each one to the device and
 finishes whole batches there (``preprocess_torch.finish_batch``), and the runner takes the device tensor as
-its image feed (no host copy: ``BaseRunner.takes_tensor``).
+its image feed (no host copy: ``BaseRunner.takes_tensor``). On CUDA the uploads are asynchronous from
+page-locked slots; the batcher hands each task's slot group back to the pool with an event
+(``DecodePool.hold``), so the workers reuse it only once the copies out of it completed. Stage
+``preprocess_device`` is then the host's time to queue uploads and finishing, not the device's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LoopStats:
     decode_worker_s: float = 0.0  # summed over workers
     decode_wait_s: float = 0.0  # main process waiting on decode
     loop_s: float = 0.0
+    upload: dict[str, Any] | None = None  # on-device preprocessing on CUDA: page-locking report (hostpin)
 
 
 class ScoringLoop:
@@ -80,6 +84,8 @@ class ScoringLoop:
     def run(self, pool: DecodePool, progress: Any = None, task: Any = None) -> LoopStats:
         st = self.stats
         t0 = time.perf_counter()
+        if isinstance(self.batcher, DeviceBatcher):
+            self.batcher.attach(pool)  # slot groups are released once the copies out of them completed
         try:
             for dec in pool.results():
                 st.decode_worker_s += dec.seconds
@@ -103,6 +109,8 @@ class ScoringLoop:
             raise
         finally:
             st.scored, st.failed = self.buf.n_scored, self.buf.n_failed
+            if isinstance(self.batcher, DeviceBatcher):
+                st.upload = self.batcher.pinning()
             st.loop_s = time.perf_counter() - t0
         return st
 
@@ -114,7 +122,7 @@ class ScoringLoop:
             return
         reduced = dec.reduced if dec.reduced is not None else [None] * len(dec.idx)  # crashed task: none
         t0 = time.perf_counter()  # uploads + finishing: stage "preprocess_device" (not the runner's time)
-        for b in self.batcher.add(dec.idx, reduced):
+        for b in self.batcher.add(dec.idx, reduced, dec.group):
             self.sw.add("preprocess_device", time.perf_counter() - t0)
             yield self._booked(b)
             t0 = time.perf_counter()

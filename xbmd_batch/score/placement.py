@@ -3,9 +3,12 @@
 1. ``plan_preprocess`` (setup, before ``--out`` is created; no runner yet, because the decode pool starts
    while the model loads): ``cpu`` -> decode workers preprocess completely (the default path, unchanged);
    ``cuda`` -> workers hand over reduced integer images (``DecodePool(handoff="reduced")``) and batches are
-   finished on the runner's CUDA device; ``auto`` -> ``cuda`` when the runner will be on a CUDA device (the
-   same device resolution ``infer.select.open_runner`` uses; for an ONNX file without a CUDA backend this
-   imports no torch), else ``cpu``. A version <= 2 preprocessing definition has no on-device path.
+   finished on the runner's CUDA device; ``auto`` -> ``cpu`` finishing for now, also when the runner will
+   be on a CUDA device (the same device resolution ``infer.select.open_runner`` uses; for an ONNX file
+   without a CUDA backend this imports no torch), because the one GPU measurement found the device path
+   slower (``MEASURED``). ``_auto_device`` is where auto decides for the device on grounds known before the
+   header pass: a clause per case that a GPU run has measured faster. A version <= 2 preprocessing
+   definition has no on-device path.
 2. ``plan_j2k`` (after the header pass, when the transfer syntaxes are known; still before ``--out``):
    which decoder takes JPEG 2000. With the reduced hand-off and ``gpu_j2k.status()`` active it is
    nvImageCodec on the GPU (``score/j2k_device.py``; the workers hand over codestreams); ``auto`` also picks
@@ -27,6 +30,14 @@ from typing import Any
 
 from xbmd_batch.defaults import PREPROCESS_DEVICES
 from xbmd_batch.errors import InputError
+
+# Why auto does not finish on the GPU: the one end-to-end GPU measurement of both paths (SYNTHETIC 256-image
+# cohort of ~2000-px uncompressed images, torch fp16, batch 128; benchmarks/results/gpu_first_light_h200).
+# Replace it (and let _auto_device choose the device) once a GPU run measures the device path faster.
+MEASURED = (
+    "--preprocess-device cuda measured slower than CPU finishing (261 vs 738 images/s end to end, "
+    "one H200, 2026-11-29, torch fp16 batch 128, SYNTHETIC uncompressed 2000-px cohort)"
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,15 @@ class Placement:
         # auto planned for a CUDA runner, but every GPU backend failed to start: finish with torch on CPU;
         # an explicit --preprocess-device cuda keeps its promise (the CPU runner gets a host copy)
         return f"cuda:{self.gpu_index}" if self.requested == "cuda" else "cpu"
+
+    def console_line(self, finish: str | None) -> str | None:
+        """What the console says about it: where batches are finished, or why auto kept the decode workers
+        although the runner is on a GPU (None: nothing worth a line)."""
+        if finish is not None:
+            return f"preprocessing finished on {finish} ({self.reason})"
+        if self.requested == "auto" and self.reason.startswith("auto:"):
+            return f"preprocessing in the decode workers ({self.reason})"
+        return None
 
     def describe(self, finish: str | None) -> dict[str, Any]:
         """run.json's ``preprocess`` entry."""
@@ -120,8 +140,24 @@ def plan_preprocess(
             "auto", "image", f"the runner's device is the CPU ({why_cpu}): decode workers preprocess"
         )
     where = f"cuda:{index}"
-    reason = "--preprocess-device cuda" if requested == "cuda" else f"auto: the runner's device is {where}"
-    return Placement(requested, "reduced", reason, gpu_index=index)
+    if requested == "cuda":
+        return Placement("cuda", "reduced", "--preprocess-device cuda", gpu_index=index)
+    why_device = _auto_device(card, where)
+    if why_device is not None:
+        return Placement("auto", "reduced", f"auto: {why_device}", gpu_index=index)
+    return Placement(
+        "auto",
+        "image",
+        f"auto: decode workers preprocess although the runner is on {where}: {MEASURED}; auto will prefer "
+        f"the device once a GPU run measures it faster (--preprocess-device cuda forces it)",
+        gpu_index=index,
+    )
+
+
+def _auto_device(card: Any, where: str) -> str | None:
+    """Why ``auto`` should finish on the runner's CUDA device ``where`` (None: it should not). One clause per
+    case a GPU run has measured faster than CPU finishing; none yet (``MEASURED``)."""
+    return None
 
 
 def _torch_cuda() -> bool:

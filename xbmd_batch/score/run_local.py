@@ -48,11 +48,12 @@ def run_local(
         run["sessions"], run["created"] = len(state["sessions"]), state["created"]
         why = f" - {runner.reason}" if runner.reason else ""
         console.print(f"backend: [bold]{runner.backend}[/] ({runner.precision}){why}")
-        if finish_device is not None:
-            console.print(f"preprocessing finished on {finish_device} ({placement.reason})")
+        line = placement.console_line(finish_device)  # where batches finish, or why auto kept the workers
+        if line is not None:
+            console.print(line, markup=False)
         j2k = j2k_stage(placement, card, pool, finish_device)
         if j2k is not None:
-            console.print(f"JPEG 2000: {placement.j2k_reason}")
+            console.print(f"JPEG 2000: {placement.j2k_reason}", markup=False)
         sw.lap("model_load")
         loop = scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device, j2k)
         progress = progress_bar(console, opts.quiet)
@@ -62,6 +63,8 @@ def run_local(
         finally:
             if j2k is not None:
                 run["preprocess"]["j2k"] = j2k.describe()
+        if stats.upload is not None:  # CUDA finishing: what was page-locked for the uploads, or why not
+            run["preprocess"]["upload"] = stats.upload
     return runner, stats, workers
 
 
