@@ -296,3 +296,34 @@ def test_scoring_with_gpu_j2k_plumbing_equals_the_cpu_path(
     ref_run = pl.read_json(tmp_path / "cpu" / "run.json").to_dicts()[0]
     assert ref_run["preprocess"]["j2k"]["decoder"].startswith("cpu-reduced")
     print(f"max |delta bmd| {diff.max():.2e}, prediction SD {a['bmd_pred'].std():.3f}")
+
+
+@pytest.mark.gpu
+def test_scoring_with_nvimgcodec_on_cuda_equals_the_cpu_path(
+    j2k_cohort: dict, sensitive_model: Path, tmp_path: Path
+) -> None:
+    """The same comparison with the real decoder: ``--preprocess-device cuda`` plans nvImageCodec (after the
+    header pass), the truncated file fails exactly as on the CPU path, bmd within 1e-4 g/cm2."""
+    import polars as pl
+
+    from xbmd_batch.gpu_j2k import status
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    active, why = status()
+    if not active:
+        pytest.skip(why)
+    root = j2k_cohort["root"]
+    kw = {"device": "cuda", "precision": "fp32", "workers": 2}
+    _score(root, sensitive_model, tmp_path / "cpu", preprocess_device="cpu", **kw)
+    _score(root, sensitive_model, tmp_path / "dev", preprocess_device="cuda", batch_size=4, **kw)
+    a = pl.read_parquet(tmp_path / "cpu" / "scores.parquet").sort("relative_path")
+    b = pl.read_parquet(tmp_path / "dev" / "scores.parquet").sort("relative_path")
+    assert a["relative_path"].to_list() == b["relative_path"].to_list()
+    assert np.abs(a["bmd_pred"].to_numpy() - b["bmd_pred"].to_numpy()).max() <= 1e-4
+    cols = ["relative_path", "stage", "reason", "message"]
+    assert _rows(tmp_path / "cpu", "failures.parquet", cols) == _rows(
+        tmp_path / "dev", "failures.parquet", cols
+    )
+    j = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]["preprocess"]["j2k"]
+    assert j["decoder"].startswith("nvimgcodec") and j["decoded_on_device"] == len(j2k_cohort["j2k"]) - 1, j
