@@ -211,6 +211,17 @@ def _check_file(path: Path, card: ModelCard) -> None:
         raise ExportError(f"{path}: onnx.checker (full_check) rejected the graph: {e}") from e
 
 
+def _write_checked(proto: onnx.ModelProto, card: ModelCard, tmp: Path) -> str:
+    """Embed ``card``, write ``tmp``, check the file (I/O against the card, onnx.checker); returns the graph's
+    hash, which the final write (``_finalize``) must still match after parity has run on ``tmp``."""
+    from xbmd_batch.onnx_card import embed_card
+
+    embed_card(proto, card)
+    write_synced(tmp, proto.SerializeToString())
+    _check_file(tmp, card)
+    return graph_sha256(proto)
+
+
 def _finalize(
     proto: onnx.ModelProto, card: ModelCard, tmp: Path, out: Path, tested_graph: str
 ) -> tuple[int, ModelCard]:
@@ -260,7 +271,6 @@ def export_onnx(
     prove the check fails); ``parity_feeds`` replaces the synthetic-cohort inputs.
     """
     from xbmd_batch.checkpoint import load_model
-    from xbmd_batch.onnx_card import embed_card
 
     log = log or (lambda _m: None)
     out = Path(out)
@@ -297,10 +307,7 @@ def export_onnx(
     result: ExportResult | None = None
     tmp = _tmp_beside(out)
     try:
-        embed_card(proto, card)
-        write_synced(tmp, proto.SerializeToString())
-        _check_file(tmp, card)
-        tested = graph_sha256(proto)
+        tested = _write_checked(proto, card, tmp)
         if model_hook is not None:
             model_hook(model)
         report = check_onnx_parity(
@@ -334,7 +341,6 @@ def _export_fp16(
     log: Log,
 ) -> None:
     """The fp16 variant: same card (onnx_precision fp16, its own parity), converted graph, same checks."""
-    from xbmd_batch.onnx_card import embed_card
     from xbmd_batch.onnx_fp16 import to_fp16_onnx
 
     out16 = fp16_path_for(result.path)
@@ -354,10 +360,7 @@ def _export_fp16(
     card16 = dataclasses.replace(result.card, extra={**base, "onnx_precision": "fp16", "export": export})
     tmp = _tmp_beside(out16)
     try:
-        embed_card(m16, card16)
-        write_synced(tmp, m16.SerializeToString())
-        _check_file(tmp, card16)
-        tested = graph_sha256(m16)
+        tested = _write_checked(m16, card16, tmp)
         report = check_onnx_parity(
             model, card16, tmp, feeds, tolerance=tolerance, batch_sizes=batch_sizes, inputs_desc=inputs_desc
         )

@@ -2,5 +2,6 @@
 
 Modules: presets (named hyper-parameter sets), data (cohort + image cache), folds (CV splits), engine
 (train_one_epoch / evaluate / fit), metrics, plots, report; the CLI is `train/__main__.py`
-(`get_args_parser()` + `main(args)`). Imports `xbmd_batch`; the package never imports this.
+(`get_args_parser()` + `main(args)`; the parser in `args`, the output stage in `outputs`). Imports
+`xbmd_batch`; the package never imports this.
 """

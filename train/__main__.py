@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,184 +29,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-LOSSES: tuple[str, ...] = ("mse", "l1", "smoothl1", "wsmoothl1")
-
-
-def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
-    """The model for a preset and a training set: the head starts at the labels' mean and SD."""
-    from xbmd_batch.config import ModelConfig
-
-    return ModelConfig.for_schema(
-        schema,
-        fusion=fusion,
-        image_size=hp.image_size,
-        encoder=hp.encoder,
-        cnn_width=hp.cnn_width,
-        wide=hp.wide,
-        wide_side=hp.wide_side,
-        wide_gain=hp.wide_gain,
-        n_members=hp.n_members,
-        d_model=hp.d_model,
-        n_layers=hp.n_layers,
-        n_heads=hp.n_heads,
-        dropout=hp.dropout,
-        meta_hidden=hp.meta_hidden,
-        head_hidden=hp.head_hidden,
-        bmd_mean=float(y.mean()),
-        bmd_std=float(y.std()) or 0.14,
-    )
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from train.presets import PRESETS
-    from xbmd_batch.clinical import REFERENCES
-
-    p = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Cross-validated training of XAttn-BMD (and the concat baseline) on a DICOM cohort.",
-        epilog="example: python -m train --cohort demo_out/cohort --preset quick --single-split --final "
-        "--out runs/demo",
-        add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--cohort", required=True, help="cohort folder (DICOMs anywhere below it)")
-    p.add_argument("--meta", default=None, help="metadata table (default: <cohort>/meta.csv)")
-    p.add_argument("--labels", default=None, help="label table with subject_id (default: <cohort>/truth.csv)")
-    p.add_argument("--label-col", default="bmd_dxa", help="BMD column of the label table (g/cm²)")
-    p.add_argument(
-        "--key-column", default=None, help="META column matched against PatientID (as `score --key-column`)"
-    )
-    p.add_argument(
-        "--path-column", default=None, help="META column naming each row's file (as `score --path-column`)"
-    )
-    p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    p.add_argument("--fusion", default="xattn", choices=["xattn", "concat"])
-    p.add_argument(
-        "--loss",
-        default=None,
-        choices=list(LOSSES),
-        help="training loss (default: the preset's: quick mse, paper wsmoothl1)",
-    )
-    p.add_argument(
-        "--compare",
-        nargs="?",
-        const="all",
-        default=None,
-        choices=["all", "fusion", "loss"],
-        help="the paper's comparison on the same folds: XAttn vs concat ('fusion'), the four losses "
-        "('loss'), or both (bare --compare)",
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="--compare fusion: repeats of K-fold CV with fresh fold assignments (default 5; 1 = off)",
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="--compare fusion: training seeds per fold and arm (default 3)",
-    )
-    p.add_argument("--folds", type=int, default=None, help="K for K-fold CV (default: the preset's)")
-    p.add_argument(
-        "--single-split", action="store_true", help="one stratified 90/10 split instead of K folds"
-    )
-    p.add_argument(
-        "--split-by",
-        default=None,
-        metavar="COLUMN",
-        help="leave-one-level-out validation on a label-table column, e.g. 'site' (leave-one-scanner-out)",
-    )
-    p.add_argument("--final", action="store_true", help="also train on all data -> <out>/final.pt")
-    p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's max epochs")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--backbone-lr-mult", type=float, default=None, help="ResNet trunk lr = lr * this")
-    p.add_argument("--d-model", type=int, default=None, help="override the preset's embedding width")
-    p.add_argument("--patience", type=int, default=None)
-    p.add_argument(
-        "--members",
-        type=int,
-        default=None,
-        help="networks averaged inside one model, each trained on its own loss (default: the preset's)",
-    )
-    p.add_argument(
-        "--wide-gain",
-        default=None,
-        choices=["on", "off"],
-        help="metadata gain on the wide path's image score (default: the preset's; 'off' = the ablation)",
-    )
-    p.add_argument(
-        "--wide-fit",
-        default=None,
-        choices=["inner", "full", "crossfit"],
-        help="wide path fitted on the inner-training rows ('inner'), on the whole training part ('full'), "
-        "or on the whole training part with the network trained on its cross-fitted residual ('crossfit'); "
-        "default: the preset's",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--pretrained",
-        default=None,
-        metavar="PATH",
-        help="torchvision ImageNet resnet34 state dict (a local file; nothing is downloaded) to start the "
-        "resnet34 encoder from (the RGB stem summed to one channel); paper preset",
-    )
-    p.add_argument(
-        "--reference", default="nhanes3-hologic", choices=sorted(REFERENCES), help="T-score reference"
-    )
-    p.add_argument(
-        "--target-sensitivity",
-        type=float,
-        default=0.90,
-        help="screening operating points: cut-off on the estimate reaching this sensitivity, chosen on the "
-        "other folds and applied out of fold",
-    )
-    p.add_argument("--workers", type=int, default=2, help="decode processes for the image cache")
-    p.add_argument("--cache-dir", default=None, help="image cache folder (default: <out>/.xbmd_cache)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: half the cores, at least 1: on a shared box OpenMP spin-waiting "
-        "makes 2 threads on 2 busy cores several times slower than 1)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return p
+# the command line (train/args.py), the model a preset builds (train/presets.py) and the output stage
+# (train/outputs.py) live in their own modules; re-exported here for the code that imports them from here
+# (tests/test_train_e2e.py: get_args_parser, main; benchmarks/ensemble_cost.py: model_config_for)
+from train.args import command_line, get_args_parser, variants, vname
+from train.outputs import write_outputs
+from train.presets import model_config_for
 
 
 def _nan_to_none(d: dict[str, Any]) -> dict[str, Any]:
     """Strict-JSON friendly copy (the checkpoint summary ends up in the ONNX model card)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def _variants(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(fusion, loss) pairs; the primary (the one asked for) first."""
-    primary = (args.fusion, args.loss)
-    if not args.compare:
-        return [primary]
-    want: list[tuple[str, str]] = []
-    if args.compare in ("all", "fusion"):
-        want += [("xattn", args.loss), ("concat", args.loss)]
-    if args.compare in ("all", "loss"):
-        want += [("xattn", loss) for loss in LOSSES]
-    out = [primary]
-    for v in want:
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def _repeats_seeds(args: argparse.Namespace) -> tuple[int, int]:
-    """--compare fusion defaults to 5 repeats x 3 seeds (issue 10); every other run to one CV, one seed."""
-    fusion = args.compare in ("all", "fusion")
-    repeats = args.repeats if args.repeats is not None else (5 if fusion else 1)
-    seeds = args.seeds if args.seeds is not None else (3 if fusion else 1)
-    return max(1, repeats), max(1, seeds)
 
 
 def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
@@ -227,28 +59,6 @@ def oof_residuals(oof: pl.DataFrame, reference: str) -> dict[str, Any]:
         "reference": reference,
         "n": int(per.height),
     }
-
-
-def vname(fusion: str, loss: str) -> str:
-    return f"{fusion}-{loss}"
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The equivalent command line: the argv when run from a shell, else rebuilt from the non-default args."""
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        argv = []
-        for act in get_args_parser()._actions:
-            if not act.option_strings or act.dest == "help":
-                continue
-            val = getattr(args, act.dest, act.default)
-            if val == act.default:
-                continue
-            if isinstance(act, argparse._StoreTrueAction):
-                argv.append(act.option_strings[-1])
-            else:
-                argv += [act.option_strings[-1], str(val)]
-    return "python -m train " + " ".join(shlex.quote(a) for a in argv)
 
 
 @dataclass
@@ -374,7 +184,7 @@ def setup_run(args: argparse.Namespace) -> Run:
             {"command": command_line(args), "args": vars(args), "preset": hp.to_dict()}, indent=2, default=str
         )
     )
-    return Run(args, out, hp, device, console, _variants(args))
+    return Run(args, out, hp, device, console, variants(args))
 
 
 def prepare_data(run: Run) -> Data:
@@ -643,193 +453,6 @@ def train_final(run: Run, data: Data, cv: CV) -> dict[str, Any]:
     final_info = {**_summary(run, data, v, loss_name, "all", {}, body, extra), **cv_summary}
     save_checkpoint(run.out / "final.pt", model, mcfg, enc.schema, data.pp, final_info)
     return final_info
-
-
-def paired_tests(args: argparse.Namespace, fold_m: pl.DataFrame) -> pl.DataFrame | None:
-    """Paired Wilcoxon tests over folds for the comparisons --compare asked for (None without --compare)."""
-    from train.metrics import paired_wilcoxon
-
-    if not args.compare:
-        return None
-
-    def per_fold(v: str, key: str) -> list[float]:
-        return fold_m.filter(pl.col("variant") == v).sort("fold")[key].to_list()
-
-    pairs = []
-    if args.compare in ("all", "fusion"):
-        pairs.append((vname("xattn", args.loss), vname("concat", args.loss)))
-    if args.compare in ("all", "loss"):
-        pairs += [(vname("xattn", "wsmoothl1"), vname("xattn", x)) for x in LOSSES if x != "wsmoothl1"]
-    rows = []
-    for a, b in pairs:
-        for key in ("mse", "mae", "r2"):
-            r = paired_wilcoxon(per_fold(a, key), per_fold(b, key), key)
-            rows.append({"comparison": f"{a} vs {b}", "a": a, "b": b, **r})
-    return pl.DataFrame(rows) if rows else None
-
-
-def write_plots(run: Run, data: Data, cv: CV, history: pl.DataFrame, fold_m: pl.DataFrame) -> list[str]:
-    """Every figure of the report; returns notes about figures that could not be drawn."""
-    from train import plots
-    from xbmd_batch.config import DEFAULT_SCHEMA
-
-    args, out, primary, oof = run.args, run.out, run.primary, cv.oof
-    tag = "synthetic cohort" if data.cohort.is_synthetic else ""
-    notes: list[str] = []
-    prim_oof = oof.filter(pl.col("variant") == primary)
-    plots.scatter_by_fold(prim_oof, out / "scatter_folds.png", tag, f"({primary})")
-    plots.scatter_pooled(prim_oof, out / "scatter_pooled.png", tag, f"({primary})")
-    roc_variants = [primary] + (
-        [vname("concat", args.loss)]
-        if args.compare in ("all", "fusion") and primary.startswith("xattn")
-        else []
-    )
-    plots.roc_curves(oof.filter(pl.col("variant").is_in(roc_variants)), args.reference, out / "roc.png", tag)
-    att_v = primary if primary.startswith("xattn") else None
-    if att_v is None and args.compare in ("all", "fusion"):
-        att_v = vname("xattn", args.loss)
-    if att_v is not None:
-        plots.field_attention(
-            oof.filter(pl.col("variant") == att_v),
-            DEFAULT_SCHEMA.names,
-            args.reference,
-            out / "attention.png",
-            tag,
-            f"({att_v})",
-        )
-    else:
-        notes.append("attention.png not drawn: the concat baseline has no cross-attention (uniform 1/F)")
-    plots.training_curves(
-        history.filter(pl.col("variant") == primary), out / "training_curves.png", tag, f"({primary})"
-    )
-    if args.compare in ("all", "loss"):
-        plots.loss_comparison(fold_m, LOSSES, out / "loss_comparison.png", tag)
-    if args.compare in ("all", "fusion"):
-        plots.fusion_comparison(fold_m, args.loss, out / "fusion_comparison.png", tag)
-    return notes
-
-
-def repeated_fusion(run: Run, data: Data) -> dict[str, Any] | None:
-    """--compare fusion: repeated CV x seeds, corrected t-test + paired bootstrap (train/repeated.py)."""
-    from train.repeated import analyse as analyse_repeated
-    from train.repeated import repeated_fusion_cv
-
-    args, out = run.args, run.out
-    repeats, n_seeds = _repeats_seeds(args)
-    if args.compare not in ("all", "fusion") or repeats * n_seeds <= 1:
-        return None
-    rep_oof, rep_splits = repeated_fusion_cv(
-        cohort=data.cohort,
-        builder=data.builder,
-        rows=data.rows,
-        hp=run.hp,
-        device=run.device,
-        loss_name=args.loss,
-        reference=args.reference,
-        repeats=repeats,
-        seeds=n_seeds,
-        base_seed=args.seed,
-        model_config_for=model_config_for,
-        log=run.console.log,
-        pretrained=args.pretrained,
-    )
-    rep_oof.write_parquet(out / "fusion_repeated_oof.parquet")
-    rep_splits.write_parquet(out / "fusion_repeated_splits.parquet")
-    fusion_rep = analyse_repeated(rep_oof, rep_splits, seed=args.seed)
-    (out / "fusion_repeated.json").write_text(json.dumps(fusion_rep, indent=2, default=float))
-    return fusion_rep
-
-
-def epidemiology(run: Run, data: Data, cv: CV) -> dict[str, Any]:
-    """train.analysis on the primary variant: calibration, Bland-Altman, CIs, operating points, subgroups."""
-    from train import plots
-    from train.analysis import covariates_for, per_subject, run_analysis
-    from xbmd_batch.clinical import get_reference
-
-    args, out, cohort = run.args, run.out, data.cohort
-    tag = "synthetic cohort" if cohort.is_synthetic else ""
-    prim_oof = cv.oof.filter(pl.col("variant") == run.primary)
-    labels_path = Path(args.labels) if args.labels else Path(args.cohort) / "truth.csv"
-    covariates = covariates_for(cohort.subject_ids[data.rows], cohort.meta_df, labels_path)
-    epi = run_analysis(
-        prim_oof, cv.base_oof, get_reference(args.reference), covariates, target_sens=args.target_sensitivity
-    )
-    plots.calibration_plot(epi["deciles"], epi.get("deciles_raw"), out / "calibration.png", tag)
-    subj = per_subject(prim_oof)
-    plots.bland_altman_plot(
-        subj["y"].to_numpy(), subj["p"].to_numpy(), epi["bland_altman"], out / "bland_altman.png", tag
-    )
-    return epi
-
-
-def write_outputs(
-    run: Run, data: Data, cv: CV, final_info: dict[str, Any] | None, wall_start: float
-) -> dict[str, Any]:
-    """Tables, plots and report.md; returns the run summary (paths, per-variant mean metrics, wall time)."""
-    from train.metrics import mean_sd
-    from train.repeated import markdown as repeated_markdown
-    from train.report import write_report
-
-    args, out, cohort, rows = run.args, run.out, data.cohort, data.rows
-    fold_m = cv.metrics.filter(pl.col("scope") == "fold")
-    paired = paired_tests(args, fold_m)
-    fusion_rep = repeated_fusion(run, data)
-    cv.oof.write_parquet(out / "oof.parquet")
-    cv.base_oof.write_parquet(out / "baselines_oof.parquet")
-    cv.metrics.write_parquet(out / "metrics.parquet")
-    history = pl.DataFrame(run.hist_rows)
-    history.write_parquet(out / "history.parquet")
-    if paired is not None:
-        paired.write_parquet(out / "paired_tests.parquet")
-    notes = data.notes + write_plots(run, data, cv, history, fold_m)
-    epi = epidemiology(run, data, cv)
-    k_total = len(data.splits)
-    if args.compare and k_total < 6:
-        notes.append(
-            f"{k_total} folds: the Wilcoxon test cannot reach p < 0.05 (smallest p = {2 / 2**k_total:.4f})"
-        )
-
-    wall = time.perf_counter() - wall_start
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) + ["report.md"]
-    write_report(
-        out / "report.md",
-        run_name=out.name,
-        command=command_line(args),
-        synthetic=cohort.is_synthetic,
-        cohort={
-            "n_images": len(rows),
-            "n_subjects": int(len(np.unique(cohort.subject_ids[rows]))),
-            "label_col": args.label_col,
-            "mapping": cohort.mapping,
-            "y_mean": float(cohort.y[rows].mean()),
-            "y_sd": float(cohort.y[rows].std(ddof=1)),
-        },
-        cohort_info=cohort.cohort_info,
-        preset=run.hp.to_dict(),
-        protocol=data.protocol,
-        reference=args.reference,
-        variants=[vname(*x) for x in run.variants],
-        primary=run.primary,
-        metrics=cv.metrics,
-        paired=paired,
-        files=sorted(set(files)),
-        wall_seconds=wall,
-        notes=notes,
-        final=final_info,
-        epi=epi,
-        extra_sections=repeated_markdown(fusion_rep, "SYNTHETIC " if cohort.is_synthetic else "")
-        if fusion_rep
-        else (),
-    )
-    means = {
-        vname(*x): {
-            key: mean_sd(fold_m.filter(pl.col("variant") == vname(*x))[key].to_list())[:2]
-            for key in ("mse", "mae", "r2")
-        }
-        for x in run.variants
-    }
-    run.console.log(f"done in {wall:.0f} s -> {out}/report.md")
-    return {"out": str(out), "wall_seconds": wall, "means": means, "synthetic": cohort.is_synthetic}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -127,3 +130,28 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def model_config_for(schema: Any, fusion: str, hp: Any, y: np.ndarray) -> Any:
+    """The model for a preset and a training set: the head starts at the labels' mean and SD."""
+    from xbmd_batch.config import ModelConfig
+
+    return ModelConfig.for_schema(
+        schema,
+        fusion=fusion,
+        image_size=hp.image_size,
+        encoder=hp.encoder,
+        cnn_width=hp.cnn_width,
+        wide=hp.wide,
+        wide_side=hp.wide_side,
+        wide_gain=hp.wide_gain,
+        n_members=hp.n_members,
+        d_model=hp.d_model,
+        n_layers=hp.n_layers,
+        n_heads=hp.n_heads,
+        dropout=hp.dropout,
+        meta_hidden=hp.meta_hidden,
+        head_hidden=hp.head_hidden,
+        bmd_mean=float(y.mean()),
+        bmd_std=float(y.std()) or 0.14,
+    )
