@@ -62,9 +62,10 @@ class DeviceBatcher:
     that event has completed, not when the loop asks for the next task. Finishing runs on the same stream;
     the stream the runners take their feeds on (the current stream, which ``TorchRunner`` and TensorRT wait
     for, and onnxruntime synchronises) waits for the finished batch on the device, not on the host. So the
-    host never waits per image: uploads and finishing of the next batch are queued while the runner's
-    stream computes. On a CPU device the copy is made at once (a clone) and the group is free at once, as
-    before; ``fence`` lets a test stand in for the CUDA event.
+    host never waits per image: each upload runs while the loop goes on to the next decode task. (The
+    runners still synchronise once per batch when they read their outputs back, so batch k+1's uploads are
+    issued after batch k's compute returned.) On a CPU device the copy is made at once (a clone) and the
+    group is free at once, as before; ``fence`` lets a test stand in for the CUDA event.
     """
 
     def __init__(
@@ -219,9 +220,19 @@ class DeviceBatcher:
                 queued = True
                 if len(self._items) == self.batch_size:
                     yield self._emit()
-        finally:
-            if queued and group >= 0 and self._pool is not None and self._fence is not None:
-                self._pool.hold(group, self._fence())
+        except BaseException:  # the caller stopped early (GeneratorExit) or something failed
+            if queued:
+                try:
+                    self._hold(group)
+                except Exception:  # noqa: BLE001 - a failed device cannot record an event; keep the first error
+                    pass
+            raise
+        if queued:
+            self._hold(group)
+
+    def _hold(self, group: int) -> None:
+        if group >= 0 and self._pool is not None and self._fence is not None:
+            self._pool.hold(group, self._fence())
 
     def flush(self) -> Batch | None:
         return self._emit() if self._items else None
