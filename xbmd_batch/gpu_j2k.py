@@ -192,9 +192,14 @@ def _edge_value_torch(x: Any) -> Any:
     return torch.quantile(border[::step].to(torch.float64), 0.5)
 
 
-def _stored_float(pixels: Any, signed_bits: int | None) -> Any:
+def _stored(pixels: Any, signed_bits: int | None) -> Any:
+    """The stored values: the decoded integers as they are (finish_batch converts them chunk by chunk, so a
+    batch of 2000-px images is not held in float32 here), or, for unsigned samples of a signed dataset, their
+    two's complement in float32."""
     import torch
 
+    if not signed_bits:
+        return pixels
     x = pixels.to(torch.float32)
     if signed_bits:  # codestream unsigned, dataset signed: two's complement as pydicom does
         x = torch.where(x >= 2 ** (signed_bits - 1), x - 2**signed_bits, x)
@@ -207,7 +212,7 @@ def _step1(x: Any, fill: float, cfg: PreprocessConfig, scale: float, offset: flo
     h, w = x.shape
     k = reduce_factor((h, w), cfg)
     if k > 1:  # ceil_mode without padding divides a partial window by the pixels it holds
-        x = torch.nn.functional.avg_pool2d(x[None, None], k, stride=k, ceil_mode=True)[0, 0]
+        x = torch.nn.functional.avg_pool2d(x.to(torch.float32)[None, None], k, stride=k, ceil_mode=True)[0, 0]
     return Reduced(x, fill, scale, offset, k, 0.0, (int(h), int(w)))
 
 
@@ -219,7 +224,7 @@ def reduce_on_device(
     ``preprocess.block_reduce``). ``signed_bits``: unsigned samples of a signed dataset, reinterpreted as
     two's complement of that many bits (as pydicom does). One image; ``decode_codestreams`` does a batch
     with one host synchronisation for all padding values."""
-    x = _stored_float(pixels, signed_bits)
+    x = _stored(pixels, signed_bits)
     return _step1(x, float(_edge_value_torch(x)), cfg, scale, offset)
 
 
@@ -253,7 +258,7 @@ def decode_codestreams(decoder: Any, items: list[Any], cfg: PreprocessConfig) ->
         elif t.dtype not in (torch.uint8, torch.uint16, torch.int16, torch.int32):
             out[-1].error = f"unexpected sample type {t.dtype}"
         else:
-            good.append((len(out) - 1, _stored_float(t, it.signed_bits)))
+            good.append((len(out) - 1, _stored(t, it.signed_bits)))
     if good:  # the padding values of the whole batch reach the host in one synchronisation
         fills = torch.stack([_edge_value_torch(x) for _, x in good]).tolist()
         for (k, x), fill in zip(good, fills, strict=True):
