@@ -327,3 +327,21 @@ def test_scoring_with_nvimgcodec_on_cuda_equals_the_cpu_path(
     )
     j = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]["preprocess"]["j2k"]
     assert j["decoder"].startswith("nvimgcodec") and j["decoded_on_device"] == len(j2k_cohort["j2k"]) - 1, j
+
+
+class _AllFail:
+    """A stage whose every codestream fails (its CPU fallback too)."""
+
+    def resolve(self, idx, items):
+        return idx[:0], [], [(int(i), "decode_error:X", "broken") for i in idx]
+
+
+def test_device_batcher_books_a_batch_whose_every_codestream_failed(j2k_cohort: dict) -> None:
+    from xbmd_batch.dicom_io import read_for_device
+    from xbmd_batch.score.batcher import DeviceBatcher
+
+    cs, _ = read_for_device(j2k_cohort["j2k"][0], target_size=64)
+    b = DeviceBatcher(2, CFG, "cpu", j2k=_AllFail())
+    (batch,) = list(b.add(np.array([7, 9]), [cs, cs]))
+    assert len(batch.idx) == 0 and batch.images.shape[0] == 0  # the loop sends nothing to the runner
+    assert [f[0] for f in batch.failures] == [7, 9] and b.flush() is None
