@@ -329,6 +329,42 @@ def test_slot_group_is_reused_only_after_its_copy_completed(
     assert decode_mod._STATE.get("slots") is None
 
 
+def test_deferred_release_when_the_caller_stops_or_the_device_fails(tmp_path: Path) -> None:
+    """A caller that stops in the middle of a task still hands its group over with a fence (the copies
+    already queued may read it); a fence that raises (a failed device) does not hide the error that stopped
+    the run when the pool closes, and the close callbacks still run."""
+    pytest.importorskip("torch")
+    import pyarrow as pa
+
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score.batcher import DeviceBatcher
+    from xbmd_batch.score.decode import DecodePool
+
+    class Broken(_Fence):
+        def query(self) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    root = tmp_path / "d"
+    names = _small_cohort(root, n=4)
+    cfg = PreprocessConfig(image_size=32)
+    fences: list[_Fence] = []
+    batcher = DeviceBatcher(1, cfg, "cpu", fence=lambda: Broken(fences))
+    closed: list[int] = []
+    with pytest.raises(KeyError, match="stop"):
+        with DecodePool(
+            root, pa.array(names), cfg, 0, task_size=2, max_inflight=2, handoff="reduced"
+        ) as pool:
+            pool.on_close(lambda: closed.append(1))
+            batcher.attach(pool)
+            task = next(iter(pool.run(np.arange(len(names)))))
+            gen = batcher.add(task.idx, task.reduced, task.group)
+            next(gen)  # the first batch (batch size 1); the task's second image not yet uploaded
+            gen.close()  # the caller stops here
+            assert list(pool._fences) == [task.group] and len(fences) == 1
+            raise KeyError("stop")
+    assert closed == [1]
+
+
 @pytest.mark.gpu
 def test_async_upload_with_deferred_release_equals_the_synchronous_result(tmp_path: Path) -> None:
     """CUDA: page-locked slots, non-blocking copies on the batcher's stream, slot groups released on the

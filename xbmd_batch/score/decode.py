@@ -426,8 +426,11 @@ class DecodePool:
         held = self._held + list(self._fences.items())
         self._held, self._fences = [], {}
         for g, fence in held:
-            if not fence.query():
-                fence.synchronize()
+            try:
+                if not fence.query():
+                    fence.synchronize()
+            except Exception:  # noqa: BLE001 - a failed device (sticky CUDA error): its copies are gone;
+                pass  # closing must not hide the error that stopped the run
             self._free.append(g)
 
     def _release_shm(self) -> None:
