@@ -172,6 +172,25 @@ def test_baseline_has_no_attention_parameters() -> None:
     assert base_names < {n for n, _ in xattn.named_parameters()}
 
 
+def test_creation_order_fixes_init_and_state_dict_keys() -> None:
+    """Both models create the encoders, then the fusion, then LNs, head and wide path: with one seed the
+    baseline's encoders are XAttnBMD's bit for bit, and its state-dict keys are XAttnBMD's in the same order
+    without the fusion's (a reordering would change every seed's initialisation and the checkpoint layout)."""
+    kw = dict(encoder="smallcnn", cnn_width=4, wide=True, wide_side=16)
+    torch.manual_seed(5)
+    xattn = build_model(tiny_cfg("xattn", **kw)).state_dict()
+    torch.manual_seed(5)
+    base = build_model(tiny_cfg("concat", **kw)).state_dict()
+    fusion = ("layers.", "kv_meta.", "kv_img.")
+    assert list(base) == [k for k in xattn if not k.startswith(fusion)]
+    encoders = [k for k in base if k.startswith(("image_encoder.", "meta_encoder."))]
+    assert encoders and all(torch.equal(base[k], xattn[k]) for k in encoders)
+    keys = list(xattn)
+    first_fusion = next(i for i, k in enumerate(keys) if k.startswith(fusion))
+    assert keys[:first_fusion] == encoders  # encoders, then the fusion, then the pooled head and wide path
+    assert keys[-1].startswith("wide.")
+
+
 def test_eval_mode_is_deterministic(model: nn.Module) -> None:
     image, meta, mask = make_inputs(3)
     with torch.no_grad():

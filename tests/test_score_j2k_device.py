@@ -229,3 +229,119 @@ def test_plan_j2k(monkeypatch: pytest.MonkeyPatch) -> None:
     pinned = Placement("cuda", "reduced", "test", torch_device="cpu", j2k_decoder=CpuJ2KStandIn())
     p = plan_j2k(pinned, 0, card, "onnx", "auto", "auto")
     assert p.j2k == "nvimgcodec" and p.describe("cpu")["j2k"]["decoder"] == NAME
+
+
+@pytest.fixture(scope="module")
+def sensitive_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its last head layer scaled x150: predictions spread (SD ~0.07 g/cm2 on the cohort),
+    so any difference in the model input shows in bmd_pred."""
+    from xbmd_batch.checkpoint import load_model, save_checkpoint
+
+    model, card = load_model(tiny_model)
+    with torch.no_grad():
+        model.head.net[-1].weight.mul_(150.0)
+    d = tmp_path_factory.mktemp("sensitive_j2k")
+    return save_checkpoint(d / "m.pt", model, card.model_config, card.schema, card.preprocess)
+
+
+def _score(root: Path, model: Path, out: Path, **kw: object):
+    from xbmd_batch.score import ScoreOptions, score_cohort
+
+    opts = ScoreOptions(quiet=True, backend="torch", **kw)  # type: ignore[arg-type]
+    return score_cohort(root / "dicom", root / "meta.csv", model, out, opts)
+
+
+def _rows(out: Path, name: str, cols: list[str]) -> list[tuple]:
+    import polars as pl
+
+    return sorted(pl.read_parquet(out / name).select(cols).rows())
+
+
+def test_scoring_with_gpu_j2k_plumbing_equals_the_cpu_path(
+    j2k_cohort: dict, sensitive_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cohort (JPEG 2000 + uncompressed, MONOCHROME1/2, rescaled, one truncated J2K, one junk header)
+    scored by the CPU path and by the GPU-J2K plumbing (stand-in decoder, reduced hand-off, torch finishing on
+    the CPU, 2 decode workers, one codestream refused by the decoder -> CPU fallback): same rows, bmd within
+    1e-4 g/cm2 (one definition here, see the module docstring), the same failure rows, provenance in
+    run.json."""
+    import polars as pl
+
+    from xbmd_batch.score import pipeline as pipeline_mod
+
+    root = j2k_cohort["root"]
+    ref = _score(root, sensitive_model, tmp_path / "cpu", workers=0, preprocess_device="cpu")
+    refused = _frame(j2k_cohort["j2k"][0])
+    standin = CpuJ2KStandIn(reject=lambda f: f == refused)
+    pinned = Placement("cuda", "reduced", "test: torch on cpu", torch_device="cpu", j2k_decoder=standin)
+    monkeypatch.setattr(pipeline_mod, "plan_preprocess", lambda *a, **k: pinned)
+    dev = _score(root, sensitive_model, tmp_path / "dev", workers=2, batch_size=4)
+    assert ref.exit_code == dev.exit_code == 3  # failures: the truncated J2K and the junk header
+    a = pl.read_parquet(tmp_path / "cpu" / "scores.parquet").sort("relative_path")
+    b = pl.read_parquet(tmp_path / "dev" / "scores.parquet").sort("relative_path")
+    assert a["relative_path"].to_list() == b["relative_path"].to_list() and a.height >= 20
+    diff = np.abs(a["bmd_pred"].to_numpy() - b["bmd_pred"].to_numpy())
+    assert diff.max() <= 1e-4, diff.max()
+    assert a["bmd_pred"].std() > 0.03  # image-sensitive predictions: a preprocessing error would show
+    cols = ["relative_path", "stage", "reason", "message"]
+    assert _rows(tmp_path / "cpu", "failures.parquet", cols) == _rows(
+        tmp_path / "dev", "failures.parquet", cols
+    )
+    n_j2k = len(j2k_cohort["j2k"])
+    assert sum(standin.calls) == n_j2k and max(standin.calls) <= 4  # codestreams decoded batch by batch
+    run = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]
+    j = run["preprocess"]["j2k"]
+    assert j["decoder"] == NAME
+    assert (j["decoded_on_device"], j["cpu_fallback"], j["failed_after_fallback"]) == (n_j2k - 2, 1, 1)
+    ref_run = pl.read_json(tmp_path / "cpu" / "run.json").to_dicts()[0]
+    assert ref_run["preprocess"]["j2k"]["decoder"].startswith("cpu-reduced")
+    print(f"max |delta bmd| {diff.max():.2e}, prediction SD {a['bmd_pred'].std():.3f}")
+
+
+@pytest.mark.gpu
+def test_scoring_with_nvimgcodec_on_cuda_equals_the_cpu_path(
+    j2k_cohort: dict, sensitive_model: Path, tmp_path: Path
+) -> None:
+    """The same comparison with the real decoder: ``--preprocess-device cuda`` plans nvImageCodec (after the
+    header pass), the truncated file fails exactly as on the CPU path, bmd within 1e-4 g/cm2."""
+    import polars as pl
+
+    from xbmd_batch.gpu_j2k import status
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    active, why = status()
+    if not active:
+        pytest.skip(why)
+    root = j2k_cohort["root"]
+    kw = {"device": "cuda", "precision": "fp32", "workers": 2}
+    _score(root, sensitive_model, tmp_path / "cpu", preprocess_device="cpu", **kw)
+    _score(root, sensitive_model, tmp_path / "dev", preprocess_device="cuda", batch_size=4, **kw)
+    a = pl.read_parquet(tmp_path / "cpu" / "scores.parquet").sort("relative_path")
+    b = pl.read_parquet(tmp_path / "dev" / "scores.parquet").sort("relative_path")
+    assert a["relative_path"].to_list() == b["relative_path"].to_list()
+    assert np.abs(a["bmd_pred"].to_numpy() - b["bmd_pred"].to_numpy()).max() <= 1e-4
+    cols = ["relative_path", "stage", "reason", "message"]
+    assert _rows(tmp_path / "cpu", "failures.parquet", cols) == _rows(
+        tmp_path / "dev", "failures.parquet", cols
+    )
+    j = pl.read_json(tmp_path / "dev" / "run.json").to_dicts()[0]["preprocess"]["j2k"]
+    assert j["decoder"].startswith("nvimgcodec") and j["decoded_on_device"] == len(j2k_cohort["j2k"]) - 1, j
+
+
+class _AllFail:
+    """A stage whose every codestream fails (its CPU fallback too)."""
+
+    def resolve(self, idx, items):
+        return idx[:0], [], [(int(i), "decode_error:X", "broken") for i in idx]
+
+
+def test_device_batcher_books_a_batch_whose_every_codestream_failed(j2k_cohort: dict) -> None:
+    from xbmd_batch.dicom_io import read_for_device
+    from xbmd_batch.score.batcher import DeviceBatcher
+
+    cs, _ = read_for_device(j2k_cohort["j2k"][0], target_size=64)
+    b = DeviceBatcher(2, CFG, "cpu", j2k=_AllFail())
+    (batch,) = list(b.add(np.array([7, 9]), [cs, cs]))
+    assert len(batch.idx) == 0 and batch.images.shape[0] == 0  # the loop sends nothing to the runner
+    assert [f[0] for f in batch.failures] == [7, 9] and b.flush() is None

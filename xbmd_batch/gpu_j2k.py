@@ -99,8 +99,12 @@ class GpuJ2KDecoder:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         self.name = f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')} (nvjpeg2k, GPU)"
+        # max_num_cpu_threads: the library's default is one thread per core, next to the decode workers that
+        # already own the cores (the oversubscription issue 11 found with BLAS pools); 2: a guess, unmeasured
         self._decoder = nvimgcodec.Decoder(
-            device_id=index, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)]
+            device_id=index,
+            max_num_cpu_threads=2,
+            backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY)],
         )
         # Stored values unchanged: no colour conversion, native bit depth (12/16-bit samples stay 16-bit).
         self._params = nvimgcodec.DecodeParams(
@@ -174,16 +178,42 @@ def probe_codestream() -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), want
 
 
-def _edge_value_torch(x: Any, band: int) -> float:
-    """``preprocess._edge_value`` in torch: median (numpy's: mean of the two middle values) of the border."""
+def _edge_value_torch(x: Any) -> Any:
+    """``preprocess._edge_value`` in torch, as a 0-d device tensor (no host sync): the median (numpy's: mean
+    of the two middle values) of the border band 1 % of the short side wide, every n-th value past 20,000."""
     import torch
 
-    b = max(1, min(band, x.shape[0] // 2, x.shape[1] // 2))
+    h, w = x.shape
+    b = max(1, min(max(1, round(0.01 * min(h, w))), h // 2, w // 2))
     border = torch.cat(
         [x[:b, :].reshape(-1), x[-b:, :].reshape(-1), x[:, :b].reshape(-1), x[:, -b:].reshape(-1)]
     )
     step = max(1, border.numel() // 20000)
-    return float(torch.quantile(border[::step].to(torch.float64), 0.5))
+    return torch.quantile(border[::step].to(torch.float64), 0.5)
+
+
+def _stored(pixels: Any, signed_bits: int | None) -> Any:
+    """The stored values: the decoded integers as they are (finish_batch converts them chunk by chunk, so a
+    batch of 2000-px images is not held in float32 here), or, for unsigned samples of a signed dataset, their
+    two's complement in float32."""
+    import torch
+
+    if not signed_bits:
+        return pixels
+    x = pixels.to(torch.float32)
+    if signed_bits:  # codestream unsigned, dataset signed: two's complement as pydicom does
+        x = torch.where(x >= 2 ** (signed_bits - 1), x - 2**signed_bits, x)
+    return x
+
+
+def _step1(x: Any, fill: float, cfg: PreprocessConfig, scale: float, offset: float) -> Reduced:
+    import torch
+
+    h, w = x.shape
+    k = reduce_factor((h, w), cfg)
+    if k > 1:  # ceil_mode without padding divides a partial window by the pixels it holds
+        x = torch.nn.functional.avg_pool2d(x.to(torch.float32)[None, None], k, stride=k, ceil_mode=True)[0, 0]
+    return Reduced(x, fill, scale, offset, k, 0.0, (int(h), int(w)))
 
 
 def reduce_on_device(
@@ -192,18 +222,10 @@ def reduce_on_device(
     """Step 1 of preprocessing on a full-resolution decode already on the device: the padding value and, for
     a version-3 card, block means (partial last blocks = mean of what they hold, as
     ``preprocess.block_reduce``). ``signed_bits``: unsigned samples of a signed dataset, reinterpreted as
-    two's complement of that many bits (as pydicom does)."""
-    import torch
-
-    x = pixels.to(torch.float32)
-    if signed_bits:  # codestream unsigned, dataset signed: two's complement as pydicom does
-        x = torch.where(x >= 2 ** (signed_bits - 1), x - 2**signed_bits, x)
-    h, w = x.shape
-    fill = _edge_value_torch(x, max(1, round(0.01 * min(h, w))))
-    k = reduce_factor((h, w), cfg)
-    if k > 1:  # ceil_mode without padding divides a partial window by the pixels it holds
-        x = torch.nn.functional.avg_pool2d(x[None, None], k, stride=k, ceil_mode=True)[0, 0]
-    return Reduced(x, fill, scale, offset, k, 0.0, (int(h), int(w)))
+    two's complement of that many bits (as pydicom does). One image; ``decode_codestreams`` does a batch
+    with one host synchronisation for all padding values."""
+    x = _stored(pixels, signed_bits)
+    return _step1(x, float(_edge_value_torch(x)), cfg, scale, offset)
 
 
 @dataclass
@@ -224,21 +246,24 @@ def decode_codestreams(decoder: Any, items: list[Any], cfg: PreprocessConfig) ->
     tensors = decoder.decode(frames)
     errors = list(getattr(decoder, "errors", None) or [None] * len(items))
     out: list[Decoded] = []
+    good: list[tuple[int, Any]] = []  # (position, stored values as float32 on the device)
     for it, t, err in zip(items, tensors, errors, strict=True):
+        out.append(Decoded(None))
         if t is None:
-            out.append(Decoded(None, err or "rejected by the GPU decoder"))
-            continue
-        if tuple(t.shape) != tuple(it.full_shape):
-            out.append(Decoded(None, f"decoded shape {tuple(t.shape)} != Rows/Columns {it.full_shape}"))
-            continue
-        if it.codestream_signed and not t.is_signed():
-            out.append(Decoded(None, "signed codestream returned as unsigned samples"))
-            continue
-        if t.dtype not in (torch.uint8, torch.uint16, torch.int16, torch.int32):
-            out.append(Decoded(None, f"unexpected sample type {t.dtype}"))
-            continue
-        red = reduce_on_device(t, cfg, it.scale, it.offset, it.signed_bits)
-        out.append(Decoded(red))
+            out[-1].error = err or "rejected by the GPU decoder"
+        elif tuple(t.shape) != tuple(it.full_shape):
+            out[-1].error = f"decoded shape {tuple(t.shape)} != Rows/Columns {it.full_shape}"
+        elif it.codestream_signed and not t.is_signed():
+            out[-1].error = "signed codestream returned as unsigned samples"
+        elif t.dtype not in (torch.uint8, torch.uint16, torch.int16, torch.int32):
+            out[-1].error = f"unexpected sample type {t.dtype}"
+        else:
+            good.append((len(out) - 1, _stored(t, it.signed_bits)))
+    if good:  # the padding values of the whole batch reach the host in one synchronisation
+        fills = torch.stack([_edge_value_torch(x) for _, x in good]).tolist()
+        for (k, x), fill in zip(good, fills, strict=True):
+            it = items[k]
+            out[k].reduced = _step1(x, float(fill), cfg, it.scale, it.offset)
     return out
 
 

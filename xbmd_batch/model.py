@@ -408,52 +408,13 @@ def _wide_offset(
     return None if wide is None else wide(image, meta, mask)
 
 
-class XAttnBMD(nn.Module):
-    """ResNet34 + metadata tokens fused by bidirectional cross-attention (see the module docstring)."""
+class _TwoStreamModel(nn.Module):
+    """What XAttnBMD and ConcatBaseline share: the two encoders, the subclass's fusion (``_build_fusion``,
+    ``fuse``), then LN + mean pooling of each stream, the late-concatenation head and the wide path.
 
-    has_attention: bool = True
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        _check_config(cfg)
-        self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg)
-        self.meta_encoder = MetadataEncoder(cfg)
-        self.layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.n_layers))
-        self.kv_meta = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
-        self.kv_img = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
-        self.ln_img = nn.LayerNorm(cfg.d_model)
-        self.ln_meta = nn.LayerNorm(cfg.d_model)
-        self.head = RegressionHead(cfg)
-        self.wide = WidePath(cfg) if cfg.wide else None
-
-    def forward(
-        self,
-        image: torch.Tensor,
-        meta: torch.Tensor,
-        meta_mask: torch.Tensor,
-        return_attention: bool = False,
-        wide_offset: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        img = self.image_encoder(image)  # (B, N, D)
-        met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
-        ctx_meta, ctx_img = met, img
-        attn_sum = torch.zeros_like(meta)  # (B, F)
-        for i, layer in enumerate(self.layers):
-            img, met, attn = layer(img, met, ctx_meta, ctx_img)
-            attn_sum = attn_sum + attn.mean(dim=(1, 2))  # (B, H, N, F) -> (B, F)
-            if i < len(self.kv_meta):
-                ctx_meta = self.kv_meta[i](ctx_meta, met)
-                ctx_img = self.kv_img[i](ctx_img, img)
-        z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
-        bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
-        if return_attention:
-            return bmd, attn_sum / len(self.layers)
-        return bmd
-
-
-class ConcatBaseline(nn.Module):
-    """The paper's baseline: the same two encoders, pooled features concatenated, no cross-attention."""
+    Submodules are created in that order (encoders, fusion, LNs, head, wide): the order fixes the random
+    initialisation per seed and the state-dict key order, so keep it.
+    """
 
     has_attention: bool = False
 
@@ -463,10 +424,20 @@ class ConcatBaseline(nn.Module):
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg)
         self.meta_encoder = MetadataEncoder(cfg)
+        self._build_fusion(cfg)
         self.ln_img = nn.LayerNorm(cfg.d_model)
         self.ln_meta = nn.LayerNorm(cfg.d_model)
         self.head = RegressionHead(cfg)
         self.wide = WidePath(cfg) if cfg.wide else None
+
+    def _build_fusion(self, cfg: ModelConfig) -> None:
+        """Create the fusion's submodules (none for the concatenation baseline)."""
+
+    def fuse(
+        self, img: torch.Tensor, met: torch.Tensor, meta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(image tokens, metadata tokens, field attention [B, F] or None when the model has none)."""
+        return img, met, None
 
     def forward(
         self,
@@ -478,11 +449,44 @@ class ConcatBaseline(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         img = self.image_encoder(image)  # (B, N, D)
         met = self.meta_encoder(meta, meta_mask)  # (B, F, D)
+        img, met, attention = self.fuse(img, met, meta)  # (B, N, D), (B, F, D), (B, F) or None
         z = torch.cat([self.ln_img(img).mean(dim=1), self.ln_meta(met).mean(dim=1)], dim=-1)  # (B, 2D)
         bmd = self.head(z, _wide_offset(self.wide, image, meta, meta_mask, wide_offset))  # (B,)
         if return_attention:
-            return bmd, torch.ones_like(meta) / meta.shape[-1]  # (B, F) uniform: no attention to report
+            if attention is None:
+                attention = torch.ones_like(meta) / meta.shape[-1]  # (B, F) uniform: no attention to report
+            return bmd, attention
         return bmd
+
+
+class XAttnBMD(_TwoStreamModel):
+    """ResNet34 + metadata tokens fused by bidirectional cross-attention (see the module docstring)."""
+
+    has_attention: bool = True
+
+    def _build_fusion(self, cfg: ModelConfig) -> None:
+        self.layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.n_layers))
+        self.kv_meta = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
+        self.kv_img = nn.ModuleList(KVUpdater(cfg) for _ in range(cfg.n_layers - 1))
+
+    def fuse(
+        self, img: torch.Tensor, met: torch.Tensor, meta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx_meta, ctx_img = met, img
+        attn_sum = torch.zeros_like(meta)  # (B, F)
+        for i, layer in enumerate(self.layers):
+            img, met, attn = layer(img, met, ctx_meta, ctx_img)
+            attn_sum = attn_sum + attn.mean(dim=(1, 2))  # (B, H, N, F) -> (B, F)
+            if i < len(self.kv_meta):
+                ctx_meta = self.kv_meta[i](ctx_meta, met)
+                ctx_img = self.kv_img[i](ctx_img, img)
+        return img, met, attn_sum / len(self.layers)  # (B, N, D), (B, F, D), (B, F)
+
+
+class ConcatBaseline(_TwoStreamModel):
+    """The paper's baseline: the same two encoders, pooled features concatenated, no cross-attention."""
+
+    has_attention: bool = False
 
 
 class OutputCalibration(nn.Module):

@@ -68,10 +68,15 @@ class DeviceBatcher:
     group is free at once, as before; ``fence`` lets a test stand in for the CUDA event.
     """
 
-    def __init__(self, batch_size: int, cfg: object, device: object = "cpu", fence: Any = None) -> None:
+    def __init__(
+        self, batch_size: int, cfg: object, device: object = "cpu", fence: Any = None, j2k: Any = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
         self.batch_size, self.cfg, self.device = batch_size, cfg, device
+        # score/j2k_device.J2KDeviceStage: the batch's JPEG 2000 codestreams are decoded on the device when
+        # the batch is finished (None: the workers decoded every image)
+        self.j2k = j2k
         self._items: list[object] = []
         self._idx: list[int] = []
         self._fence = fence  # () -> object with query()/synchronize(), recorded after a task's copies
@@ -109,11 +114,16 @@ class DeviceBatcher:
         return None if self._pinner is None else self._pinner.report()
 
     def _upload(self, red: object) -> object:
-        """The item with its pixels on the device (CUDA: queued on the batcher's stream)."""
+        """The item with its pixels on the device (CUDA: queued on the batcher's stream). A JPEG 2000
+        codestream (``dicom_io.Codestream``) stays as it is: ``_emit`` decodes it with its batch."""
         import dataclasses
 
         import torch
 
+        if self.j2k is not None and not hasattr(red, "pixels"):
+            return red
+        if torch.is_tensor(getattr(red, "pixels", None)):  # decoded on the device already
+            return red
         host = np.asarray(red.pixels)  # type: ignore[attr-defined]
         if not host.flags.c_contiguous:
             host = np.ascontiguousarray(host)
@@ -152,8 +162,15 @@ class DeviceBatcher:
 
         items, idx = self._items, np.asarray(self._idx, dtype=np.int64)
         self._items, self._idx = [], []
+        failed: list[tuple[int, str, str]] = []  # JPEG 2000 files that failed their CPU fallback too
+        if self.j2k is not None:
+            idx, items, failed = self._decode_j2k(idx, items)
+            if not items:
+                import torch
+
+                return Batch(idx, torch.zeros((0, 1, 1, 1), device=self.device), failed)  # type: ignore[arg-type]
         try:
-            return Batch(idx, self._finish(items))
+            return Batch(idx, self._finish(items), failed)
         except Exception as e:  # noqa: BLE001 - isolate the item that broke it
             if is_device_error(e):
                 raise
@@ -173,7 +190,21 @@ class DeviceBatcher:
                 why = "out_of_memory" if oom else f"decode_error:{type(e1).__name__}"
                 failures.append((int(i), why, f"{type(e1).__name__}: {e1}"[:500]))
         images = torch.cat(out) if out else torch.zeros((0, 1, 1, 1), device=self.device)  # type: ignore[arg-type]
-        return Batch(np.asarray(good, dtype=np.int64), images, failures)
+        return Batch(np.asarray(good, dtype=np.int64), images, failed + failures)
+
+    def _decode_j2k(
+        self, idx: np.ndarray, items: list[object]
+    ) -> tuple[np.ndarray, list[object], list[tuple[int, str, str]]]:
+        """The batch's codestreams decoded on the device (on the batcher's stream, where the batch is then
+        finished), CPU fallbacks uploaded like any other item."""
+        if not self._cuda:
+            idx, items, failed = self.j2k.resolve(idx, items)  # type: ignore[union-attr]
+            return idx, [self._upload(r) for r in items], failed
+        import torch
+
+        with torch.cuda.stream(self._stream):
+            idx, items, failed = self.j2k.resolve(idx, items)  # type: ignore[union-attr]
+        return idx, [self._upload(r) for r in items], failed
 
     def add(self, idx: np.ndarray, reduced: list[object], group: int = -1) -> Iterator[Batch]:
         """Add decoded items (None = failed, skipped) of one task (``group``: the pool's slot group they lie

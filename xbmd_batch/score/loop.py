@@ -61,6 +61,7 @@ class ScoringLoop:
         chunk_size: int,
         stopwatch: Stopwatch,
         finish_device: str | None = None,
+        j2k: Any = None,
     ) -> None:
         self.runner, self.buf, self.writer = runner, buf, writer
         self.values, self.mask, self.meta_row = meta_values, meta_mask, meta_row
@@ -69,8 +70,10 @@ class ScoringLoop:
         self.batcher: Batcher | DeviceBatcher = (
             Batcher(batch_size, card.preprocess.image_size)
             if finish_device is None
-            else DeviceBatcher(batch_size, card.preprocess, finish_device)
+            else DeviceBatcher(batch_size, card.preprocess, finish_device, j2k=j2k)
         )
+        if j2k is not None and finish_device is None:
+            raise ValueError("GPU JPEG 2000 decode (j2k) needs on-device finishing (finish_device)")
         self.chunk_size = chunk_size
         self.sw = stopwatch
         self.image_name, self.meta_name, self.mask_name = card.input_names
@@ -88,7 +91,8 @@ class ScoringLoop:
                 st.decode_worker_s += dec.seconds
                 self.add_decode_failures(dec.failures)
                 for b in self._add(dec):
-                    self._infer(b.idx, b.images)
+                    if len(b.idx):  # a device batch whose every item failed has none left to infer
+                        self._infer(b.idx, b.images)
                 st.images += len(dec.idx)
                 if progress is not None:
                     el = time.perf_counter() - t0
@@ -96,7 +100,7 @@ class ScoringLoop:
                 if self.buf.n_rows >= self.chunk_size:
                     self._write_part()
             last = self._flush()
-            if last is not None:
+            if last is not None and len(last.idx):
                 self._infer(last.idx, last.images)
             self._write_part()
             st.decode_wait_s = pool.wait_seconds

@@ -35,7 +35,7 @@ from xbmd_batch.score.options import (
     kill_hook_from_env,
 )
 from xbmd_batch.score.outputs import ScoreResult
-from xbmd_batch.score.placement import plan_preprocess
+from xbmd_batch.score.placement import plan_j2k, plan_preprocess
 from xbmd_batch.score.privacy import Pseudonymizer
 from xbmd_batch.score.resume import RESUME_KEY
 from xbmd_batch.score.run_local import run_local
@@ -145,6 +145,10 @@ def _score(
 
         ing.plan, shard_info = shard_mod.restrict_plan(ing.plan, shard_mod.parse_shard(opts.shard))
     plan, join_desc = ing.plan, key_spec.describe(card.schema.subject_key)
+    # which decoder takes JPEG 2000 (the transfer syntaxes are known now; --out does not exist yet)
+    placement = plan_j2k(
+        placement, _count_j2k(plan.items), card, model.kind, opts.backend, opts.device, opts.engine
+    )
 
     # --out: created and locked only now; an existing run's pins are checked, but a new run is pinned only
     # once the runner has opened the model (below)
@@ -239,3 +243,13 @@ def _console(quiet: bool) -> Any:
     from rich.console import Console
 
     return Console(stderr=True, quiet=quiet)
+
+
+def _count_j2k(items: pl.DataFrame) -> int:
+    """JPEG 2000 files among the plan's rows (their transfer syntax from the header pass)."""
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    if "transfer_syntax_uid" not in items.columns:
+        return 0
+    j2k = [str(u) for u in JPEG2000TransferSyntaxes]
+    return int(items.get_column("transfer_syntax_uid").is_in(j2k).sum())

@@ -51,22 +51,47 @@ def run_local(
         line = placement.console_line(finish_device)  # where batches finish, or why auto kept the workers
         if line is not None:
             console.print(line, markup=False)
+        j2k = j2k_stage(placement, card, pool, finish_device)
+        if j2k is not None:
+            console.print(f"JPEG 2000: {placement.j2k_reason}", markup=False)
         sw.lap("model_load")
-        loop = scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device)
+        loop = scoring_loop(runner, card, ing, ids, out_dir, opts, sw, file_stats, finish_device, j2k)
         progress = progress_bar(console, opts.quiet)
-        with progress:
-            stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
+        try:
+            with progress:
+                stats = loop.run(pool, progress, progress.add_task("scoring", total=len(todo), rate=0.0))
+        finally:
+            if j2k is not None:
+                run["preprocess"]["j2k"] = j2k.describe()
         if stats.upload is not None:  # CUDA finishing: what was page-locked for the uploads, or why not
             run["preprocess"]["upload"] = stats.upload
     return runner, stats, workers
+
+
+def j2k_stage(placement: Placement, card: Any, pool: DecodePool, finish_device: str | None) -> Any:
+    """The GPU JPEG 2000 stage of the loop (score/j2k_device.py) when the plan decoded JPEG 2000 there; its
+    CPU fallback is the pool's CPU path in a worker (``DecodePool.decode_now``)."""
+    if placement.j2k != "nvimgcodec" or finish_device is None:
+        return None
+    from xbmd_batch.score.j2k_device import J2KDeviceStage
+
+    return J2KDeviceStage(placement.j2k_decoder, card.preprocess, pool.decode_now, placement.j2k_reason)
 
 
 def decode_pool(
     dicom_dir: Path, items: pl.DataFrame, card: Any, workers: int, o: ScoreOptions, placement: Placement
 ) -> DecodePool:
     paths = to_arrow(items.get_column("relative_path"), pa.large_string())
+    j2k = "device" if placement.j2k == "nvimgcodec" else "cpu"  # device: workers hand over codestreams
     return DecodePool(
-        dicom_dir, paths, card.preprocess, workers, o.task_size, o.max_inflight, handoff=placement.handoff
+        dicom_dir,
+        paths,
+        card.preprocess,
+        workers,
+        o.task_size,
+        o.max_inflight,
+        handoff=placement.handoff,
+        j2k=j2k,
     )
 
 
@@ -124,13 +149,16 @@ def scoring_loop(
     sw: Stopwatch,
     file_stats: tuple[np.ndarray, np.ndarray] | None = None,
     finish_device: str | None = None,
+    j2k: Any = None,
 ) -> ScoringLoop:
-    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir."""
+    """The loop over this plan: its rows' ids, META encoding and flags, parts under out_dir; ``j2k``: the GPU
+    JPEG 2000 stage (``j2k_stage``) or None."""
     buf, values, mask = loop_inputs(card, ing, ids, runner.backend, runner.precision, file_stats)
     writer = PartWriter(out_dir, after_write=kill_hook_from_env())
     return ScoringLoop(
-        runner, card, buf, writer, values, mask, buf.meta_row, o.batch_size, o.chunk_size, sw, finish_device
-    )
+        runner, card, buf, writer, values, mask, buf.meta_row, o.batch_size, o.chunk_size, sw, finish_device,
+        j2k=j2k,
+    )  # fmt: skip
 
 
 def progress_bar(console: Any, quiet: bool) -> Any:
