@@ -282,7 +282,9 @@ def render_md(summary: dict[str, Any]) -> str:
             u, up = r.get("gpu_util_during_call"), r.get("upload")
             util = f"{u['gpu_util_mean_pct']}/{u['gpu_util_max_pct']}" if u else ""
             pin = ""
-            if up:
+            if up and up.get("disabled"):
+                pin = "off (pageable)"
+            elif up:
                 pin = (
                     f"{up.get('bytes', 0) / 2**20:.0f} ({up.get('seconds')})"
                     if not up.get("failure")

@@ -29,13 +29,14 @@
 #   STEADY_N=1024 STEADY_ROUNDS=2  steady state: a second SYNTHETIC cohort of STEADY_N images, scored end to end
 #                             (torch fp16, batch E2E_BATCH) with --preprocess-device cpu then cuda, STEADY_ROUNDS times
 #                             back to back, GPU utilisation sampled; STEADY_N=0 skips it
+#   STEADY_PAGEABLE=1         round 1 also runs cuda with XBMD_PIN_SLOTS=0 (slots not page-locked): what pinning buys
 #
 # Exit code: 0 when every mandatory step passed (env, facts, cohort, model, export, pytest_gpu, and bench for each
 # backend that is installed); 1 otherwise; 2 bad usage. Optional steps (pins venv, GPU package installs) are
 # recorded as skipped or failed without failing the run.
 set -uo pipefail
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 DRY=0
 for arg in "$@"; do
   case "$arg" in
@@ -57,6 +58,7 @@ PRECISIONS=${PRECISIONS:-"fp16"}
 E2E_BATCH=${E2E_BATCH:-128}
 STEADY_N=${STEADY_N:-1024}
 STEADY_ROUNDS=${STEADY_ROUNDS:-2}
+STEADY_PAGEABLE=${STEADY_PAGEABLE:-1}
 DEVICE=${FIRST_LIGHT_DEVICE:-cuda}
 COHORT_J2K=${COHORT_J2K:-0}
 NPROC=$(nproc 2>/dev/null || echo 4)
@@ -273,7 +275,8 @@ xbmd-batch GPU first light: plan (budget ${BUDGET_S}s, ${NPROC} cores, ${WORKERS
  11. steady      xbmd-batch synth: ${STEADY_N} SYNTHETIC subjects at ${COHORT_SIZE} px (uncompressed); then
                  ${STEADY_ROUNDS} rounds of xbmd-batch score (torch ${STEADY_PRECISION}, -b ${E2E_BATCH}, ${WORKERS}
                  workers) with --preprocess-device cpu, then cuda, back to back (run.json: throughput, where
-                 preprocessing ran, page-locking report); GPU sampled during each
+                 preprocessing ran, page-locking report); round 1 also cuda with the slots pageable
+                 (XBMD_PIN_SLOTS=0, STEADY_PAGEABLE=${STEADY_PAGEABLE}); GPU sampled during each
  12. summarize   summary.json / summary.md (SYNTHETIC labels, machine facts), artifacts.tgz
 EOF
 }
@@ -356,14 +359,14 @@ fi
 if (( STEADY_N > 0 )); then
   run_step steady_cohort 0 $(( 10 + STEADY_N * 5 / 100 )) "$PY" -m xbmd_batch synth "$WORK/steady_cohort" \
     --n "$STEADY_N" --size "$COHORT_SIZE" --seed 1 --workers "$NPROC" --j2k-fraction 0
-  preps=(cpu); [[ $DEVICE == cuda ]] && preps+=(cuda)
   for (( r = 1; r <= STEADY_ROUNDS; r++ )); do
-    for prep in "${preps[@]}"; do
-      if [[ -f $WORK/steady_cohort/meta.csv ]]; then
-        run_step "steady_${prep}_r${r}" 0 $(( 15 + STEADY_N / 50 )) steady_call "${prep}_r${r}" "$prep"
-      else
-        skip_step "steady_${prep}_r${r}" "no steady cohort"
-      fi
+    runs=(cpu); [[ $DEVICE == cuda ]] && runs+=(cuda)
+    (( r == 1 && STEADY_PAGEABLE )) && [[ $DEVICE == cuda ]] && runs+=(cudapageable)
+    for run in "${runs[@]}"; do
+      if [[ ! -f $WORK/steady_cohort/meta.csv ]]; then skip_step "steady_${run}_r${r}" "no steady cohort"; continue; fi
+      prep=${run%pageable}  # cudapageable: --preprocess-device cuda with the slots not page-locked
+      pin=1; [[ $run == cudapageable ]] && pin=0
+      XBMD_PIN_SLOTS=$pin run_step "steady_${run}_r${r}" 0 $(( 15 + STEADY_N / 50 )) steady_call "${run}_r${r}" "$prep"
     done
   done
 else

@@ -103,7 +103,18 @@ def test_summarize_reads_the_steady_state_score_runs(tmp_path: Path) -> None:
     util += [f"{t},{20 if t < 115 else 60},5,1000,100" for t in range(95, 135)]
     (tmp_path / "gpu_util.csv").write_text("\n".join(util) + "\n")
     upload = {"pinned": True, "bytes": 3 << 30, "registrations": 400, "seconds": 0.8, "failure": None}
-    for name, ips, dev, up in (("cpu_r1", 700.0, "cpu", None), ("cuda_r1", 900.0, "cuda:0", upload)):
+    off = {
+        **upload,
+        "pinned": False,
+        "bytes": 0,
+        "disabled": "XBMD_PIN_SLOTS=0: uploads from pageable memory",
+    }
+    runs = (
+        ("cpu_r1", 700.0, "cpu", None),
+        ("cuda_r1", 900.0, "cuda:0", upload),
+        ("cudapageable_r1", 500.0, "cuda:0", off),
+    )
+    for name, ips, dev, up in runs:
         d = tmp_path / "work" / "steady" / name
         d.mkdir(parents=True)
         run = {
@@ -122,13 +133,14 @@ def test_summarize_reads_the_steady_state_score_runs(tmp_path: Path) -> None:
     assert rows["cuda_r1"]["upload"]["registrations"] == 400
     md = (tmp_path / "summary.md").read_text()
     assert "Steady state" in md and "| cuda_r1 | 1024 | 900.0 |" in md and "| 3072 (0.8) |" in md
+    assert "| cudapageable_r1 | 1024 | 500.0 |" in md and "| off (pageable) |" in md
 
 
 def test_dry_run_plans_the_steady_state_step(tmp_path: Path) -> None:
     r = _bash("--dry-run", env={"OUT": str(tmp_path / "o"), "PYTHON": sys.executable, "STEADY_N": "64"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "steady" in r.stdout and "64 SYNTHETIC subjects" in r.stdout
-    assert "--preprocess-device cpu, then cuda" in r.stdout
+    assert "--preprocess-device cpu, then cuda" in r.stdout and "XBMD_PIN_SLOTS=0" in r.stdout
 
 
 @pytest.mark.gpu

@@ -120,3 +120,39 @@ def test_cuda_registration_round_trip_on_shared_memory() -> None:
     finally:
         shm.close()
         shm.unlink()
+
+
+def test_page_locking_can_be_turned_off_for_a_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XBMD_PIN_SLOTS=0 (a benchmark knob): the CUDA batcher attaches without registering anything and
+    run.json's upload entry says why; otherwise it builds the pinner (unregistered on the pool's close)."""
+    pytest.importorskip("torch")
+    from xbmd_batch.config import PreprocessConfig
+    from xbmd_batch.score import hostpin
+    from xbmd_batch.score.batcher import DeviceBatcher
+
+    class Pool:
+        def __init__(self) -> None:
+            self.closers: list[object] = []
+
+        def block_span(self) -> tuple[int, int, int]:
+            return (BASE, 4 * SLOT, SLOT)
+
+        def on_close(self, cb: object) -> None:
+            self.closers.append(cb)
+
+    built: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(hostpin, "cuda_pinner", lambda span: built.append(span) or _pinner(_Cuda()))
+    b = DeviceBatcher(2, PreprocessConfig(image_size=32), "cpu")
+    b._cuda = True  # the CUDA branch of attach, without a GPU (the pinner is a fake)
+    monkeypatch.setenv(hostpin.PIN_ENV, "0")
+    pool = Pool()
+    b.attach(pool)
+    rep = b.pinning()
+    assert built == [] and pool.closers == [] and rep is not None
+    assert rep["pinned"] is False and "XBMD_PIN_SLOTS=0" in rep["disabled"]
+    monkeypatch.delenv(hostpin.PIN_ENV)
+    b2 = DeviceBatcher(2, PreprocessConfig(image_size=32), "cpu")
+    b2._cuda = True
+    b2.attach(pool)
+    assert built == [(BASE, 4 * SLOT, SLOT)] and len(pool.closers) == 1
+    assert "disabled" not in (b2.pinning() or {})

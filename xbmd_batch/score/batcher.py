@@ -82,6 +82,7 @@ class DeviceBatcher:
         self._fence = fence  # () -> object with query()/synchronize(), recorded after a task's copies
         self._pool: Any = None
         self._pinner: Any = None
+        self._pin_off: str | None = None  # why the slots are not page-locked (XBMD_PIN_SLOTS=0)
         self._stream: Any = None
         self._cuda = str(device).startswith("cuda")
         if self._cuda:
@@ -104,13 +105,19 @@ class DeviceBatcher:
         self._pool = pool
         span = pool.block_span() if hasattr(pool, "block_span") else None
         if self._cuda and span is not None:
-            from xbmd_batch.score.hostpin import cuda_pinner
+            from xbmd_batch.score.hostpin import cuda_pinner, pinning_disabled
 
-            self._pinner = cuda_pinner(span)
-            pool.on_close(self._pinner.close)
+            self._pin_off = pinning_disabled()
+            if self._pin_off is None:
+                self._pinner = cuda_pinner(span)
+                pool.on_close(self._pinner.close)
 
     def pinning(self) -> dict[str, Any] | None:
         """run.json: what was page-locked, or why not (None: not a CUDA hand-off from a pool)."""
+        if self._pin_off is not None:
+            from xbmd_batch.score.hostpin import disabled_report
+
+            return disabled_report(self._pin_off)
         return None if self._pinner is None else self._pinner.report()
 
     def _upload(self, red: object) -> object:

@@ -28,6 +28,31 @@ from typing import Any
 
 MiB = 1 << 20
 REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, not only the current
+# XBMD_PIN_SLOTS=0 turns page-locking off (uploads from pageable memory): a benchmark knob, so one GPU run can
+# measure what page-locking buys against what registering costs (benchmarks/gpu_first_light.sh)
+PIN_ENV = "XBMD_PIN_SLOTS"
+
+
+def pinning_disabled() -> str | None:
+    """Why the slots are not to be page-locked (None: they are)."""
+    import os
+
+    if os.environ.get(PIN_ENV, "1").strip() == "0":
+        return f"{PIN_ENV}=0: uploads from pageable memory"
+    return None
+
+
+def disabled_report(why: str) -> dict[str, Any]:
+    """run.json's upload entry when page-locking was turned off."""
+    return {
+        "pinned": False,
+        "bytes": 0,
+        "registrations": 0,
+        "seconds": 0.0,
+        "failure": None,
+        "images_by_value": 0,
+        "disabled": why,
+    }
 
 
 class HostPinner:
