@@ -172,6 +172,7 @@ def test_fallback_in_worker_processes(j2k_cohort: dict) -> None:
     np.testing.assert_array_equal(task.reduced[0].pixels, reduce_stored(st, CFG).pixels)
     assert task.reduced[1] is None and len(task.failures) == 1
     assert "every decoder failed" in task.failures[0][2]
+    assert task.failures[0][1] == "undecodable_pixel_data"  # the file's data, not a missing plugin
 
 
 class _Stub:

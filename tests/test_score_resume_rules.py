@@ -22,6 +22,7 @@ from xbmd_batch.score.resume import CORRUPT_DIR, check_parts, is_done, is_transi
         ("decode_error:PermissionError", True),
         ("invalid_image", False),
         ("unsupported_transfer_syntax", False),
+        ("undecodable_pixel_data", False),
         ("decode_error:ValueError", False),
         ("nonfinite_prediction", False),
         (None, False),

@@ -522,7 +522,12 @@ def _decode_full(ds: Dataset, path: Path, ts: str) -> tuple[np.ndarray, str, lis
             return arr, plugin, failures
         except Exception as e:  # noqa: BLE001 - try the next plugin, keep the reason
             failures.append(f"{plugin}: {type(e).__name__}: {e}")
-    raise InputError(f"{path}: every decoder failed for transfer syntax {ts}: " + " | ".join(failures))
+    # Decoders for the syntax are installed and each rejected the data: the file's pixel data is at fault
+    # (corrupt or truncated codestream, or a variant none of them handles), not a missing plugin.
+    raise ImageError(
+        f"{path}: every decoder failed for transfer syntax {ts}: " + " | ".join(failures),
+        "undecodable_pixel_data",
+    )
 
 
 def _stored_range(ds: Dataset) -> tuple[float, float]:
