@@ -268,6 +268,16 @@ class _Fence:
         self.done = self.synced = True
 
 
+def _device_batches(pool: object, batcher: object, n: int) -> list[object]:
+    """Every batch a DeviceBatcher attached to ``pool`` makes of plan indices 0..n-1 (last one flushed)."""
+    batcher.attach(pool)
+    batches = []
+    for task in pool.run(np.arange(n)):
+        batches.extend(batcher.add(task.idx, task.reduced, task.group))
+    last = batcher.flush()
+    return batches + ([last] if last is not None else [])
+
+
 @pytest.mark.parametrize(("workers", "done_at_once"), [(0, False), (1, False), (1, True)])
 def test_slot_group_is_reused_only_after_its_copy_completed(
     tmp_path: Path, workers: int, done_at_once: bool, monkeypatch: pytest.MonkeyPatch
@@ -310,12 +320,7 @@ def test_slot_group_is_reused_only_after_its_copy_completed(
         pool.on_close(lambda: closed.append(all(f.done for f in fences)))
         base, size, slot = pool.block_span()  # type: ignore[misc]
         assert base % 4096 == 0 and slot % 4096 == 0 and size == slot * pool._shape[0] * pool._shape[1]
-        batcher.attach(pool)
-        batches = []
-        for task in pool.run(np.arange(len(names))):
-            batches.extend(batcher.add(task.idx, task.reduced, task.group))
-        last = batcher.flush()
-        batches += [last] if last is not None else []
+        batches = _device_batches(pool, batcher, len(names))
     assert closed == [True]  # drained before the on_close callback, which ran once
     assert pool.block_span() is None  # the block is gone; while open it was page-aligned (below)
     assert len(taken) == -(-len(names) // 2) and len(fences) == len(taken)  # one fence per task
@@ -391,12 +396,7 @@ def test_async_upload_with_deferred_release_equals_the_synchronous_result(tmp_pa
         with DecodePool(
             root, pa.array(names), cfg, 1, task_size=2, max_inflight=2, handoff="reduced"
         ) as pool:
-            batcher.attach(pool)
-            batches = []
-            for task in pool.run(np.arange(len(names))):
-                batches.extend(batcher.add(task.idx, task.reduced, task.group))
-            last = batcher.flush()
-            batches += [last] if last is not None else []
+            batches = _device_batches(pool, batcher, len(names))
             got = {int(i): img for b in batches for i, img in zip(b.idx, b.images.cpu().numpy(), strict=True)}
             pin = batcher.pinning()
         results[device] = got
