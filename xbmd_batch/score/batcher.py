@@ -173,9 +173,7 @@ class DeviceBatcher:
         if self.j2k is not None:
             idx, items, failed = self._decode_j2k(idx, items)
             if not items:
-                import torch
-
-                return Batch(idx, torch.zeros((0, 1, 1, 1), device=self.device), failed)  # type: ignore[arg-type]
+                return Batch(idx, self._empty(), failed)
         try:
             return Batch(idx, self._finish(items), failed)
         except Exception as e:  # noqa: BLE001 - isolate the item that broke it
@@ -196,20 +194,25 @@ class DeviceBatcher:
                 oom = "out of memory" in str(e1).lower()  # transient: a resume retries it
                 why = "out_of_memory" if oom else f"decode_error:{type(e1).__name__}"
                 failures.append((int(i), why, f"{type(e1).__name__}: {e1}"[:500]))
-        images = torch.cat(out) if out else torch.zeros((0, 1, 1, 1), device=self.device)  # type: ignore[arg-type]
+        images = torch.cat(out) if out else self._empty()
         return Batch(np.asarray(good, dtype=np.int64), images, failed + failures)
+
+    def _empty(self) -> Any:
+        """A batch with no image left (every item failed)."""
+        import torch
+
+        return torch.zeros((0, 1, 1, 1), device=self.device)  # type: ignore[arg-type]
 
     def _decode_j2k(
         self, idx: np.ndarray, items: list[object]
     ) -> tuple[np.ndarray, list[object], list[tuple[int, str, str]]]:
         """The batch's codestreams decoded on the device (on the batcher's stream, where the batch is then
         finished), CPU fallbacks uploaded like any other item."""
-        if not self._cuda:
-            idx, items, failed = self.j2k.resolve(idx, items)  # type: ignore[union-attr]
-            return idx, [self._upload(r) for r in items], failed
+        import contextlib
+
         import torch
 
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
             idx, items, failed = self.j2k.resolve(idx, items)  # type: ignore[union-attr]
         return idx, [self._upload(r) for r in items], failed
 
